@@ -1,0 +1,8 @@
+"""lcot: latent visual chain of thought for Qwen2.5-VL.
+
+The pieces, one idea per module: `data` (records), `collate` (the collator), `mask` (the 4D mask),
+`patch` (the model with latent mode), `loss`, `trainer`, `teacher`, `generate`, `evaluate`, `tiny`
+(the offline model), `synthetic` (the bundled dataset) and `main` (the CLI).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""Records: the design's JSONL format, validated line by line.
+
+One JSON object per line with `question` (str), `answer` (str, GSM8K style: the final answer is the text
+after the last `####`), `question_image_paths` and `thought_image_paths` (lists of str, order kept,
+relative paths resolved against the JSONL file's folder). Unknown extra fields are allowed.
+
+Blank lines (only white space) are skipped and do not count: a record's `idx` is its 0-based position
+among the non-blank lines. Teacher files are named by that idx, so inserting blank lines keeps them
+valid while inserting or removing records does not (the teacher's record hash catches that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from lcot.errors import LcotInputError
+
+FIELDS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
+_HINT_FORMAT = ('each line must be one JSON object like {"question": "...", "answer": "... #### 7", '
+                '"question_image_paths": ["q.png"], "thought_image_paths": ["t0.png"]}')
+
+
+@dataclass(frozen=True)
+class Record:
+    idx: int
+    question: str
+    answer: str
+    final_answer: str
+    question_images: tuple[Path, ...]
+    thought_images: tuple[Path, ...]
+    where: str  # "file:line", for messages
+    digest: str  # hash of the raw line's content, stored with teacher latents
+
+    @property
+    def n_images(self) -> int:
+        return len(self.question_images) + len(self.thought_images)
+
+
+def final_answer(answer: str, where: str = "") -> str:
+    """GSM8K style: the stripped text after the last '####'."""
+    if "####" not in answer:
+        raise LcotInputError(where, "field 'answer' has no '####'",
+                             "write the final answer after '####', e.g. \"3 + 4 = 7 #### 7\"")
+    final = answer.rsplit("####", 1)[1].strip()
+    if not final:
+        raise LcotInputError(where, "field 'answer' has an empty final answer after '####'",
+                             "put the final answer after '####', e.g. \"#### 7\"")
+    return final
+
+
+def _check_image(path: Path, where: str, field: str) -> None:
+    if not path.is_file():
+        raise LcotInputError(where, f"field '{field}': image not found: {path}",
+                             "paths are relative to the JSONL file's folder")
+    if path.stat().st_size == 0:
+        raise LcotInputError(where, f"field '{field}': image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise LcotInputError(where, f"field '{field}': not a readable image: {path} ({err})",
+                             "use PNG or JPEG files") from None
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image as RGB (RGBA, L, P and other modes are converted, not refused)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bool = True) -> Record:
+    if not isinstance(obj, dict):
+        raise LcotInputError(where, f"expected a JSON object, got {type(obj).__name__}", _HINT_FORMAT)
+    for name, kind in FIELDS.items():
+        if name not in obj:
+            raise LcotInputError(where, f"missing field '{name}'", _HINT_FORMAT)
+        if not isinstance(obj[name], kind):
+            raise LcotInputError(where, f"field '{name}' must be a {kind.__name__}, "
+                                 f"got {type(obj[name]).__name__}", _HINT_FORMAT)
+    images: dict[str, tuple[Path, ...]] = {}
+    for name in ("question_image_paths", "thought_image_paths"):
+        for i, p in enumerate(obj[name]):
+            if not isinstance(p, str) or not p:
+                raise LcotInputError(where, f"field '{name}'[{i}] must be a non-empty string path", _HINT_FORMAT)
+        images[name] = tuple((root / p) for p in obj[name])
+        if check_images:
+            for p in images[name]:
+                _check_image(p, where, name)
+    canonical = json.dumps({k: obj[k] for k in FIELDS}, sort_keys=True, ensure_ascii=False)
+    return Record(idx=idx, question=obj["question"], answer=obj["answer"],
+                  final_answer=final_answer(obj["answer"], where),
+                  question_images=images["question_image_paths"],
+                  thought_images=images["thought_image_paths"], where=where,
+                  digest=hashlib.sha256(canonical.encode()).hexdigest()[:16])
+
+
+def read_records(path: str | Path, need_thought_images: bool = False, skip_missing_thought: bool = False,
+                 check_images: bool = True) -> list[Record]:
+    """Read and validate a JSONL file. Raises LcotInputError naming file:line and field.
+
+    need_thought_images: stage2 and teacher precompute need them; with skip_missing_thought, records
+    without them are dropped (their idx is kept, so teacher file names stay stable).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LcotInputError(str(path), "JSONL file not found", "check --train_jsonl")
+    records: list[Record] = []
+    skipped = 0
+    with path.open(encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    if not lines:
+        raise LcotInputError(str(path), "the JSONL file has no records (it is empty or only blank lines)",
+                             _HINT_FORMAT)
+    for idx, (n, line) in enumerate(lines):
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LcotInputError(where, f"malformed JSON ({err.msg} at column {err.colno})", _HINT_FORMAT) from None
+        rec = parse_record(obj, idx, where, path.parent, check_images)
+        if need_thought_images and not rec.thought_images:
+            if skip_missing_thought:
+                skipped += 1
+                continue
+            raise LcotInputError(where, "field 'thought_image_paths' is empty, but this stage needs thought images",
+                                 "add thought images to the record, or pass --skip_missing_thought to skip such records")
+        records.append(rec)
+    if skipped:
+        print(f"lcot: {path}: skipped {skipped} record(s) without thought images", file=sys.stderr)
+    return records
+
+
+def question_record(question: str, image_paths: list[str], idx: int = 0) -> Record:
+    """A record for generation only: a question and its images (paths as given), no answer."""
+    images = tuple(Path(p) for p in image_paths)
+    for p in images:
+        _check_image(p, "--image", "question_image_paths")
+    return Record(idx=idx, question=question, answer="", final_answer="", question_images=images,
+                  thought_images=(), where="--question", digest="")

@@ -1,0 +1,141 @@
+"""Generation: question (+ question images) in, `<abs_vis_token>` K latents `</abs_vis_token>\\n{answer}` out.
+
+Batched, with a KV cache, greedy by default. The latent steps are the same `latent_loop` training
+and teacher precompute use, on a batch from the same collator, so the latents equal training's.
+<abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lcot.collate import Collator
+from lcot.data import Record, question_record, read_records
+from lcot.errors import cli_errors
+from lcot.patch import embed_inputs, latent_loop, new_cache, text_forward
+from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
+
+
+@dataclass
+class Generation:
+    idx: int
+    k: int
+    answer: str  # the decoded text after </abs_vis_token>, "\n" stripped
+    latents: torch.Tensor  # (K, H): the outputs at the latent slots
+
+    @property
+    def text(self) -> str:
+        return f"{LATENT_START}{LATENT_PAD * self.k}{LATENT_END}\n{self.answer}"
+
+
+def _next_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_tokens: int = 32,
+                   question_images: bool = True, thought_images: bool = False, temperature: float = 0.0,
+                   latent_inputs: torch.Tensor | None = None, seed: int = 0) -> list[Generation]:
+    """One batch. `latent_inputs` (B, K, H), if given, replaces the fed-back latents (causal-use checks)."""
+    collate = Collator(processor, model.config, k, thought_images=thought_images, question_images=question_images,
+                       with_answer=False, reserve=max_new_tokens)
+    b = {key: v.to(model.device) if torch.is_tensor(v) else v for key, v in collate(records).items()}
+    mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
+    embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    cache = new_cache(model)
+    h = text_forward(model, embeds[:, :s], mask, pos, slice(0, s), cache)[:, -1:]
+    if latent_inputs is None:
+        _, latents = latent_loop(model, h, cache, mask, pos, s, k)
+    else:
+        latents = text_forward(model, latent_inputs.to(embeds.dtype), mask, pos, slice(s, s + k), cache)
+    embed = model.get_input_embeddings()
+    gen = torch.Generator(device=model.device).manual_seed(seed) if temperature > 0 else None
+    tok = b["input_ids"][:, s + k]  # </abs_vis_token>
+    im_end = collate.ids.im_end
+    out = torch.full((len(records), max_new_tokens), collate.ids.pad, dtype=torch.long, device=model.device)
+    done = torch.zeros(len(records), dtype=torch.bool, device=model.device)
+    for t in range(max_new_tokens):
+        col = s + k + t
+        h = text_forward(model, embed(tok[:, None]), mask, pos, slice(col, col + 1), cache)
+        tok = torch.where(done, collate.ids.pad, _next_token(model.lm_head(h[:, -1]), temperature, gen))
+        out[:, t] = tok
+        done |= tok == im_end
+        if done.all():
+            break
+    results = []
+    for i, rec in enumerate(records):
+        ids = out[i].tolist()
+        ids = ids[: ids.index(im_end)] if im_end in ids else ids
+        text = processor.tokenizer.decode(ids, skip_special_tokens=True)
+        results.append(Generation(rec.idx, k, text.lstrip("\n"), latents[i].float().cpu()))
+    return results
+
+
+def generate(model, processor, records: Sequence[Record], k: int, batch_size: int = 8, progress: bool = True,
+             **kwargs) -> list[Generation]:
+    """All records, in batches, with a progress bar. kwargs go to generate_batch."""
+    results: list[Generation] = []
+    for start in tqdm(range(0, len(records), batch_size), desc=f"generate K={k}", disable=not progress):
+        results += generate_batch(model, processor, records[start:start + batch_size], k, **kwargs)
+    return results
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_name_or_path", required=True, help="a local checkpoint folder (from lcot.main or a real "
+                   "Qwen2.5-VL)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
+    p.add_argument("--max_pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+
+
+def default_k(model_path: str) -> int:
+    from lcot.trainer import read_lcot_config
+
+    return int(read_lcot_config(model_path).get("latent_size", 32))
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lcot.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--jsonl", help="records to answer (their answers are ignored); or use --question")
+    p.add_argument("--question", help="one question, answered without images unless --image is given")
+    p.add_argument("--image", action="append", default=[], help="a question image (repeatable, in order)")
+    p.add_argument("--latent_size", "-k", type=int, default=None, help="K latent steps (default: the trained Kmax)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--output", help="write the generations as JSONL here")
+    args = p.parse_args(argv)
+    from lcot.load import load
+
+    if bool(args.jsonl) == bool(args.question):
+        p.error("give exactly one of --jsonl and --question")
+    records = read_records(args.jsonl) if args.jsonl else [question_record(args.question, args.image)]
+    k = args.latent_size if args.latent_size is not None else default_k(args.model_name_or_path)
+    model, processor = load(args.model_name_or_path, torch.bfloat16 if args.bf16 else torch.float32, args.device,
+                            max_pixels=args.max_pixels)
+    gens = generate(model.eval(), processor, records, k, batch_size=args.batch_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    rows = [{"idx": g.idx, "k": g.k, "output": g.text, "answer": g.answer} for g in gens]
+    for row in rows:
+        print(f"[{row['idx']}] {row['output']}")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Load a Qwen2.5-VL checkpoint (a local folder: a real one or the tiny one) ready for latent mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lcot.errors import LcotInputError
+from lcot.patch import LatentQwen2_5_VL
+from lcot.processor import LatentVLProcessor, load_processor
+from lcot.tokens import add_latent_tokens
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         attn_implementation: str = "sdpa", min_pixels: int | None = None, max_pixels: int | None = None,
+         ) -> tuple[LatentQwen2_5_VL, LatentVLProcessor]:
+    """Model and processor from a local folder; the latent tokens are added when absent.
+
+    Nothing is fetched from a hub: a path that is not a local checkpoint folder is an input error.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LcotInputError(str(path), "not a model folder (no config.json)",
+                             "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.tiny`")
+    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                             local_files_only=True)
+    add_latent_tokens(processor.tokenizer, model)
+    return model.to(device), processor

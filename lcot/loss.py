@@ -1,0 +1,45 @@
+"""Losses: CE over the labelled tokens, plus alignment of the latents to the teacher's first K."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lcot.collate import IGNORE
+
+AlignKind = Literal["cosine", "mse"]
+
+
+def ce_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE at the labelled positions only (logits are computed just there, saving memory)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    return F.cross_entropy(logits, target[keep])
+
+
+def per_position_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(B, K, H) x (B, K, H) -> (B, K): cosine along the hidden dimension (dim=-1, not the token axis)."""
+    return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+
+
+def align_loss(student: torch.Tensor, teacher: torch.Tensor, kind: AlignKind = "cosine"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alignment of student latents to teacher[:, :K]; returns (loss, per-position cosine (K,), detached).
+
+    cosine: mean over batch and positions of 1 - cos. mse: mean squared error over all elements.
+    """
+    k = student.shape[1]
+    if teacher.shape[1] < k:
+        raise ValueError(f"the teacher holds {teacher.shape[1]} latents, fewer than K={k}")
+    teacher = teacher[:, :k].to(student.device)
+    cos = per_position_cosine(student, teacher)
+    if kind == "cosine":
+        loss = (1 - cos).mean()
+    elif kind == "mse":
+        loss = F.mse_loss(student.float(), teacher.float())
+    else:
+        raise ValueError(f"alignment must be 'cosine' or 'mse', got {kind!r}")
+    return loss, cos.detach().mean(0)

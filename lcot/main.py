@@ -1,0 +1,178 @@
+"""Training entry point: stage1 (format warm-up), stage2 (thought images + mask), stage3 (latents only).
+
+    python -m lcot.main --stage stage1 --model_name_or_path M --train_jsonl F --output_dir O \\
+        --latent_size 32 --epochs 1 --bsz 1 --grad_accum_steps 8
+    python -m lcot.main --stage stage2 ... --teacher_latent_dir T --align_weight 1.0
+
+Several GPUs: `accelerate launch -m lcot.main ...` (same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from lcot.collate import Collator
+from lcot.data import read_records
+from lcot.errors import LcotInputError, cli_errors
+from lcot.teacher import read_teacher, teacher_file
+from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
+from lcot.trainer import (LatentTrainer, LcotConfigCallback, NonFiniteLossError, StageSpec, TrainCollate,
+                          write_lcot_config)
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lcot.main", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--stage", required=True, choices=["stage1", "stage2", "stage3"],
+      help="stage1: format warm-up without images; stage2: question + thought images, 4D mask, CE + align; "
+           "stage3: no thought images, K sampled in 1..latent_size each step, CE + align")
+    a("--model_name_or_path", required=True, help="local checkpoint folder (a real Qwen2.5-VL, the tiny model, or "
+      "the previous stage's output); never written to")
+    a("--train_jsonl", required=True, help="training records (JSONL, see README)")
+    a("--output_dir", required=True, help="where checkpoints and the final model go")
+    a("--teacher_latent_dir", help="teacher latents from lcot.precompute_teacher_latents (stage2, stage3)")
+    a("--latent_size", type=int, default=32, help="K latent slots (stage1, stage2) or Kmax (stage3)")
+    a("--align_weight", type=float, default=1.0, help="weight of the alignment loss (stage2, stage3)")
+    a("--align", choices=["cosine", "mse"], default="cosine", help="alignment: 1 - cosine along hidden, or MSE")
+    a("--latent_grad", choices=["full", "truncated"], default="full",
+      help="full: backprop through the whole latent chain; truncated: the chain runs without gradients, then one "
+           "parallel pass with gradients (much faster on GPU; needed with --gradient_checkpointing)")
+    a("--question_images", action="store_true", help="stage1 only: include the question images (default: none)")
+    a("--skip_missing_thought", action="store_true",
+      help="stage2: skip records without thought images (and say how many) instead of stopping")
+    a("--epochs", type=float, default=1.0)
+    a("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    a("--bsz", type=int, default=1, help="per-device batch size")
+    a("--grad_accum_steps", type=int, default=8)
+    a("--lr", type=float, default=1e-5)
+    a("--weight_decay", type=float, default=0.0)
+    a("--warmup_ratio", type=float, default=0.03, help="fraction of steps for LR warm-up")
+    a("--seed", type=int, default=42)
+    a("--logging_steps", type=int, default=10)
+    a("--save_steps", type=int, default=500)
+    a("--save_total_limit", type=int, default=2)
+    a("--bf16", action="store_true", help="load and train in bfloat16 (GPU)")
+    a("--gradient_checkpointing", action="store_true", help="recompute activations (needs --latent_grad truncated)")
+    a("--freeze_vision", action="store_true", help="freeze the vision tower (always frozen in stage1)")
+    a("--lora", action="store_true", help="train LoRA adapters (peft) on the language model; merged at the end")
+    a("--lora_r", type=int, default=16)
+    a("--lora_alpha", type=int, default=32)
+    a("--lora_dropout", type=float, default=0.05)
+    a("--lora_targets", default=LORA_TARGETS, help="comma-separated module names in the language model")
+    a("--max_pixels", type=int, default=None, help="image processor max_pixels (default: the checkpoint's)")
+    a("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
+    a("--resume_from_checkpoint", nargs="?", const="last", default=None,
+      help="resume from a checkpoint folder, or from the last one in --output_dir when given without a value")
+    a("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir (its content is replaced)")
+    return p
+
+
+def check_dirs(args) -> None:
+    model, out = Path(args.model_name_or_path).resolve(), Path(args.output_dir).resolve()
+    if out == model or model in out.parents:
+        raise LcotInputError("--output_dir", f"{out} is the input model folder (or inside it)",
+                             "write each stage to a new folder; the input model is never written to")
+    if out.is_dir() and any(out.iterdir()) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        raise LcotInputError("--output_dir", f"{out} is not empty",
+                             "pass --resume_from_checkpoint to continue, --overwrite_output_dir to replace, "
+                             "or choose a new folder")
+    if args.latent_size < 1:
+        raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
+    if args.stage in ("stage2", "stage3") and not args.teacher_latent_dir:
+        raise LcotInputError("--teacher_latent_dir", f"{args.stage} needs teacher latents",
+                             "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir")
+    if args.gradient_checkpointing and args.latent_grad == "full":
+        raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
+                             "gradient checkpointing drops the KV cache the full-gradient latent chain uses")
+
+
+def check_teachers(records, teacher_dir: str, hidden: int, k: int, dtype: torch.dtype) -> None:
+    """Fail before training, not at hour 20: every record has a valid teacher file."""
+    for rec in records:
+        read_teacher(teacher_file(teacher_dir, rec.idx), rec, hidden, k, dtype)
+
+
+def apply_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                     target_modules=rf".*language_model.*\.({names})")
+    return get_peft_model(model, cfg)
+
+
+def training_args(args, freeze_vision: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=args.output_dir, per_device_train_batch_size=args.bsz,
+        gradient_accumulation_steps=args.grad_accum_steps, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_ratio, seed=args.seed,
+        data_seed=args.seed, logging_steps=args.logging_steps, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, report_to=[],
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=not freeze_vision, save_only_model=False)
+
+
+def train(args) -> Path:
+    from lcot.load import load
+
+    check_dirs(args)
+    spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed)
+    records = read_records(args.train_jsonl, need_thought_images=spec.thought_images,
+                           skip_missing_thought=args.skip_missing_thought)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,
+                            max_pixels=args.max_pixels)
+    hidden = model.config.text_config.hidden_size
+    if spec.uses_teacher:
+        check_teachers(records, args.teacher_latent_dir, hidden, args.latent_size, dtype)
+    freeze_vision = args.freeze_vision or args.stage == "stage1" and not args.question_images
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    model.config.use_cache = False
+    if args.lora:
+        model = apply_lora(model, args)
+    collator = Collator(processor, model.config, args.latent_size, thought_images=spec.thought_images,
+                        question_images=args.stage != "stage1" or args.question_images)
+    info = {"stage": args.stage, "latent_size": args.latent_size, "base_model": str(args.model_name_or_path),
+            "teacher_latent_dir": args.teacher_latent_dir, "align_weight": args.align_weight, "align": args.align,
+            "latent_grad": args.latent_grad, "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD},
+            "lora": args.lora, "seed": args.seed}
+    if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
+        shutil.rmtree(args.output_dir)
+    trainer = LatentTrainer(
+        model=model, args=training_args(args, freeze_vision), train_dataset=records,
+        data_collator=TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype),
+        processing_class=processor, spec=spec, callbacks=[LcotConfigCallback(info)])
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    final = trainer.model.merge_and_unload() if args.lora else trainer.model
+    if trainer.is_world_process_zero():
+        final.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
+        write_lcot_config(Path(args.output_dir), info)
+    return Path(args.output_dir)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        out = train(args)
+    except NonFiniteLossError as err:
+        print(f"lcot: error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    print(f"lcot: {args.stage} done: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Teacher latents, offline: thought images at the start of the assistant turn, latent mode, no gradients.
+
+    python -m lcot.precompute_teacher_latents --model_name_or_path OUT_STAGE1 --train_jsonl F \\
+        --output_dir TEACHER --k_max 32
+
+Writes TEACHER/latent_last_layer_jsonl_{idx:06d}.pt per record. A rerun keeps complete, matching
+files (so a killed run resumes). Several GPUs: `accelerate launch -m lcot.precompute_teacher_latents`
+splits the records across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from lcot.data import read_records
+from lcot.errors import LcotInputError, cli_errors
+from lcot.teacher import precompute
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m lcot.precompute_teacher_latents", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_name_or_path", required=True, help="usually the stage1 output folder")
+    p.add_argument("--train_jsonl", required=True)
+    p.add_argument("--output_dir", required=True, help="the teacher latent folder (--teacher_latent_dir later)")
+    p.add_argument("--k_max", type=int, default=32, help="latents stored per record (>= every later --latent_size)")
+    p.add_argument("--bsz", type=int, default=4, help="records per forward")
+    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (then train stage2/3 with --bf16 too)")
+    p.add_argument("--max_pixels", type=int, default=None, help="image processor max_pixels (match training)")
+    p.add_argument("--skip_missing_thought", action="store_true",
+                   help="skip records without thought images (and report how many) instead of stopping")
+    args = p.parse_args(argv)
+    if args.k_max < 1:
+        raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
+    from accelerate import PartialState
+
+    from lcot.load import load
+
+    state = PartialState()
+    records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=args.skip_missing_thought)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
+    counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
+                        model_name=str(args.model_name_or_path), rank=state.process_index,
+                        world_size=state.num_processes, progress=state.is_local_main_process)
+    state.wait_for_everyone()
+    print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
+          f"(process {state.process_index + 1}/{state.num_processes})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

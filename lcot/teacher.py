@@ -1,0 +1,108 @@
+"""Teacher latents: computed once with the thought images visible, stored one file per record.
+
+File `latent_last_layer_jsonl_{idx:06d}.pt` holds a dict: `latents` [k_max, hidden] (the outputs at
+the latent slots, in the model's dtype), `k_max`, `hidden_size`, `dtype`, `model` (where it came
+from), `record_digest` (hash of the JSONL record) and `idx`. Files are written to a temporary name
+and renamed, so a kill leaves only complete files; a rerun keeps the valid ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lcot.collate import Collator
+from lcot.data import Record
+from lcot.errors import LcotInputError
+from lcot.patch import latent_hidden_states
+
+FILE_PATTERN = "latent_last_layer_jsonl_{idx:06d}.pt"
+
+
+def teacher_file(teacher_dir: str | Path, idx: int) -> Path:
+    return Path(teacher_dir) / FILE_PATTERN.format(idx=idx)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: int | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Load and check one teacher file against its record and the model; returns latents [k_max, H]."""
+    where = f"{path} (record {record.where})"
+    hint = "re-run `python -m lcot.precompute_teacher_latents` for this JSONL and model"
+    if not path.is_file():
+        raise LcotInputError(where, "teacher latent file is missing", hint)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        latents = data["latents"]
+    except Exception as err:  # any unpickling or format problem is a corrupted file
+        raise LcotInputError(where, f"teacher latent file is corrupted ({type(err).__name__})", hint) from None
+    if data.get("record_digest") != record.digest:
+        raise LcotInputError(where, "the JSONL record changed after its teacher latents were computed",
+                             hint + " (files of changed records are recomputed)")
+    if hidden_size is not None and latents.shape[-1] != hidden_size:
+        raise LcotInputError(where, f"teacher hidden size {latents.shape[-1]} != model hidden size {hidden_size}",
+                             "the teacher was computed with another model; " + hint)
+    if k is not None and latents.shape[0] < k:
+        raise LcotInputError(where, f"--latent_size {k} is above the teacher's k_max {latents.shape[0]}",
+                             f"use --latent_size <= {latents.shape[0]}, or precompute with --k_max {k}")
+    if dtype is not None and latents.dtype != dtype:
+        raise LcotInputError(where, f"teacher dtype {latents.dtype} != training dtype {dtype}",
+                             "precompute and train with the same precision (both with or both without --bf16)")
+    return latents
+
+
+def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype: torch.dtype) -> bool:
+    try:
+        latents = read_teacher(path, record, hidden_size, k_max, dtype)
+    except LcotInputError:
+        return False
+    return latents.shape[0] == k_max
+
+
+@torch.no_grad()
+def precompute(model, processor, records: Sequence[Record], out_dir: str | Path, k_max: int, batch_size: int = 1,
+               model_name: str = "", rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, int]:
+    """Write the teacher files of `records` (this process's share: every world_size-th record).
+
+    Same collator, mask and positions as stage2 (thought images visible, latent mode). Returns counts.
+    """
+    out_dir = Path(out_dir)
+    hidden, dtype = model.config.text_config.hidden_size, model.dtype
+    mine = [r for i, r in enumerate(records) if i % world_size == rank]
+    todo = [r for r in mine if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype)]
+    collate = Collator(processor, model.config, k_max, thought_images=True)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(todo), desc="teacher latents", unit="rec", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = collate(chunk)
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        _, latents = latent_hidden_states(model, batch["input_ids"], batch["attention_mask_4d"],
+                                          batch["position_ids"], batch["latent_start"], k_max,
+                                          batch["pixel_values"], batch["image_grid_thw"])
+        for rec, lat in zip(chunk, latents):
+            save_atomic({"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
+                         "dtype": str(dtype), "model": model_name, "record_digest": rec.digest, "idx": rec.idx},
+                        teacher_file(out_dir, rec.idx))
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return {"records": len(mine), "computed": len(todo), "kept": len(mine) - len(todo)}

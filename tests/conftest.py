@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny offline model and a small bundled dataset, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from lcot.tiny import build_tiny
+
+    return Path(build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    from lcot.synthetic import generate
+
+    paths = generate(tmp_path_factory.mktemp("data") / "shapes", n=30, seed=0)
+    return Path(paths["train"]).parent
+
+
+@pytest.fixture(scope="session")
+def records(data_dir):
+    from lcot.data import read_records
+
+    return read_records(data_dir / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    """(model, processor) in fp32, eval mode; tests must not change the weights."""
+    from lcot.load import load
+
+    model, processor = load(tiny_dir)
+    return model.eval(), processor
