@@ -3,7 +3,8 @@
 Sequence of one record (Qwen2.5-VL chat template):
 
     <|im_start|>system ... <|im_end|> <|im_start|>user [question images] question <|im_end|>
-    <|im_start|>assistant\\n [thought images] <abs_vis_token> K x <abs_vis_token_pad> </abs_vis_token> \\n answer <|im_end|>
+    <|im_start|>assistant\\n [thought images] <abs_vis_token> K x <abs_vis_token_pad> </abs_vis_token>
+        \\n answer <|im_end|>
 
 Batches are padded so that the latent slots sit in the same columns for every row: the prefix
 (through <abs_vis_token>) is left-padded, the suffix right-padded. The K single-token latent steps
@@ -174,7 +175,8 @@ def drop_latents(batch: dict, k: int) -> dict:
     if k == k_old:
         return batch
     dev = batch["input_ids"].device
-    keep = torch.cat([torch.arange(s + k, device=dev), torch.arange(s + k_old, batch["input_ids"].shape[1], device=dev)])
+    length = batch["input_ids"].shape[1]
+    keep = torch.cat([torch.arange(s + k, device=dev), torch.arange(s + k_old, length, device=dev)])
     out = dict(batch, num_latents=k)
     for key in ("input_ids", "attention_mask", "segments", "mm_token_type_ids", "labels"):
         out[key] = batch[key][:, keep]

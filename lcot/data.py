@@ -129,7 +129,7 @@ def read_records(path: str | Path, need_thought_images: bool = False, skip_missi
                 skipped += 1
                 continue
             raise LcotInputError(where, "field 'thought_image_paths' is empty, but this stage needs thought images",
-                                 "add thought images to the record, or pass --skip_missing_thought to skip such records")
+                                 "add thought images, or pass --skip_missing_thought to skip such records")
         records.append(rec)
     if skipped:
         print(f"lcot: {path}: skipped {skipped} record(s) without thought images", file=sys.stderr)

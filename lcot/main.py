@@ -22,8 +22,14 @@ from lcot.data import read_records
 from lcot.errors import LcotInputError, cli_errors
 from lcot.teacher import read_teacher, teacher_file
 from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.trainer import (LatentTrainer, LcotConfigCallback, NonFiniteLossError, StageSpec, TrainCollate,
-                          write_lcot_config)
+from lcot.trainer import (
+    LatentTrainer,
+    LcotConfigCallback,
+    NonFiniteLossError,
+    StageSpec,
+    TrainCollate,
+    write_lcot_config,
+)
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -161,6 +167,23 @@ def train(args) -> Path:
         processor.save_pretrained(args.output_dir)
         write_lcot_config(Path(args.output_dir), info)
     return Path(args.output_dir)
+
+
+def to_argv(**kwargs) -> list[str]:
+    """Keyword arguments -> CLI flags: run_stage(stage="stage1", bf16=True) == --stage stage1 --bf16."""
+    argv: list[str] = []
+    for key, value in kwargs.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{key}")
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+def run_stage(**kwargs) -> Path:
+    """Python entry for notebooks: the same flags as the CLI, as keyword arguments."""
+    return train(parser().parse_args(to_argv(**kwargs)))
 
 
 @cli_errors

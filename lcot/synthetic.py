@@ -127,7 +127,8 @@ def _draw_tag(draw: ImageDraw.ImageDraw, text: str, x: float, y: float, u: int) 
                 draw.rectangle((px, py, px + u - 1, py + u - 1), fill=(255, 255, 255))
 
 
-def _tag_spot(box: tuple[float, ...], w: float, h: float, S: int, taken: list[tuple[float, ...]]) -> tuple[float, float]:
+def _tag_spot(box: tuple[float, ...], w: float, h: float, S: int,
+              taken: list[tuple[float, ...]]) -> tuple[float, float]:
     """First spot just outside ``box`` that stays in the image and covers nothing in ``taken``."""
     x0, y0, x1, y1 = box
     for x, y in ((x0, y0 - h), (x0, y1), (x0 - w, y0), (x1, y0), (x1 - w, y0 - h), (x1 - w, y1)):
@@ -189,7 +190,8 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
     parameters (or any other non-empty folder) raises unless ``overwrite`` is set.
     """
     if n < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 16:
-        raise ValueError(f"need n >= 1, 0 <= test_fraction <= 1, image_size >= 16 (got {n}, {test_fraction}, {image_size})")
+        raise ValueError("need n >= 1, 0 <= test_fraction <= 1, image_size >= 16 "
+                         f"(got {n}, {test_fraction}, {image_size})")
     out = Path(output_dir)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     params = {"format_version": FORMAT_VERSION, "n": n, "seed": seed, "test_fraction": test_fraction,
