@@ -24,6 +24,14 @@ from lcot.errors import LcotInputError
 FIELDS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
 _HINT_FORMAT = ('each line must be one JSON object like {"question": "...", "answer": "... #### 7", '
                 '"question_image_paths": ["q.png"], "thought_image_paths": ["t0.png"]}')
+_JSON_TYPES = {"NoneType": "null", "bool": "boolean", "int": "number", "float": "number", "str": "string",
+               "dict": "object"}
+MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images more than 200 times wider than high (or higher)
+
+
+def _json_type(value: object) -> str:
+    name = type(value).__name__
+    return _JSON_TYPES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,10 @@ def final_answer(answer: str, where: str = "") -> str:
 
 
 def _check_image(path: Path, where: str, field: str) -> None:
+    """Cheap but complete: PNG's verify() checks every chunk's CRC (a truncated or damaged file fails);
+    other formats (JPEG: at 1/8 scale) are decoded, since their verify() does not read the image data."""
+    if path.is_dir():
+        raise LcotInputError(where, f"field '{field}': {path} is a folder, not an image file")
     if not path.is_file():
         raise LcotInputError(where, f"field '{field}': image not found: {path}",
                              "paths are relative to the JSONL file's folder")
@@ -62,27 +74,41 @@ def _check_image(path: Path, where: str, field: str) -> None:
         raise LcotInputError(where, f"field '{field}': image file is empty (0 bytes): {path}")
     try:
         with Image.open(path) as im:
+            fmt, (w, h) = im.format, im.size
             im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        if fmt != "PNG":
+            with Image.open(path) as im:
+                im.draft("RGB", (max(w // 8, 1), max(h // 8, 1)))
+                im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise LcotInputError(where, f"field '{field}': not a readable image: {path} ({err})",
-                             "use PNG or JPEG files") from None
+                             "use complete PNG or JPEG files") from None
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise LcotInputError(where, f"field '{field}': image {path} is {w}x{h}, an aspect ratio above {MAX_ASPECT}:1 "
+                             "that Qwen2.5-VL's image processor refuses", "crop or pad the image")
 
 
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB (RGBA, L, P and other modes are converted, not refused)."""
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P" and "transparency" in im.info:
+                return im.convert("RGBA").convert("RGB")  # as PIL advises for palette transparency
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # read_records checked it; it changed since (e.g. replaced or removed while training ran)
+        raise LcotInputError(str(path), f"cannot read the image ({err})", "restore the file and resume") from None
 
 
 def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bool = True) -> Record:
     if not isinstance(obj, dict):
-        raise LcotInputError(where, f"expected a JSON object, got {type(obj).__name__}", _HINT_FORMAT)
+        raise LcotInputError(where, f"expected a JSON object, got {_json_type(obj)}", _HINT_FORMAT)
     for name, kind in FIELDS.items():
         if name not in obj:
             raise LcotInputError(where, f"missing field '{name}'", _HINT_FORMAT)
         if not isinstance(obj[name], kind):
-            raise LcotInputError(where, f"field '{name}' must be a {kind.__name__}, "
-                                 f"got {type(obj[name]).__name__}", _HINT_FORMAT)
+            raise LcotInputError(where, f"field '{name}' must be a {'string' if kind is str else kind.__name__}, "
+                                 f"got {_json_type(obj[name])}", _HINT_FORMAT)
     images: dict[str, tuple[Path, ...]] = {}
     for name in ("question_image_paths", "thought_image_paths"):
         for i, p in enumerate(obj[name]):
@@ -112,8 +138,15 @@ def read_records(path: str | Path, need_thought_images: bool = False, skip_missi
         raise LcotInputError(str(path), "JSONL file not found", "check --train_jsonl")
     records: list[Record] = []
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise LcotInputError(f"{path}:{n}", f"not UTF-8 text (byte {err.start + 1} of the line)",
+                                 "save the file as UTF-8") from None
+        if line.strip():
+            lines.append((n, line))
     if not lines:
         raise LcotInputError(str(path), "the JSONL file has no records (it is empty or only blank lines)",
                              _HINT_FORMAT)

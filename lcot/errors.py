@@ -20,7 +20,10 @@ class LcotInputError(ValueError):
 
 
 def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """Turn LcotInputError into one clear message on stderr and exit code 2 (no traceback)."""
+    """Turn LcotInputError into one clear message on stderr and exit code 2 (no traceback).
+
+    Ctrl-C prints one line and exits 130: teacher files and checkpoints already written are complete.
+    """
 
     @wraps(main)
     def wrapped(*args, **kwargs) -> T:
@@ -29,5 +32,9 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
         except LcotInputError as err:
             print(f"lcot: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("lcot: interrupted; files already written are complete: run the same command again to resume "
+                  "(training: add --resume_from_checkpoint)", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapped

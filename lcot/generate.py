@@ -2,7 +2,8 @@
 
 Batched, with a KV cache, greedy by default. The latent steps are the same `latent_loop` training
 and teacher precompute use, on a batch from the same collator, so the latents equal training's.
-<abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them).
+<abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them), and
+the answer may not contain latent tokens: their logits are masked while decoding it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 from lcot.collate import Collator
 from lcot.data import Record, question_record, read_records
 from lcot.errors import cli_errors
-from lcot.patch import embed_inputs, latent_loop, new_cache, text_forward
+from lcot.patch import embed_inputs
 from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
 
@@ -27,12 +29,16 @@ from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
 class Generation:
     idx: int
     k: int
-    answer: str  # the decoded text after </abs_vis_token>, "\n" stripped
+    raw: str  # the decoded text after </abs_vis_token> (normally "\n{answer}")
     latents: torch.Tensor  # (K, H): the outputs at the latent slots
 
     @property
+    def answer(self) -> str:
+        return self.raw.strip()
+
+    @property
     def text(self) -> str:
-        return f"{LATENT_START}{LATENT_PAD * self.k}{LATENT_END}\n{self.answer}"
+        return f"{LATENT_START}{LATENT_PAD * self.k}{LATENT_END}{self.raw}"
 
 
 def _next_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -42,42 +48,78 @@ def _next_token(logits: torch.Tensor, temperature: float, gen: torch.Generator |
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+class _Phases:
+    """Wall time of generation's phases (synchronised on CUDA), only when the caller asks for it."""
+
+    def __init__(self, out: dict | None, device: torch.device) -> None:
+        self.out, self.device = out, device
+        self.t = self._now() if out is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, name: str, steps: int | None = None) -> None:
+        if self.out is None:
+            return
+        t = self._now()
+        self.out[f"{name}_s"] = t - self.t
+        if steps is not None:
+            self.out[f"{name}_steps"] = steps
+        self.t = t
+
+
 @torch.no_grad()
 def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_tokens: int = 32,
                    question_images: bool = True, thought_images: bool = False, temperature: float = 0.0,
-                   latent_inputs: torch.Tensor | None = None, seed: int = 0) -> list[Generation]:
-    """One batch. `latent_inputs` (B, K, H), if given, replaces the fed-back latents (causal-use checks)."""
+                   latent_inputs: torch.Tensor | None = None, seed: int = 0, fast: str | bool | None = None,
+                   timings: dict | None = None) -> list[Generation]:
+    """One batch. `latent_inputs` (B, K, H), if given, replaces the fed-back latents (causal-use checks).
+
+    fast: the cache and steps (see lcot.fast): None = $LCOT_FAST or "auto" (static cache + CUDA graphs on
+    CUDA, latent and decoding steps alike; the dynamic cache on CPU). `timings`, if a dict, receives the
+    seconds of the phases (prefix_s, latents_s, decode_s) and their step counts.
+    """
+    from lcot.fast import runner
+
     collate = Collator(processor, model.config, k, thought_images=thought_images, question_images=question_images,
                        with_answer=False, reserve=max_new_tokens)
     b = {key: v.to(model.device) if torch.is_tensor(v) else v for key, v in collate(records).items()}
     mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
+    clock = _Phases(timings, model.device)
     embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
-    cache = new_cache(model)
-    h = text_forward(model, embeds[:, :s], mask, pos, slice(0, s), cache)[:, -1:]
+    steps = runner(model, len(records), b["input_ids"].shape[1], fast)
+    h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))[:, -1:]
+    clock("prefix")
     if latent_inputs is None:
-        _, latents = latent_loop(model, h, cache, mask, pos, s, k)
+        _, latents = steps.run(h, mask, pos, s, k)
     else:
-        latents = text_forward(model, latent_inputs.to(embeds.dtype), mask, pos, slice(s, s + k), cache)
+        latents = steps.forward(latent_inputs.to(embeds.dtype), mask, pos, slice(s, s + k))
+    clock("latents", k)
     embed = model.get_input_embeddings()
     gen = torch.Generator(device=model.device).manual_seed(seed) if temperature > 0 else None
     tok = b["input_ids"][:, s + k]  # </abs_vis_token>
-    im_end = collate.ids.im_end
+    im_end, ids = collate.ids.im_end, collate.ids
+    banned = torch.tensor([ids.latent_start, ids.latent_end, ids.latent_pad], device=model.device)
     out = torch.full((len(records), max_new_tokens), collate.ids.pad, dtype=torch.long, device=model.device)
     done = torch.zeros(len(records), dtype=torch.bool, device=model.device)
+    t = 0
     for t in range(max_new_tokens):
-        col = s + k + t
-        h = text_forward(model, embed(tok[:, None]), mask, pos, slice(col, col + 1), cache)
-        tok = torch.where(done, collate.ids.pad, _next_token(model.lm_head(h[:, -1]), temperature, gen))
+        h = steps.step(embed(tok[:, None]), mask, pos, s + k + t)
+        logits = model.lm_head(h[:, -1]).index_fill(-1, banned, float("-inf"))
+        tok = torch.where(done, collate.ids.pad, _next_token(logits, temperature, gen))
         out[:, t] = tok
         done |= tok == im_end
         if done.all():
             break
+    clock("decode", t + 1 if max_new_tokens else 0)
     results = []
     for i, rec in enumerate(records):
         ids = out[i].tolist()
         ids = ids[: ids.index(im_end)] if im_end in ids else ids
         text = processor.tokenizer.decode(ids, skip_special_tokens=True)
-        results.append(Generation(rec.idx, k, text.lstrip("\n"), latents[i].float().cpu()))
+        results.append(Generation(rec.idx, k, text, latents[i].float().cpu()))
     return results
 
 

@@ -9,7 +9,7 @@ import torch
 from lcot.errors import LcotInputError
 from lcot.patch import LatentQwen2_5_VL
 from lcot.processor import LatentVLProcessor, load_processor
-from lcot.tokens import add_latent_tokens
+from lcot.tokens import TokenIds, add_latent_tokens
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -23,8 +23,18 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     if not (path / "config.json").is_file():
         raise LcotInputError(str(path), "not a model folder (no config.json)",
                              "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.tiny`")
-    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    try:
+        processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    except (FileNotFoundError, ValueError) as err:  # a folder without tokenizer files, bad pixel bounds
+        raise LcotInputError(str(path), str(err).removeprefix(f"{path}: ")) from None
     model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                              local_files_only=True)
     add_latent_tokens(processor.tokenizer, model)
+    rows = model.get_input_embeddings().weight.shape[0]
+    ids = TokenIds.from_tokenizer(processor.tokenizer)  # by string: any ids work if the model has their rows
+    latent_ids = (ids.latent_start, ids.latent_end, ids.latent_pad)
+    if max(latent_ids) >= rows:
+        raise LcotInputError(str(path), f"the tokenizer's latent token ids {latent_ids} do not fit the model's "
+                             f"{rows} embedding rows",
+                             "save the model after resizing its embeddings (model.resize_token_embeddings)")
     return model.to(device), processor

@@ -28,6 +28,8 @@ from lcot.trainer import (
     NonFiniteLossError,
     StageSpec,
     TrainCollate,
+    last_checkpoint,
+    read_lcot_config,
     write_lcot_config,
 )
 
@@ -55,27 +57,28 @@ def parser() -> argparse.ArgumentParser:
     a("--question_images", action="store_true", help="stage1 only: include the question images (default: none)")
     a("--skip_missing_thought", action="store_true",
       help="stage2: skip records without thought images (and say how many) instead of stopping")
-    a("--epochs", type=float, default=1.0)
+    a("--epochs", type=float, default=1.0, help="passes over the training JSONL")
     a("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    a("--bsz", type=int, default=1, help="per-device batch size")
-    a("--grad_accum_steps", type=int, default=8)
-    a("--lr", type=float, default=1e-5)
-    a("--weight_decay", type=float, default=0.0)
+    a("--bsz", type=int, default=1, help="records per device per micro-batch (padded; K is shared in a batch)")
+    a("--grad_accum_steps", type=int, default=8, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW, linear decay)")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     a("--warmup_ratio", type=float, default=0.03, help="fraction of steps for LR warm-up")
-    a("--seed", type=int, default=42)
-    a("--logging_steps", type=int, default=10)
-    a("--save_steps", type=int, default=500)
-    a("--save_total_limit", type=int, default=2)
+    a("--seed", type=int, default=42, help="seed of init, data order and stage3's K draws")
+    a("--logging_steps", type=int, default=10, help="log CE, alignment, cosine per position every N steps")
+    a("--save_steps", type=int, default=500, help="write a checkpoint every N optimizer steps")
+    a("--save_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
     a("--bf16", action="store_true", help="load and train in bfloat16 (GPU)")
     a("--gradient_checkpointing", action="store_true", help="recompute activations (needs --latent_grad truncated)")
     a("--freeze_vision", action="store_true", help="freeze the vision tower (always frozen in stage1)")
     a("--lora", action="store_true", help="train LoRA adapters (peft) on the language model; merged at the end")
-    a("--lora_r", type=int, default=16)
-    a("--lora_alpha", type=int, default=32)
-    a("--lora_dropout", type=float, default=0.05)
+    a("--lora_r", type=int, default=16, help="LoRA rank")
+    a("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
+    a("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
     a("--lora_targets", default=LORA_TARGETS, help="comma-separated module names in the language model")
     a("--max_pixels", type=int, default=None, help="image processor max_pixels (default: the checkpoint's)")
-    a("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
+    a("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
+      help="attention kernel of the language model (the 4D mask works with both)")
     a("--resume_from_checkpoint", nargs="?", const="last", default=None,
       help="resume from a checkpoint folder, or from the last one in --output_dir when given without a value")
     a("--overwrite_output_dir", action="store_true", help="allow a non-empty --output_dir (its content is replaced)")
@@ -91,6 +94,12 @@ def check_dirs(args) -> None:
         raise LcotInputError("--output_dir", f"{out} is not empty",
                              "pass --resume_from_checkpoint to continue, --overwrite_output_dir to replace, "
                              "or choose a new folder")
+    if args.overwrite_output_dir and out.is_dir() and not args.resume_from_checkpoint:
+        for flag in ("model_name_or_path", "train_jsonl", "teacher_latent_dir"):
+            given = getattr(args, flag)
+            if given and (out == Path(given).resolve() or out in Path(given).resolve().parents):
+                raise LcotInputError("--output_dir", f"--overwrite_output_dir would delete {out}, which holds "
+                                     f"--{flag} {given}", "choose an --output_dir that holds none of the inputs")
     if args.latent_size < 1:
         raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
     if args.stage in ("stage2", "stage3") and not args.teacher_latent_dir:
@@ -99,6 +108,34 @@ def check_dirs(args) -> None:
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses")
+
+
+def resume_point(args) -> str | None:
+    """The checkpoint to resume from: a given folder, or the last complete one in --output_dir.
+
+    Without a checkpoint yet (a run killed before its first save) training starts from step 0.
+    A checkpoint of another stage, K or LoRA setting is refused rather than silently continued.
+    """
+    resume = args.resume_from_checkpoint
+    if resume is None:
+        return None
+    if resume == "last":
+        last = last_checkpoint(args.output_dir)
+        if last is None:
+            print(f"lcot: no checkpoint in {args.output_dir} yet: training starts from step 0", file=sys.stderr)
+            return None
+        resume = str(last)
+    elif not (Path(resume) / "trainer_state.json").is_file():
+        raise LcotInputError("--resume_from_checkpoint", f"{resume} is not a checkpoint folder (no trainer_state.json)",
+                             "pass a checkpoint-N folder of an earlier run, or the flag alone for the last one in "
+                             "--output_dir")
+    saved = read_lcot_config(resume)
+    for key in ("stage", "latent_size", "lora"):
+        if key in saved and saved[key] != getattr(args, key):
+            raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with --{key} {saved[key]}, "
+                                 f"this run has --{key} {getattr(args, key)}",
+                                 "resume with the same settings, or train into a new --output_dir")
+    return resume
 
 
 def check_teachers(records, teacher_dir: str, hidden: int, k: int, dtype: torch.dtype) -> None:
@@ -132,6 +169,7 @@ def train(args) -> Path:
     from lcot.load import load
 
     check_dirs(args)
+    resume = resume_point(args)
     spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed)
     records = read_records(args.train_jsonl, need_thought_images=spec.thought_images,
                            skip_missing_thought=args.skip_missing_thought)
@@ -159,8 +197,7 @@ def train(args) -> Path:
         model=model, args=training_args(args, freeze_vision), train_dataset=records,
         data_collator=TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype),
         processing_class=processor, spec=spec, callbacks=[LcotConfigCallback(info)])
-    resume = args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     if trainer.is_world_process_zero():
         final.save_pretrained(args.output_dir)

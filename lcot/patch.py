@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration
+from transformers import Cache, DynamicCache, Qwen2_5_VLForConditionalGeneration, StaticCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
@@ -50,25 +51,36 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
     return embeds
 
 
+def key_count(cache: Cache | None, stop: int) -> int:
+    """Keys a pass ending at column `stop` attends over: the columns before `stop`, or with a static cache
+    all of its slots (those not written yet are masked: lcot.fast builds such masks)."""
+    return cache.get_max_length() if isinstance(cache, StaticCache) else stop
+
+
 def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
-                 cols: slice, cache: DynamicCache | None = None) -> torch.Tensor:
+                 cols: slice, cache: Cache | None = None) -> torch.Tensor:
     """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not)."""
     start = cols.start or 0
     if cache is None and start:
         raise ValueError("a pass that starts after column 0 needs the cache of the columns before it")
+    keys = key_count(cache, cols.stop)
+    mask = mask4d[:, :, cols, :keys]
+    if mask.shape[-1] != keys:
+        raise ValueError(f"the mask covers {mask.shape[-1]} keys, the cache holds {keys}: "
+                         "a static cache needs mask rows over all its slots (see lcot.fast)")
     out = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=attn_mask(model, mask4d[:, :, cols, : cols.stop], embeds.dtype),
+        inputs_embeds=embeds, attention_mask=attn_mask(model, mask, embeds.dtype),
         position_ids=position_ids[:, :, cols], past_key_values=cache, use_cache=cache is not None)
     return out.last_hidden_state
 
 
-def latent_step(model, h: torch.Tensor, cache: DynamicCache, mask4d: torch.Tensor, position_ids: torch.Tensor,
+def latent_step(model, h: torch.Tensor, cache: Cache, mask4d: torch.Tensor, position_ids: torch.Tensor,
                 col: int) -> torch.Tensor:
     """One continuous-thought step: feed h (B, 1, H) at column `col`, return its output (B, 1, H)."""
     return text_forward(model, h, mask4d, position_ids, slice(col, col + 1), cache)
 
 
-def latent_loop(model, h: torch.Tensor, cache: DynamicCache, mask4d: torch.Tensor, position_ids: torch.Tensor,
+def latent_loop(model, h: torch.Tensor, cache: Cache, mask4d: torch.Tensor, position_ids: torch.Tensor,
                 start: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K latent steps from the output h (B, 1, H) of the column before `start`.
 
@@ -109,34 +121,40 @@ def new_cache(model) -> DynamicCache:
 def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torch.Tensor,
                          position_ids: torch.Tensor, latent_start: int, num_latents: int,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         grad: GradMode = "full") -> tuple[torch.Tensor, torch.Tensor]:
+                         grad: GradMode = "full", fast: str | bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward. Returns (hidden (B, L, H), latent outputs (B, K, H)).
 
     grad="full": one cached recurrence, gradients flow through the whole chain of latents.
     grad="truncated": the recurrence runs without gradients, then one parallel pass with gradients
     takes the resulting latents as fixed inputs (same forward values, gradient truncated at each latent
     input; far cheaper on a GPU).
+    fast: how a recurrence without gradients runs (grad="truncated", or any call under torch.no_grad):
+    None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
+    dynamic cache otherwise), or "off", "static", "graph" (see lcot.fast). With gradients: always the
+    dynamic cache.
     """
+    from lcot.fast import runner
+
+    if grad not in ("full", "truncated"):
+        raise ValueError(f"grad must be 'full' or 'truncated', got {grad!r}")
     s, k = latent_start, num_latents
     embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
-    length = input_ids.shape[1]
+    batch, length = input_ids.shape
     if grad == "truncated" and k:
         with torch.no_grad(), no_checkpointing(model):
-            cache = new_cache(model)
-            h = text_forward(model, embeds[:, :s], attention_mask_4d, position_ids, slice(0, s), cache)
-            latent_in, _ = latent_loop(model, h[:, -1:], cache, attention_mask_4d, position_ids, s, k)
+            steps = runner(model, batch, s + k, fast)
+            h = steps.forward(embeds[:, :s], attention_mask_4d, position_ids, slice(0, s))
+            latent_in, _ = steps.run(h[:, -1:], attention_mask_4d, position_ids, s, k)
         embeds = torch.cat([embeds[:, :s], latent_in.to(embeds.dtype), embeds[:, s + k:]], 1)
         hidden = text_forward(model, embeds, attention_mask_4d, position_ids, slice(0, length))
         return hidden, hidden[:, s:s + k]
-    if grad not in ("full", "truncated"):
-        raise ValueError(f"grad must be 'full' or 'truncated', got {grad!r}")
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
                          "use grad='truncated' (--latent_grad truncated) with gradient checkpointing")
-    cache = new_cache(model)
-    pre = text_forward(model, embeds[:, :s], attention_mask_4d, position_ids, slice(0, s), cache)
-    _, latents = latent_loop(model, pre[:, -1:], cache, attention_mask_4d, position_ids, s, k)
-    post = text_forward(model, embeds[:, s + k:], attention_mask_4d, position_ids, slice(s + k, length), cache)
+    steps = runner(model, batch, length, fast)  # the dynamic cache whenever gradients are on
+    pre = steps.forward(embeds[:, :s], attention_mask_4d, position_ids, slice(0, s))
+    _, latents = steps.run(pre[:, -1:], attention_mask_4d, position_ids, s, k)
+    post = steps.forward(embeds[:, s + k:], attention_mask_4d, position_ids, slice(s + k, length))
     return torch.cat([pre, latents, post], 1), latents
 
 
@@ -149,7 +167,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
                 latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
-                grad: GradMode = "full", pixel_values: torch.Tensor | None = None,
+                grad: GradMode = "full", fast: str | bool | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True, **kwargs):
         if not latent_mode:
@@ -163,15 +181,17 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if attention_mask_4d is None or position_ids is None or latent_start is None:
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
         hidden, latents = latent_hidden_states(self, input_ids, attention_mask_4d, position_ids, latent_start,
-                                               num_latents, pixel_values, image_grid_thw, grad)
+                                               num_latents, pixel_values, image_grid_thw, grad, fast)
         loss = ce_loss(self.lm_head, hidden, labels) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)
 
-    def save_pretrained(self, *args, **kwargs):
-        """Record the stock architecture so tools that only know Qwen2.5-VL load the checkpoint."""
-        self.config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-        return super().save_pretrained(*args, **kwargs)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, recording the stock architecture so any Qwen2.5-VL tool loads it."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.architectures = [Qwen2_5_VLForConditionalGeneration.__name__]
+        self.config.to_json_file(str(Path(save_directory) / "config.json"))
+        return out
 
 
 # transformers maps stock checkpoint keys (model.layers.*) to its classes only for its own classes;

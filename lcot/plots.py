@@ -122,6 +122,91 @@ def plot_similarity(latents: torch.Tensor, title: str = "", ax=None):
     return ax
 
 
+def plot_mask_row(row: torch.Tensor, segments: torch.Tensor, query: int, ax=None):
+    """One query's mask row as a strip: each key it may attend coloured by the key's segment, blocked = white."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 1.2))
+    seg = segments.cpu()
+    img = np.where(row.bool().cpu().numpy(), seg.numpy(), -1)[None]
+    cmap = ListedColormap(["white"] + [SEG_COLORS[s] for s in Seg])
+    ax.imshow(img + 1, cmap=cmap, vmin=0, vmax=len(Seg), aspect="auto", interpolation="nearest")
+    for _, a, _ in segment_runs(seg):
+        ax.axvline(a - 0.5, color="black", lw=0.4)
+    ax.axvline(query, color="black", lw=1.5, ls="--")
+    ax.set_yticks([])
+    ax.set_xlabel("key position")
+    ax.set_title(f"keys query {query} ({SEGMENT_NAMES[Seg(int(seg[query]))]}) may attend", fontsize=9)
+    return ax
+
+
+def plot_images(paths: Sequence[str | Path], titles: Sequence[str] = (), fig=None):
+    """A row of images (e.g. a record's question and thought images) with titles."""
+    from PIL import Image
+
+    fig = fig or plt.figure(figsize=(3 * len(paths), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(paths)))
+    for i, (ax, path) in enumerate(zip(axes, paths)):
+        with Image.open(path) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(titles[i] if i < len(titles) else Path(path).name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(groups: dict[str, dict[str, float | None]], title: str = "", ylabel: str = "", log: bool = False,
+              ax=None):
+    """Grouped bars: {group: {label: value}} (None values are left out), e.g. the bottleneck check per K."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    labels = list(dict.fromkeys(lab for g in groups.values() for lab in g))
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(labels))
+    for i, (name, vals) in enumerate(groups.items()):
+        ys = [vals.get(lab) for lab in labels]
+        ys = [np.nan if y is None else (max(y, 1e-12) if log else y) for y in ys]
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, ys, width, label=name)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_norms(norms: torch.Tensor, title: str = "", ax=None):
+    """(N, K) vector norms per latent position: one thin line per record, the mean in black."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    pos = np.arange(1, norms.shape[1] + 1)
+    for r in norms.numpy():
+        ax.plot(pos, r, color="grey", lw=0.5, alpha=0.5)
+    ax.plot(pos, norms.mean(0).numpy(), color="black", lw=2, marker="o", label="mean over records")
+    ax.set_xlabel("latent position")
+    ax.set_ylabel("L2 norm")
+    ax.set_title(title or "teacher latent norms")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_accuracy(grid: dict[str, dict[int, float]], baseline: float | None = None, title: str = "", ax=None):
+    """Accuracy against K for each model (stage); an optional horizontal baseline."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for name, row in grid.items():
+        ks = sorted(row)
+        ax.plot(ks, [row[k] for k in ks], marker="o", label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", label="majority answer")
+    ax.set_xlabel("K (latent slots at inference)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(title or "accuracy without thought images")
+    ax.legend(fontsize=8)
+    return ax
+
+
 def save(fig_or_ax, path: str | Path) -> Path:
     fig = getattr(fig_or_ax, "figure", fig_or_ax)
     path = Path(path)

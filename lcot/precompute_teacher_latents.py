@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
+    model_dir, out = Path(args.model_name_or_path).resolve(), Path(args.output_dir).resolve()
+    if out == model_dir or model_dir in out.parents:
+        raise LcotInputError("--output_dir", f"{out} is the model folder (or inside it)",
+                             "write teacher latents to a folder of their own")
     from accelerate import PartialState
 
     from lcot.load import load

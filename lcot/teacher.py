@@ -9,6 +9,7 @@ and renamed, so a kill leaves only complete files; a rerun keeps the valid ones.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from lcot.errors import LcotInputError
 from lcot.patch import latent_hidden_states
 
 FILE_PATTERN = "latent_last_layer_jsonl_{idx:06d}.pt"
+_TMP_RE = re.compile(r"^\.latent_last_layer_jsonl_(\d+)\.pt\..*\.tmp$")  # save_atomic's temporary names
 
 
 def teacher_file(teacher_dir: str | Path, idx: int) -> Path:
@@ -39,6 +41,18 @@ def save_atomic(obj: object, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_partial_files(out_dir: Path, idxs: set[int]) -> int:
+    """Delete the temporary files a killed run left for these records (each process only its own)."""
+    removed = 0
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            m = _TMP_RE.match(p.name)
+            if m and int(m.group(1)) in idxs:
+                p.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: int | None = None,
@@ -86,6 +100,7 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     out_dir = Path(out_dir)
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
     mine = [r for i, r in enumerate(records) if i % world_size == rank]
+    remove_partial_files(out_dir, {r.idx for r in mine})
     todo = [r for r in mine if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype)]
     collate = Collator(processor, model.config, k_max, thought_images=True)
     was_training = model.training

@@ -1,13 +1,20 @@
 """Training on transformers.Trainer: CE(answer) + align_weight x alignment of the latents to the teacher.
 
 Accumulation, checkpoints, resume, logging and multi-GPU come from Trainer/Accelerate. This module
-adds the latent loss, the teacher lookup, stage3's K sampling and latent metrics in the logs.
+adds the latent loss, the teacher lookup, stage3's K sampling and latent metrics in the logs, and
+two safeguards: checkpoints are written to a hidden staging folder and renamed when complete (so a
+kill at any moment never leaves a partial `checkpoint-N` for resume to pick), and a NaN/inf loss or
+gradient norm stops the run before the optimizer step, naming the step and the batch's records.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +24,36 @@ from transformers import Trainer, TrainerCallback
 from lcot.collate import Collator, drop_latents
 from lcot.data import Record
 from lcot.loss import AlignKind, align_loss
+from lcot.patch import LatentQwen2_5_VL
 from lcot.teacher import read_teacher, teacher_file
 
 METRICS_FILE = "latent_metrics.jsonl"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".tmp-"  # a checkpoint being written: .tmp-checkpoint-N, renamed to checkpoint-N when complete
+TRASH_PREFIX = ".old-"  # a checkpoint being deleted (renamed first, so no half-deleted checkpoint-N stays)
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or inf loss: the run stops, the last good checkpoint stays."""
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoint-N folders of a run, oldest (lowest N) first.
+
+    Only complete ones exist under that name: LatentTrainer writes each checkpoint into a staging
+    folder and renames it when everything is written.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
 
 
 @dataclass(frozen=True)
@@ -79,9 +109,12 @@ class LatentTrainer(Trainer):
         self._sums: dict[str, float] = {}
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
+        self._step_records: list[int] = []  # record idx of the micro-batches of the current optimizer step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = self.spec
+        records = inputs["idx"].tolist()
+        self._step_records += records
         if spec.stage == "stage3":
             inputs = drop_latents(inputs, sample_k(spec.seed, self.state.global_step, spec.latent_size))
         out = model(input_ids=inputs["input_ids"], attention_mask_4d=inputs["attention_mask_4d"],
@@ -100,12 +133,75 @@ class LatentTrainer(Trainer):
             metrics.update(align=align.item(), cos=cos.mean().item())
             self._add_cos(cos)
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss is {loss.item()} at step {self.state.global_step + 1}, "
-                                     f"batch records {inputs['idx'].tolist()}; the last saved checkpoint is kept")
+            raise self._non_finite("loss", loss.item(), records)
         for key, v in metrics.items():
             self._sums[key] = self._sums.get(key, 0.0) + v
         self._count += 1
         return (loss, out) if return_outputs else loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Trainer calls this once per optimizer step, after clipping and before optimizer.step():
+        a NaN/inf gradient norm stops the run here, so no checkpoint ever holds NaN weights."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        records, self._step_records = self._step_records, []
+        value = float(grad_norm) if grad_norm is not None else 0.0
+        if not (self.args.fp16 or math.isfinite(value)):  # fp16's loss scaler skips such steps itself
+            raise self._non_finite("gradient norm", value, records)
+        return grad_norm
+
+    def _non_finite(self, what: str, value: float, records: list[int]) -> NonFiniteLossError:
+        out, last = self.args.output_dir, last_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else f"no checkpoint was saved yet in {out}"
+        return NonFiniteLossError(
+            f"{what} is {value} at step {self.state.global_step + 1}, batch records {records} (record idx = 0-based "
+            f"position among the non-blank lines of the JSONL); {kept}. Try a lower --lr, or check those records")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written into a staging folder and renamed when complete.
+
+        A kill mid-save leaves only `.tmp-checkpoint-N` (ignored by resume, removed at the next save);
+        `checkpoint-N` appears, whole, by one rename. lcot.json is written inside before the rename.
+        Old checkpoints beyond --save_total_limit are renamed away before they are deleted.
+        """
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        main = self.args.should_save
+        if main:
+            _remove_leftovers(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()  # every process wrote its part (e.g. its RNG state)
+        if main:
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, LcotConfigCallback):
+                    write_lcot_config(staging / name, cb.info)
+            final = run_dir / name
+            if final.exists():  # e.g. resumed from an earlier checkpoint: the newer save replaces it
+                final.rename(run_dir / f"{TRASH_PREFIX}{name}")
+            os.replace(staging / name, final)
+            _remove_leftovers(run_dir)
+            _rotate(run_dir, self.args.save_total_limit, keep=final)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load checkpoint weights through from_pretrained.
+
+        transformers 5.17 saves Qwen2.5-VL weights under the stock checkpoint names (model.layers.*) and
+        Trainer reloads them with a non-strict load_state_dict, which silently loads nothing. from_pretrained
+        applies the name mapping; the strict load then proves every tensor arrived.
+        """
+        model = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+        if not isinstance(model, LatentQwen2_5_VL) or self.is_fsdp_enabled or not has_weights:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(folder, dtype=model.dtype, local_files_only=True)
+        model.load_state_dict(saved.state_dict(), strict=True)
 
     def _add_cos(self, cos: torch.Tensor) -> None:
         """Per-position cosine summed over micro-batches; stage3's shorter K adds to the first K slots."""
@@ -126,10 +222,34 @@ class LatentTrainer(Trainer):
                 per_pos = (self._cos_sum / self._cos_n.clamp(min=1)).tolist()
                 row["cos_per_position"] = [v if n else None for v, n in zip(per_pos, self._cos_n.tolist())]
             if self.is_world_process_zero():
-                with open(Path(self.args.output_dir) / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                path = Path(self.args.output_dir) / METRICS_FILE
+                with open(path, "ab+") as f:
+                    torn = False  # the last line was cut short by a kill: start on a new line
+                    if f.seek(0, os.SEEK_END) > 0:
+                        f.seek(-1, os.SEEK_END)
+                        torn = f.read(1) != b"\n"
+                    f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
             self._sums, self._cos_sum, self._count = {}, None, 0
         super().log(logs, *args, **kwargs)
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Staging folders of saves that were killed, and checkpoints whose deletion was interrupted."""
+    for p in run_dir.glob(".*checkpoint-*"):
+        if p.is_dir() and p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _rotate(run_dir: Path, limit: int | None, keep: Path) -> None:
+    """Keep the newest `limit` checkpoints (and always `keep`); rename before deleting."""
+    if not limit or limit <= 0:
+        return
+    found = checkpoints(run_dir)
+    for old in found[: max(len(found) - limit, 0)]:
+        if old != keep:
+            trash = old.with_name(f"{TRASH_PREFIX}{old.name}")
+            old.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 class LcotConfigCallback(TrainerCallback):
@@ -145,7 +265,10 @@ class LcotConfigCallback(TrainerCallback):
 
 
 def write_lcot_config(folder: Path, info: dict) -> None:
-    (Path(folder) / "lcot.json").write_text(json.dumps(info, indent=2) + "\n")
+    path = Path(folder) / "lcot.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)  # never a half-written lcot.json
 
 
 def read_lcot_config(folder: str | Path) -> dict:
@@ -157,6 +280,13 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
     by_step = {r["step"]: r for r in rows}  # a resumed run logs steps again: the later row wins
     return [by_step[s] for s in sorted(by_step)]

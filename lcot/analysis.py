@@ -1,0 +1,300 @@
+"""Measurements the notebooks show: the mask rule read off a batch, the bottleneck check, teacher-latent
+statistics, latent-teacher cosine per K, accuracy per stage and K, and the causal-use check.
+
+Everything runs through the kit's own pieces (the collator, `latent_hidden_states`, `generate_batch`,
+`evaluate`, `per_position_cosine`), so what is measured is what training and inference compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lcot.collate import Collator
+from lcot.data import Record
+from lcot.evaluate import accuracy, evaluate, normalise
+from lcot.generate import generate_batch
+from lcot.loss import per_position_cosine
+from lcot.mask import SEGMENT_NAMES, Seg
+from lcot.patch import latent_hidden_states
+from lcot.teacher import read_teacher, teacher_file
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _run(model, b: dict, pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    pv = b["pixel_values"] if pixel_values is None else pixel_values
+    return latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"],
+                                b["num_latents"], pv, b["image_grid_thw"])
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence], fmt: str = "{:.3f}") -> str:
+    """A plain-text table; floats are formatted with `fmt`, None as '-'."""
+    def cell(v) -> str:
+        return "-" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
+
+    cells = [list(header)] + [[cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- the mask rule, read off a collated batch ---------------------------------------------------------
+def segment_access(batch: dict, row: int = 0) -> dict[tuple[Seg, Seg], float]:
+    """{(query segment, key segment): share of the causally earlier-or-equal keys the query may attend}.
+
+    Read off the batch's own 4D mask, so the table states the rule as the model receives it.
+    """
+    mask, seg = batch["attention_mask_4d"][row, 0].cpu(), batch["segments"][row].cpu()
+    length = seg.shape[0]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    out = {}
+    present = [s for s in Seg if (seg == s).any()]
+    for q in present:
+        for k in present:
+            pairs = causal & (seg == q)[:, None] & (seg == k)[None, :]
+            if pairs.any():
+                out[(q, k)] = mask[pairs].float().mean().item()
+    return out
+
+
+def access_table(batch: dict, row: int = 0) -> str:
+    """`segment_access` as a query x key table (share of earlier keys visible; '-' = no such pair)."""
+    acc = segment_access(batch, row)
+    segs = [s for s in Seg if any(s in pair for pair in acc)]
+    rows = [[f"query: {SEGMENT_NAMES[q]}"] + [acc.get((q, k)) for k in segs] for q in segs]
+    return table(["", *[f"key: {SEGMENT_NAMES[k]}" for k in segs]], rows, fmt="{:.2f}")
+
+
+# -- the bottleneck check -----------------------------------------------------------------------------
+def thought_pixel_rows(records: Sequence[Record], image_grid_thw: torch.Tensor, question_images: bool = True
+                       ) -> torch.Tensor:
+    """Bool over the rows of the batch's pixel_values: True on rows that belong to a thought image.
+
+    The collator lists each record's question images, then its thought images, record after record.
+    """
+    flags = []
+    for rec in records:
+        flags += [False] * (len(rec.question_images) if question_images else 0) + [True] * len(rec.thought_images)
+    rows_per_image = image_grid_thw.prod(-1).tolist()
+    if len(rows_per_image) != len(flags):
+        raise ValueError(f"{len(rows_per_image)} images in the batch, {len(flags)} expected from the records")
+    return torch.tensor([f for f, n in zip(flags, rows_per_image) for _ in range(int(n))], dtype=torch.bool)
+
+
+@torch.no_grad()
+def bottleneck_check(model, processor, records: Sequence[Record], k: int, seed: int = 0) -> dict[str, float | None]:
+    """Replace the thought images' pixels by noise; {segment name: max |change| of any hidden state}.
+
+    With thought images shown (stage2 / teacher setting) and the 4D mask, the rule predicts: prompt,
+    question image and answer states do not move at K=0 (no latent slot can carry the images'
+    content), the latents move at K>0 (they see the images), and through them so does the answer.
+    """
+    b = _to(Collator(processor, model.config, k, thought_images=True)(records), model.device)
+    rows = thought_pixel_rows(records, b["image_grid_thw"].cpu()).to(model.device)
+    noisy = b["pixel_values"].clone()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noisy[rows] = torch.randn(noisy[rows].shape, generator=gen).to(noisy)
+    h0, _ = _run(model, b)
+    h1, _ = _run(model, b, noisy)
+    change = (h1.float() - h0.float()).abs().amax(-1)  # (B, L)
+    seg = b["segments"]
+    return {SEGMENT_NAMES[s]: (change[seg == s].max().item() if (seg == s).any() else None)
+            for s in Seg if s != Seg.PAD}
+
+
+# -- teacher latents ----------------------------------------------------------------------------------
+@dataclass
+class TeacherStats:
+    latents: torch.Tensor  # (N, K, H) float32
+    norms: torch.Tensor  # (N, K)
+    within: torch.Tensor  # (K, K): cosine between latent positions of one record, mean over records
+    across: torch.Tensor  # (K,): mean cosine between different records at the same position
+
+    @property
+    def within_mean(self) -> float:
+        k = self.within.shape[0]
+        off = ~torch.eye(k, dtype=torch.bool)
+        return self.within[off].mean().item() if k > 1 else float("nan")
+
+    @property
+    def across_mean(self) -> float:
+        return self.across.mean().item()
+
+    def summary(self) -> str:
+        n, k, h = self.latents.shape
+        rows = [[j + 1, self.norms[:, j].mean().item(), self.norms[:, j].std().item() if n > 1 else None,
+                 self.across[j].item()] for j in range(k)]
+        text = table(["position", "norm (mean)", "norm (std)", "cos across records"], rows)
+        return (f"{n} records x {k} latents x {h} dims\n{text}\n"
+                f"mean cosine between positions of one record: {self.within_mean:.3f}; "
+                f"between records at one position: {self.across_mean:.3f}"
+                + ("  <- collapse: the latents barely depend on the record" if self.across_mean > 0.99 else ""))
+
+
+def _normed(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def load_teachers(teacher_dir: str | Path, records: Sequence[Record], k: int | None = None) -> torch.Tensor:
+    """(N, K, H) teacher latents of the records (checked against each record by `read_teacher`)."""
+    lat = [read_teacher(teacher_file(teacher_dir, r.idx), r, k=k) for r in records]
+    return torch.stack([t[:k] if k else t for t in lat]).float()
+
+
+def teacher_stats(teacher_dir: str | Path, records: Sequence[Record], k: int | None = None) -> TeacherStats:
+    lat = load_teachers(teacher_dir, records, k)
+    x = _normed(lat)  # (N, K, H)
+    within = torch.einsum("nkh,njh->nkj", x, x).mean(0)
+    n = x.shape[0]
+    sims = torch.einsum("nkh,mkh->knm", x, x)  # (K, N, N)
+    off = ~torch.eye(n, dtype=torch.bool)
+    across = sims[:, off].mean(-1) if n > 1 else torch.full((x.shape[1],), float("nan"))
+    return TeacherStats(lat, lat.norm(dim=-1), within, across)
+
+
+# -- latent-teacher cosine for several K --------------------------------------------------------------
+@dataclass
+class CosineVsK:
+    own: dict[int, list[float]]  # K -> mean cosine of each latent position to the record's own teacher
+    other: dict[int, list[float]]  # K -> the same against another record's teacher (the collapse baseline)
+
+    def summary(self) -> str:
+        rows = [[k, sum(v) / len(v), sum(self.other[k]) / len(v)] for k, v in sorted(self.own.items())]
+        return table(["K", "cos to own teacher", "cos to another record's teacher"], rows)
+
+
+@torch.no_grad()
+def cosine_vs_k(model, processor, records: Sequence[Record], ks: Sequence[int], teacher_dir: str | Path,
+                thought_images: bool = False, batch_size: int = 16) -> CosineVsK:
+    """Latents computed as in training/inference for each K, compared with the teacher's first K.
+
+    thought_images=False is the student setting (stage3, inference); True the teacher setting. The
+    "other" numbers compare with the next record's teacher: a latent that only matches the average
+    teacher (collapse) scores the same against both.
+    """
+    if len(records) < 2:
+        raise ValueError("cosine_vs_k needs at least 2 records (one is compared with another's teacher)")
+    teachers = load_teachers(teacher_dir, records, max(ks))
+    own: dict[int, list[float]] = {}
+    other: dict[int, list[float]] = {}
+    for k in ks:
+        collate = Collator(processor, model.config, k, thought_images=thought_images)
+        lats = []
+        for _, chunk in _batches(records, batch_size):
+            _, lat = _run(model, _to(collate(chunk), model.device))
+            lats.append(lat.float().cpu())
+        lat = torch.cat(lats)
+        t = teachers[:, :k]
+        own[k] = per_position_cosine(lat, t).mean(0).tolist()
+        other[k] = per_position_cosine(lat, t.roll(1, 0)).mean(0).tolist()
+    return CosineVsK(own, other)
+
+
+# -- accuracy and the causal-use check ----------------------------------------------------------------
+def accuracy_grid(model_dirs: dict[str, str | Path], records: Sequence[Record], ks: Sequence[int],
+                  load: Callable, thought_images: bool = False, **kwargs) -> dict[str, dict[int, float]]:
+    """{name: {K: accuracy}} of each model folder (loaded one at a time with `load(path)`)."""
+    grid = {}
+    for name, path in model_dirs.items():
+        model, processor = load(path)
+        res = evaluate(model, processor, records, ks, thought_images=thought_images, progress=False, **kwargs)
+        grid[name] = {k: res["accuracy"][k] for k in ks}
+        del model
+    return grid
+
+
+def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None) -> str:
+    ks = sorted({k for row in grid.values() for k in row})
+    rows = [[name, *[row.get(k) for k in ks]] for name, row in grid.items()]
+    text = table(["model", *[f"K={k}" for k in ks]], rows)
+    return text + (f"\nmajority-answer baseline: {baseline:.3f}" if baseline is not None else "")
+
+
+def majority_rate(records: Sequence[Record]) -> float:
+    """Accuracy of always answering the most common final answer."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[normalise(r.final_answer)] = counts.get(normalise(r.final_answer), 0) + 1
+    return max(counts.values()) / len(records)
+
+
+@torch.no_grad()
+def latent_inputs(model, processor, records: Sequence[Record], k: int, thought_images: bool = False,
+                  batch_size: int = 16) -> torch.Tensor:
+    """(N, K, H): what each record feeds its own latent slots: [h(<abs_vis_token>), out_1 .. out_{K-1}].
+
+    The same recurrence as generation (`latent_hidden_states` on the collator's batch).
+    """
+    collate = Collator(processor, model.config, k, thought_images=thought_images)
+    out = []
+    for _, chunk in _batches(records, batch_size):
+        b = _to(collate(chunk), model.device)
+        hidden, lat = _run(model, b)
+        s = b["latent_start"]
+        out.append(torch.cat([hidden[:, s - 1:s], lat[:, :-1]], 1).cpu())
+    return torch.cat(out)
+
+
+CONDITIONS = ("normal", "zeros", "other sample", "pad embedding")
+
+
+@dataclass
+class CausalUse:
+    k: int
+    accuracy: dict[str, float]  # condition -> accuracy
+    changed: dict[str, float]  # condition -> share of answers that differ from the normal answer
+    answers: dict[str, list[str]]
+
+    def summary(self) -> str:
+        rows = [[c, self.accuracy[c], self.changed[c]] for c in self.accuracy]
+        return table(["latent inputs", "accuracy", "answers changed"], rows)
+
+
+@torch.no_grad()
+def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: int = 16, max_new_tokens: int = 8,
+               conditions: Sequence[str] = CONDITIONS) -> CausalUse:
+    """Answer accuracy when the latent inputs are the model's own (normal), zeros, another sample's, or the
+    plain <abs_vis_token_pad> embedding (what a model without continuous thought would see).
+
+    Inference setting: no thought images. If the answers never change, the answer does not use the latents.
+    """
+    if k < 1:
+        raise ValueError("the causal-use check needs K >= 1 latent slots")
+    if len(records) < 2:
+        raise ValueError("the causal-use check needs at least 2 records (one feeds another's latents)")
+    unknown = set(conditions) - set(CONDITIONS)
+    if unknown:
+        raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
+    own = latent_inputs(model, processor, records, k, batch_size=batch_size)
+    hidden = own.shape[-1]
+    pad_id = processor.tokenizer.convert_tokens_to_ids("<abs_vis_token_pad>")
+    pad = model.get_input_embeddings().weight[pad_id].detach().float().cpu()
+    feeds = {"normal": None, "zeros": torch.zeros_like(own), "other sample": own.roll(1, 0),
+             "pad embedding": pad.expand(len(records), k, hidden)}
+    answers: dict[str, list[str]] = {}
+    acc: dict[str, float] = {}
+    for cond in conditions:
+        gens = []
+        for start, chunk in _batches(records, batch_size):
+            feed = feeds[cond]
+            if feed is not None:
+                feed = feed[start:start + len(chunk)].to(model.device, model.dtype)
+            gens += generate_batch(model, processor, chunk, k, max_new_tokens=max_new_tokens, latent_inputs=feed)
+        answers[cond] = [g.answer for g in gens]
+        acc[cond] = accuracy(gens, records)
+    base = answers.get("normal")
+    changed = {c: (sum(a != b for a, b in zip(ans, base)) / len(ans) if base else float("nan"))
+               for c, ans in answers.items()}
+    return CausalUse(k, acc, changed, answers)

@@ -1,0 +1,561 @@
+"""Benchmark of the latent recurrence against its baselines, on a random model of a named shape.
+
+    python -m lcot.bench --shape 3b --batch 2 --k 32 --iters 3 --dtype bf16 --out runs/bench/3b.md
+    python -m lcot.bench --shape 7b --lora --gradient_checkpointing --stages stage2,stage3 ...
+    python -m lcot.bench --shape tiny --dtype fp32 --iters 2          # CPU: the same rows, wall time only
+
+Nothing is downloaded: the model is randomly initialised from a config of the named shape (tiny: the
+lcot.tiny model; small: a 0.5B-class text model with a small vision tower; 3b, 7b: Qwen2.5-VL-3B/7B's
+published sizes), with the tiny model's tokenizer (its special-token ids are written into the config).
+The batch is built by the real collator from real PNG files (random pixels): per record 2 question
+images and, for stage2, 1 thought image (448x448 -> 256 tokens each for 3b/7b), a question of about
+100 tokens, K latent slots and an answer of about 32 tokens (949 tokens at K=32 for 3b/7b).
+
+Rows (each: median time over --iters after --warmup, the ratio to its baseline, peak GPU memory):
+- sft: the plain SFT step of the same batch (same tokens, causal 2D mask, no latents, forward+backward);
+  baseline of every training row. latent_full: the latent step with gradients through the dynamic-cache
+  recurrence. latent_truncated{,_static,_graph}: grad="truncated" with the recurrence on the dynamic cache,
+  the static cache (eager), the static cache + CUDA graph. Training rows: CE + cosine alignment to a random
+  teacher, backward; no optimizer step unless --optim.
+- forward: one no-gradient forward of the batch with its 4D mask (baseline of the teacher rows);
+  teacher{,_static,_graph}: teacher precompute (latent mode, no gradients) on each path.
+- gen_latent_* / gen_decode_*: generation (lcot.generate.generate_batch, question images only): mean time
+  per latent step and per decoding step, eager and graphed; each latent row's baseline is the decoding row
+  of the same path.
+- numerics: max |graphed - eager| of the teacher latents, first 8 steps in the run's dtype (bf16 drifts after
+  ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end).
+On a CPU "graph" runs eager static-cache steps (no CUDA graphs) and no memory is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SHAPES = ("tiny", "small", "3b", "7b")
+IMAGE_SIDE = {"tiny": 112, "small": 224, "3b": 448, "7b": 448}  # 448 -> a 32x32 patch grid -> 256 tokens
+
+# Qwen2.5-VL-3B/7B-Instruct's published sizes (config.json of the checkpoints); the vision tower is the
+# same for both but for its output width. small: Qwen2.5-0.5B's text sizes with a small vision tower and
+# the tiny tokenizer's vocabulary (no 150k-row embedding).
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+               fullatt_block_indexes=[7, 15, 23, 31])
+_SIZES = {
+    "small": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                  vision=dict(depth=8, hidden_size=640, intermediate_size=1710, num_heads=10, window_size=112,
+                              fullatt_block_indexes=[3, 7]),
+                  vocab_size=None, tie_word_embeddings=True),
+    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, mrope_section=[16, 24, 24]),
+               vision=_VISION, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, mrope_section=[16, 24, 24]),
+               vision=_VISION, vocab_size=152064, tie_word_embeddings=False),
+}
+LORA_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"  # as lcot.main's default
+NUMERICS_STEPS = 8
+
+
+# -- model, processor, batch -----------------------------------------------------------------------------------
+def make_processor(image_side: int, latent_tokens: bool = True):
+    """The tiny tokenizer (Qwen's special tokens, a small BPE) with an image processor keeping image_side^2."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from lcot.processor import LatentVLProcessor
+    from lcot.tiny import CHAT_TEMPLATE, MIN_PIXELS, build_tokenizer
+    from lcot.tokens import add_latent_tokens
+
+    tok = build_tokenizer()
+    if latent_tokens:
+        add_latent_tokens(tok)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": image_side ** 2})
+    return LatentVLProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE)
+
+
+def make_config(shape: str, tok):
+    """A Qwen2_5_VLConfig of the named shape whose token ids are the tokenizer's."""
+    from transformers import Qwen2_5_VLConfig
+
+    from lcot.tiny import VOCAB_MULTIPLE, _config
+
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    rounded = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if shape == "tiny":
+        return _config(tok, rounded)
+    size = _SIZES[shape]
+    tid = tok.convert_tokens_to_ids
+    text = dict(size["text"])
+    mrope = text.pop("mrope_section")
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=size["vocab_size"] or rounded, max_position_embeddings=128000, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+            max_window_layers=text["num_hidden_layers"], hidden_act="silu",
+            bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
+            tie_word_embeddings=size["tie_word_embeddings"], **text),
+        vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=text["hidden_size"], tokens_per_second=2, hidden_act="silu",
+                           **size["vision"]),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+        tie_word_embeddings=size["tie_word_embeddings"])
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Random init directly on `device` in `dtype` (on a GPU: seconds even for 7B)."""
+    from lcot.patch import LatentQwen2_5_VL
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LatentQwen2_5_VL._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _text(tok, target: int, start: str = "") -> str:
+    """Words of the tiny corpus until the text encodes to at least `target` tokens."""
+    from lcot.tiny import CORPUS
+
+    words = [w for w in CORPUS.split() if w.isalpha()]
+    text, i = start, 0
+    while len(tok(text, add_special_tokens=False)["input_ids"]) < target:
+        text += ("" if not text or text.endswith("\n") else " ") + words[i % len(words)]
+        i += 1
+    return text
+
+
+def make_records(folder: Path, n: int, image_side: int, tok, question_images: int = 2, thought_images: int = 1,
+                 question_tokens: int = 100, answer_tokens: int = 32, seed: int = 0) -> list:
+    """n records of identical token length, with PNGs of random pixels written to `folder`."""
+    from PIL import Image
+
+    from lcot.data import Record
+
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    question = _text(tok, question_tokens)
+    answer = _text(tok, max(answer_tokens - 1, 1), "\n")[1:]  # "\n" + answer + <|im_end|>
+    records = []
+    for i in range(n):
+        paths = []
+        for j in range(question_images + thought_images):
+            px = torch.randint(0, 256, (image_side, image_side, 3), dtype=torch.uint8, generator=gen)
+            path = folder / f"r{i}_{j}.png"
+            Image.fromarray(px.numpy()).save(path)
+            paths.append(path)
+        records.append(Record(idx=i, question=question, answer=f"#### {answer}", final_answer=answer,
+                              question_images=tuple(paths[:question_images]),
+                              thought_images=tuple(paths[question_images:]), where=f"bench:{i}", digest=""))
+    return records
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fresh(model, device: torch.device) -> None:
+    """Between rows: no kept graphs or caches, no gradients, allocator emptied, peak reset."""
+    from lcot import fast
+
+    fast.clear(model)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def measure(fn: Callable[[], dict | None], iters: int, warmup: int, device: torch.device,
+            metric: Callable[[dict | None, float], float] | None = None) -> tuple[float, float | None, list[float]]:
+    """Median over `iters` calls after `warmup` (wall time, synchronised; or metric(result, seconds)) and the
+    peak memory of the timed calls (GiB; None on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    values = []
+    for _ in range(max(iters, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        values.append(metric(out, dt) if metric else dt)
+    return statistics.median(values), _peak(device), values
+
+
+# -- the bench ---------------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+        self.rows: list[dict] = []
+        self.env: dict = {}
+        self.tmp = Path(tempfile.mkdtemp(prefix="lcot-bench-"))
+
+    # -- output ----------------------------------------------------------------------------------------------
+    def add(self, name: str, what: str, *, time_s: float | None = None, baseline: str | None = None,
+            peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s") -> dict:
+        ratio = None
+        if time_s is not None and baseline:
+            base = next((r for r in self.rows if r["name"] == baseline), None)
+            if base is not None and base.get("time_s"):
+                ratio = time_s / base["time_s"]
+        base_peak = next((r.get("peak_gib") for r in self.rows if r["name"] == baseline), None)
+        row = {"name": name, "what": what, "time_s": time_s, "unit": unit, "baseline": baseline, "ratio": ratio,
+               "peak_gib": peak, "peak_ratio": peak / base_peak if peak and base_peak else None, "value": value,
+               "note": note}
+        self.rows.append(row)
+        print(format_row(row), file=sys.stderr, flush=True)
+        self.write()
+        return row
+
+    def write(self) -> None:
+        if self.args.out:
+            write_results(Path(self.args.out), self.env, self.rows)
+
+    def row(self, name: str, what: str, fn: Callable, baseline: str | None = None, metric=None, unit: str = "s",
+            note: str = "") -> None:
+        """Measure fn into a row; an error (out of memory, ...) becomes the row's note and the bench goes on."""
+        _fresh(self.model, self.device)
+        try:
+            t, peak, _ = measure(fn, self.args.iters, self.args.warmup, self.device, metric)
+        except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
+            traceback.print_exc(file=sys.stderr)
+            self.add(name, what, baseline=baseline, note=f"error: {type(err).__name__}: {str(err)[:200]}")
+        else:
+            self.add(name, what, time_s=t, baseline=baseline, peak=peak, note=note, unit=unit)
+        finally:
+            _fresh(self.model, self.device)
+
+    # -- setup -----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from lcot import __version__
+        from lcot.collate import Collator
+
+        a = self.args
+        side = a.image_side or IMAGE_SIDE[a.shape]
+        self.processor = make_processor(side)
+        config = make_config(a.shape, self.processor.tokenizer)
+        t0 = time.perf_counter()
+        self.model = build_model(config, self.device, self.dtype, a.seed)
+        init_s = time.perf_counter() - t0
+        total = n_params(self.model)
+        if a.lora:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                             target_modules=rf".*language_model.*\.({LORA_TARGETS})")
+            self.model = get_peft_model(self.model, cfg).get_base_model()  # LoRA layers injected in place
+        if a.freeze_vision:
+            self.model.model.visual.requires_grad_(False)
+        if a.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        records = make_records(self.tmp / "images", a.batch, side, self.processor.tokenizer, a.question_images,
+                               1, a.question_tokens, a.answer_tokens, a.seed)
+        self.records = records
+        self.batches = {}
+        for stage in dict.fromkeys([*a.stages, "stage2"]):  # stage2's batch also serves the teacher rows
+            coll = Collator(self.processor, config, a.k, thought_images=stage == "stage2")
+            self.batches[stage] = to_device(coll(records), self.device)
+        b = self.batches["stage2"]
+        hidden = config.text_config.hidden_size
+        self.teacher = torch.randn(a.batch, a.k, hidden, generator=torch.Generator().manual_seed(1)).to(
+            self.device, self.dtype)
+        dev = self.device
+        import peft
+        import transformers
+        self.env = {
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}"
+                      f", {torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "peft": peft.__version__, "lcot": __version__, "python": platform.python_version(),
+            "shape": a.shape, "params": total, "trainable": sum(p.numel() for p in self.model.parameters()
+                                                                  if p.requires_grad),
+            "dtype": a.dtype, "batch": a.batch, "k": a.k, "stages": a.stages,
+            "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
+            "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
+            "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
+            "init_s": round(init_s, 2), "command": "python -m lcot.bench " + " ".join(a.argv),
+        }
+        print(json.dumps(self.env), file=sys.stderr, flush=True)
+        self.write()
+
+    # -- the steps measured ----------------------------------------------------------------------------------
+    def _optim_step(self) -> None:
+        if self.args.optim:
+            if getattr(self, "opt", None) is None:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                self.opt = torch.optim.AdamW(params, lr=1e-6, fused=self.device.type == "cuda")
+            self.opt.step()
+        self.model.zero_grad(set_to_none=True)
+
+    def sft_step(self, b: dict) -> None:
+        from lcot.loss import ce_loss
+
+        m = self.model
+        out = m.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                      pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"], use_cache=False)
+        ce_loss(m.lm_head, out.last_hidden_state, b["labels"]).backward()
+        self._optim_step()
+
+    def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
+        from lcot.loss import align_loss
+
+        out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
+                         position_ids=b["position_ids"], pixel_values=b["pixel_values"],
+                         image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
+                         latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
+                         return_logits=False)
+        (out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]).backward()
+        self._optim_step()
+
+    @torch.no_grad()
+    def forward_nograd(self, b: dict) -> None:
+        from lcot.patch import embed_inputs, text_forward
+
+        embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+        text_forward(self.model, embeds, b["attention_mask_4d"], b["position_ids"], slice(0, embeds.shape[1]))
+
+    @torch.no_grad()
+    def teacher_latents(self, b: dict, fast: str) -> torch.Tensor:
+        from lcot.patch import latent_hidden_states
+
+        return latent_hidden_states(self.model, b["input_ids"], b["attention_mask_4d"], b["position_ids"],
+                                    b["latent_start"], b["num_latents"], b["pixel_values"], b["image_grid_thw"],
+                                    fast=fast)[1]
+
+    def generate(self, fast: str) -> dict:
+        from lcot.generate import generate_batch
+
+        timings: dict = {}
+        generate_batch(self.model, self.processor, self.records, self.args.k, max_new_tokens=self.args.decode_tokens,
+                       fast=fast, timings=timings)
+        return timings
+
+    # -- the rows ----------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        a, m = self.args, self.model
+        cpu = self.device.type != "cuda"
+        graph_note = "CPU: eager static-cache steps (no CUDA graphs)" if cpu else ""
+        for stage in a.stages:
+            self.training_rows(stage, "" if stage == a.stages[0] else f"{stage}:", graph_note)
+        b = self.batches["stage2"]
+        m.eval()
+        self.row("forward", "one forward without gradients, 4D mask (teacher baseline)", lambda: self.forward_nograd(b))
+        for fast, suffix in (("off", ""), ("static", "_static"), ("graph", "_graph")):
+            self.row(f"teacher{suffix}", f"teacher precompute (latent mode, no gradients), fast={fast}",
+                     lambda fast=fast: self.teacher_latents(b, fast), "forward",
+                     note=graph_note if fast == "graph" else "")
+        for fast, suffix in (("off", "eager"), ("graph", "graph")):
+            self.generation_rows(fast, suffix, graph_note if fast == "graph" else "")
+        self.numerics(b, a.dtype)
+        if a.fp32_check and self.dtype != torch.float32:
+            _fresh(m, self.device)
+            m.float()
+            self.numerics(b, "fp32")
+        m.train()
+        return self.rows
+
+    def training_rows(self, stage: str, p: str, graph_note: str) -> None:
+        b = self.batches[stage]
+        self.model.train()
+        what = f"{stage} batch, L={b['input_ids'].shape[1]}"
+        self.row(f"{p}sft", f"plain SFT step, causal 2D mask, no latents ({what})", lambda: self.sft_step(b))
+        full = "latent step, full gradient, dynamic-cache recurrence"
+        if self.args.gradient_checkpointing:
+            self.add(f"{p}latent_full", full, baseline=f"{p}sft",
+                     note="n/a: needs the KV cache that gradient checkpointing drops")
+        else:
+            self.row(f"{p}latent_full", full, lambda: self.latent_train_step(b, "full", "off"), f"{p}sft")
+        for fast, suffix, label in (("off", "", "dynamic-cache recurrence, eager"),
+                                    ("static", "_static", "static-cache recurrence, eager"),
+                                    ("graph", "_graph", "static cache + CUDA graph")):
+            self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
+                     lambda fast=fast: self.latent_train_step(b, "truncated", fast), f"{p}sft",
+                     note=graph_note if fast == "graph" else "")
+
+    def generation_rows(self, fast: str, suffix: str, note: str) -> None:
+        """Per-step means of decoding and latent steps, from the same generate_batch calls."""
+        _fresh(self.model, self.device)
+        decode, latent = f"gen_decode_{suffix}", f"gen_latent_{suffix}"
+        try:
+            for _ in range(self.args.warmup):
+                self.generate(fast)
+            _sync(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            runs = [self.generate(fast) for _ in range(max(self.args.iters, 1))]
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            for name in (decode, latent):
+                self.add(name, f"generation, fast={fast}", note=f"error: {type(err).__name__}: {str(err)[:200]}")
+            return
+        finally:
+            _fresh(self.model, self.device)
+        peak = _peak(self.device)
+        per_decode = statistics.median(t["decode_s"] / max(t["decode_steps"], 1) for t in runs)
+        per_latent = statistics.median(t["latents_s"] / max(t["latents_steps"], 1) for t in runs)
+        steps = runs[0]["decode_steps"]
+        self.add(decode, f"generation: one decoding step (mean of {steps}), fast={fast}", time_s=per_decode,
+                 peak=peak, unit="s/step", note=note)
+        self.add(latent, f"generation: one latent step (mean of {self.args.k}), fast={fast}", time_s=per_latent,
+                 baseline=decode, peak=peak, unit="s/step", note=note)
+
+    def numerics(self, b: dict, dtype_name: str) -> None:
+        """max |graphed - eager| of the teacher latents (no gradients; fast='graph' vs the dynamic cache)."""
+        _fresh(self.model, self.device)
+        try:
+            ref = self.teacher_latents(b, "off").float()
+            got = self.teacher_latents(b, "graph").float()
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc(file=sys.stderr)
+            self.add(f"numerics_{dtype_name}", "graphed vs eager latents", note=f"error: {type(err).__name__}: {err}")
+            return
+        n = min(NUMERICS_STEPS, got.shape[1])
+        scale = ref.abs().max().item()
+        first = (got[:, :n] - ref[:, :n]).abs().max().item()
+        every = (got - ref).abs().max().item()
+        self.add(f"numerics_{dtype_name}", f"max |graphed - eager| latents, first {n} steps ({dtype_name})",
+                 value=first, unit="abs", note=f"all {got.shape[1]} steps: {every:.3g}; max |latent| {scale:.3g}")
+        _fresh(self.model, self.device)
+
+
+# -- table -------------------------------------------------------------------------------------------------------
+def _fmt_time(row: dict) -> str:
+    t = row.get("time_s")
+    if t is None:
+        return "-" if row.get("value") is None else f"{row['value']:.3g}"
+    return f"{t * 1e3:.2f} ms" if row.get("unit") == "s/step" or t < 0.1 else f"{t:.3f} s"
+
+
+def _cells(row: dict) -> list[str]:
+    ratio = f"{row['ratio']:.2f}x {row['baseline']}" if row.get("ratio") is not None else "-"
+    peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "-"
+    if row.get("peak_ratio") is not None:
+        peak += f" ({row['peak_ratio']:.2f}x)"
+    return [row["name"], _fmt_time(row), ratio, peak, row["what"] + (f" [{row['note']}]" if row.get("note") else "")]
+
+
+HEADER = ["row", "time (or value)", "ratio to baseline", "peak GiB (ratio)", "what"]
+
+
+def format_row(row: dict) -> str:
+    return " | ".join(_cells(row))
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    lines = [f"- {k}: {v}" for k, v in env.items()]
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, env: dict, rows: list[dict]) -> None:
+    """OUT.json: environment and rows; unless OUT ends in .json, OUT also gets the markdown table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"env": env, "rows": rows}, indent=1, default=str) + "\n"
+    if out.suffix == ".json":
+        out.write_text(data)
+        return
+    out.write_text(markdown(env, rows))
+    out.with_suffix(".json").write_text(data)
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lcot.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--k", type=int, default=32, help="latent steps")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per row first (graph capture happens here)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--stages", default="stage2", help="comma-separated: stage2 (with a thought image), stage3")
+    p.add_argument("--lora", action="store_true", help="LoRA on the language model (peft, r=16), base frozen")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--freeze_vision", action="store_true")
+    p.add_argument("--optim", action="store_true", help="add an AdamW step to every training row")
+    p.add_argument("--question_images", type=int, default=2)
+    p.add_argument("--question_tokens", type=int, default=100)
+    p.add_argument("--answer_tokens", type=int, default=32)
+    p.add_argument("--decode_tokens", type=int, default=32, help="decoding steps in the generation rows")
+    p.add_argument("--image_side", type=int, default=None, help="default: 448 for 3b/7b, 224 small, 112 tiny")
+    p.add_argument("--fp32_check", action=argparse.BooleanOptionalAction, default=True,
+                   help="at the end, convert the model to fp32 and compare graphed and eager latents (all K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the table here (markdown; and the same name .json), or JSON if *.json")
+    p.add_argument("--save_model", metavar="DIR", help="instead of benchmarking: write a random model of --shape "
+                   "with its processor to DIR (a checkpoint for lcot.main / lcot.precompute_teacher_latents)")
+    return p
+
+
+def save_model(shape: str, out: str | Path, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Path:
+    """A random checkpoint of `shape` (tokenizer without latent tokens: lcot.load adds them, as for Qwen)."""
+    out = Path(out)
+    processor = make_processor(IMAGE_SIDE[shape], latent_tokens=False)
+    model = build_model(make_config(shape, processor.tokenizer), device, dtype, seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    print(f"lcot.bench: random {shape} model ({n_params(model) / 1e6:.1f}M parameters) in {out}", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not args.stages or any(s not in ("stage2", "stage3") for s in args.stages):
+        raise SystemExit(f"lcot.bench: --stages takes stage2 and/or stage3, got {args.stages}")
+    if args.save_model:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+        save_model(args.shape, args.save_model, dtype, torch.device(args.device), args.seed)
+        return []
+    bench = Bench(args)
+    bench.setup()
+    rows = bench.run()
+    print(markdown(bench.env, rows))
+    bad = [r["name"] for r in rows if r.get("time_s") is not None and not math.isfinite(r["time_s"])]
+    if bad:
+        print(f"lcot.bench: non-finite times in {bad}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

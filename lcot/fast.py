@@ -1,0 +1,349 @@
+"""The fast latent recurrence: a static KV cache, and `latent_step` captured once as a CUDA graph.
+
+The K latent steps are single-token passes, launch-bound on a GPU (tens of kernels per layer for one
+token). `FastLatents` keeps the KV cache in a `transformers.StaticCache` of a fixed number of slots,
+so that one call of `lcot.patch.latent_step` (the one implementation of a step, not a copy of it)
+can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step:
+
+- the step reads its input, its mask row (over all slots of the cache, slots not written yet masked)
+  and its M-RoPE position from three buffers that are refilled in place between replays;
+- each static cache layer keeps its write position in a device tensor (`cumulative_length`) that the
+  step advances in place, so replays write the next slot without any host-side change; `_seek` sets
+  it (in place) to the column a pass starts at.
+
+Mask rows are cut from the batch's own 4D mask (the collator's, built by `lcot.mask.build_mask`):
+the row of column c is `mask4d[:, :, c, :c+1]`, exactly what the dynamic-cache path uses, padded with
+False up to the cache size. No second mask builder.
+
+On a CPU (or with graphs off) the same buffers feed eager calls of `latent_step` on the static
+cache: that is what the CPU tests compare with the dynamic-cache `latent_loop`.
+
+Which path runs (`fast=` of `lcot.patch.latent_hidden_states` and `lcot.generate.generate_batch`;
+None means the environment variable LCOT_FAST, else "auto"):
+- "auto": the CUDA-graph path on a CUDA model (not sharded by FSDP), the dynamic-cache path otherwise;
+- "off": the dynamic-cache path (the reference); "static": static cache, eager steps;
+- "graph": static cache with a CUDA graph (eager static steps on a CPU).
+The fast path only ever runs without gradients (teacher precompute, generation, and the no-gradient
+recurrence of grad="truncated").
+
+A captured graph bakes in addresses and Python control flow. `FastLatents` therefore remembers the
+tensors it captured (and keeps them alive) and is replaced when they change (new tensors, `.to()`,
+merged or disabled LoRA adapters); graphs are also keyed by batch size, cache size, train/eval mode,
+dtype, autocast and inference mode. Call `clear(model)` after anything else that changes the forward.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import torch
+from transformers import StaticCache
+
+from lcot.patch import latent_loop, latent_step, new_cache, text_forward
+
+FastMode = Literal["auto", "off", "static", "graph"]
+MODES = ("auto", "off", "static", "graph")
+ENV = "LCOT_FAST"
+BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
+KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
+WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
+
+
+# -- which path ----------------------------------------------------------------------------------------------
+def _sharded(model) -> bool:
+    """FSDP gathers parameters in hooks around each module: nothing a graph could replay."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def resolve(model, fast: FastMode | bool | None = None) -> Literal["off", "static", "graph"]:
+    """The path to run: `fast` (None: $LCOT_FAST, else "auto"), given the model's device."""
+    mode = os.environ.get(ENV, "auto") if fast is None else fast
+    if mode is True:
+        mode = "graph"
+    elif mode is False:
+        mode = "off"
+    if mode not in MODES:
+        where = f" (from ${ENV})" if fast is None else ""
+        raise ValueError(f"fast must be one of {MODES} or a bool, got {mode!r}{where}")
+    cuda = model.device.type == "cuda"
+    if mode == "auto":
+        return "graph" if cuda and not _sharded(model) else "off"
+    if mode == "graph" and not cuda:
+        return "static"
+    return mode
+
+
+@contextmanager
+def fast_mode(mode: FastMode) -> Iterator[None]:
+    """Set $LCOT_FAST for a block (the default of every `fast=None`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    old = os.environ.get(ENV)
+    os.environ[ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
+# -- mask rows -----------------------------------------------------------------------------------------------
+def pad_rows(mask4d: torch.Tensor, cols: slice, width: int) -> torch.Tensor:
+    """Rows `cols` of the 4D mask as the dynamic-cache pass sees them (keys before cols.stop), padded with
+    False to `width` keys: (B, 1, len(cols), width)."""
+    if mask4d.dtype != torch.bool:
+        raise TypeError(f"the fast path takes the collator's bool mask, got {mask4d.dtype}")
+    if cols.stop > width:
+        raise ValueError(f"column {cols.stop - 1} is beyond the static cache ({width} slots)")
+    rows = mask4d[:, :, cols, :cols.stop]
+    return torch.nn.functional.pad(rows, (0, width - cols.stop), value=False)
+
+
+def step_rows(mask4d: torch.Tensor, start: int, k: int, width: int) -> torch.Tensor:
+    """Mask rows of k single-token steps at columns start.., each equal to
+    `pad_rows(mask4d, slice(c, c + 1), width)`: (B, 1, k, width)."""
+    rows = pad_rows(mask4d, slice(start, start + k), width)
+    keys = torch.arange(width, device=rows.device)
+    cols = torch.arange(start, start + k, device=rows.device)
+    return rows & (keys[None, :] <= cols[:, None])
+
+
+# -- the reference path, behind the same interface ----------------------------------------------------------
+class EagerLatents:
+    """A DynamicCache and eager steps: exactly what lcot.patch does without the fast path."""
+
+    def __init__(self, model) -> None:
+        self.model, self.cache = model, new_cache(model)
+
+    def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
+        return text_forward(self.model, x, mask4d, position_ids, cols, self.cache)
+
+    def run(self, h: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int, k: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        return latent_loop(self.model, h, self.cache, mask4d, position_ids, start, k)
+
+    def step(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, col: int) -> torch.Tensor:
+        return latent_step(self.model, x, self.cache, mask4d, position_ids, col)
+
+
+# -- the fast path ------------------------------------------------------------------------------------------
+def _forward_state(model) -> tuple:
+    """What a captured graph depends on besides its buffers: tensor addresses and LoRA switches."""
+    lm = model.model.language_model
+    ptrs = tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers()))
+    lora = tuple((tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
+                  str(getattr(m, "active_adapters", "")))
+                 for m in lm.modules() if hasattr(m, "merged_adapters"))
+    return ptrs, lora
+
+
+def _autocast() -> torch.autocast | nullcontext:
+    """The caller's CUDA autocast, without its weight-cast cache (cached casts would escape the graph)."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return nullcontext()
+
+
+def capture_graph(step: Callable[[], torch.Tensor], rewind: Callable[[], None], device: torch.device
+                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture `step()` (one latent step reading the buffers) as a CUDA graph; returns (graph, output buffer).
+
+    `rewind()` sets the cache's write position back to the step's column. Warm-up steps run eagerly on a
+    side stream first (each rewound: they write this very step's keys and values, harmlessly); the capture
+    itself runs nothing, so after it the position still points at the step and `graph.replay()` does it.
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), _autocast():
+        for _ in range(WARMUP):
+            rewind()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    rewind()
+    graph = torch.cuda.CUDAGraph()
+    # DDP's NCCL watchdog thread queries events during a capture: only this thread's calls must be capturable.
+    mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+    with torch.cuda.graph(graph, capture_error_mode=mode), _autocast():
+        out = step()
+    return graph, out
+
+
+class FastLatents:
+    """A static KV cache of `max_len` slots for `batch_size` rows, and single-token steps on it.
+
+    forward(x, mask4d, position_ids, cols): a multi-token pass through the cache (prefix, suffix);
+    run(h, mask4d, position_ids, start, k) -> (inputs, outputs): K latent steps, `latent_loop`'s contract;
+    step(x, mask4d, position_ids, col): one single-token step with any input (a decoded token's embedding).
+    Every pass writes the cache at its own columns; the columns before it must have been written (by this
+    sequence). Steps replay a CUDA graph when `graph` (default: on a CUDA model), else run `latent_step`
+    eagerly on the same buffers. No gradients: call it under torch.no_grad().
+    """
+
+    def __init__(self, model, max_len: int, batch_size: int, graph: bool | None = None) -> None:
+        self._model = weakref.ref(model)
+        self.max_len, self.batch_size = max_len, batch_size
+        self.device = model.device
+        cuda = self.device.type == "cuda"
+        self.graph = cuda if graph is None else bool(graph) and cuda
+        self.cache = StaticCache(config=model.config.text_config, max_cache_len=max_len)
+        self.x: torch.Tensor | None = None  # step input (B, 1, H), allocated at the first step
+        self.row = torch.zeros(batch_size, 1, 1, max_len, dtype=torch.bool, device=self.device)
+        self.pos = torch.zeros(3, batch_size, 1, dtype=torch.long, device=self.device)
+        self._col: int | None = 0  # the write position the cache's counters hold (None: unknown)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._out: torch.Tensor | None = None  # the graph's output buffer
+        self._tensors: list[torch.Tensor] = []  # what the graph reads, kept alive so addresses are not reused
+        self._state: tuple | None = None
+        self.captures = 0
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this FastLatents was deleted")
+        return model
+
+    def valid(self) -> bool:
+        """Does the captured graph (if any) still compute what `latent_step` would?"""
+        return self._graph is None or _forward_state(self.model) == self._state
+
+    # -- the cache's write position ------------------------------------------------------------------------
+    def _seek(self, col: int) -> None:
+        if col > self.max_len:
+            raise ValueError(f"column {col} is beyond the static cache ({self.max_len} slots)")
+        if self._col == col:
+            return
+        for layer in self.cache.layers:
+            if not layer.is_initialized and col:
+                raise ValueError("the static cache is empty: run the prefix (a forward from column 0) first")
+            layer.cumulative_length.fill_(col)
+        self._col = col
+
+    def _check(self, x: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            raise RuntimeError("FastLatents runs without gradients: call it under torch.no_grad()")
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"a batch of {x.shape[0]} rows, this FastLatents holds {self.batch_size}")
+
+    # -- passes ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
+        """Columns `cols` in one eager pass, written into the cache; returns their outputs."""
+        self._check(x)
+        self._seek(cols.start or 0)
+        rows = pad_rows(mask4d, cols, self.max_len)
+        out = text_forward(self.model, x, rows, position_ids[:, :, cols], slice(0, rows.shape[2]), self.cache)
+        self._col = cols.stop
+        return out
+
+    def _step(self, x: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One step at the current write position, from the buffers. Returns the graph's output buffer
+        (overwritten by the next step: copy it) or the eager output."""
+        if self.x is None:
+            self.x = torch.zeros_like(x)
+        self.x.copy_(x)
+        self.row.copy_(row)
+        self.pos.copy_(pos)
+        col = self._col
+        if self.graph:
+            if self._graph is None:
+                self._capture(col)
+            self._graph.replay()
+            out = self._out
+        else:
+            out = latent_step(self.model, self.x, self.cache, self.row, self.pos, 0)
+        self._col = col + 1
+        return out
+
+    def _capture(self, col: int) -> None:
+        model = self.model
+
+        def step() -> torch.Tensor:
+            return latent_step(model, self.x, self.cache, self.row, self.pos, 0)
+
+        def rewind() -> None:
+            self._col = None
+            self._seek(col)
+
+        self._graph, self._out = capture_graph(step, rewind, self.device)
+        lm = model.model.language_model
+        self._tensors = [*lm.parameters(), *lm.buffers()]
+        self._state = _forward_state(model)
+        self.captures += 1
+
+    def run(self, h: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int, k: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K latent steps from h (B, 1, H), the output of column start-1: (inputs, outputs), each (B, K, H)."""
+        self._check(h)
+        if not k:
+            empty = h[:, :0]
+            return empty, empty
+        rows = step_rows(mask4d, start, k, self.max_len)
+        self._seek(start)
+        b, _, hidden = h.shape
+        inputs, outputs = h.new_empty(b, k, hidden), h.new_empty(b, k, hidden)
+        for j in range(k):
+            inputs[:, j:j + 1] = h
+            h = self._step(h, rows[:, :, j:j + 1], position_ids[:, :, start + j:start + j + 1])
+            outputs[:, j:j + 1] = h
+        return inputs, outputs
+
+    def step(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, col: int) -> torch.Tensor:
+        """One single-token step at column `col` with input x (B, 1, H); returns its output (a new tensor)."""
+        self._check(x)
+        row = pad_rows(mask4d, slice(col, col + 1), self.max_len)
+        self._seek(col)
+        return self._step(x, row, position_ids[:, :, col:col + 1]).clone()
+
+
+# -- one FastLatents per (model, shape, mode), reused across batches -------------------------------------------
+_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def bucket(length: int) -> int:
+    """Cache size for sequences of `length` columns."""
+    return -(-length // BUCKET) * BUCKET
+
+
+def fast_latents(model, batch_size: int, length: int, graph: bool | None = None) -> FastLatents:
+    """A FastLatents for `batch_size` rows and at least `length` columns, reused (its graph too) while the
+    model's forward is unchanged; at most KEEP per model."""
+    graph = model.device.type == "cuda" if graph is None else graph
+    key = (batch_size, bucket(length), bool(graph), model.training, model.dtype, model.device,
+           torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    kept = _REGISTRY.setdefault(model, OrderedDict())
+    fl = kept.pop(key, None)
+    if fl is None or not fl.valid():
+        fl = FastLatents(model, bucket(length), batch_size, graph)
+    kept[key] = fl
+    while len(kept) > KEEP:
+        kept.popitem(last=False)
+    return fl
+
+
+def clear(model=None) -> None:
+    """Drop the kept FastLatents (graphs and static caches) of one model, or of all."""
+    if model is None:
+        _REGISTRY.clear()
+    else:
+        _REGISTRY.pop(model, None)
+
+
+def runner(model, batch_size: int, length: int, fast: FastMode | bool | None = None
+           ) -> EagerLatents | FastLatents:
+    """The cache and steps of a recurrence over `length` columns (see `resolve`); with gradients enabled,
+    always the dynamic cache."""
+    mode = resolve(model, fast)
+    if mode == "off" or torch.is_grad_enabled():
+        return EagerLatents(model)
+    return fast_latents(model, batch_size, length, graph=mode == "graph")

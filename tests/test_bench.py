@@ -1,0 +1,80 @@
+"""`python -m lcot.bench` on the tiny shape (CPU, one iteration) so the GPU benchmark script cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lcot import bench
+
+SMALL = ["--shape", "tiny", "--batch", "2", "--k", "3", "--iters", "1", "--warmup", "0", "--decode_tokens", "2",
+         "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4", "--dtype", "fp32",
+         "--device", "cpu"]
+ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph", "forward",
+        "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
+        "gen_latent_graph", "numerics_fp32"]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
+    out = tmp_path / "bench.md"
+    rows = bench.main([*SMALL, "--out", str(out)])
+    by_name = {r["name"]: r for r in rows}
+    assert list(by_name) == ROWS
+    for name in ROWS[:-1]:
+        r = by_name[name]
+        assert not r["note"].startswith("error"), (name, r["note"])
+        assert r["time_s"] is not None and math.isfinite(r["time_s"]) and r["time_s"] > 0, name
+    for name, base in [("latent_full", "sft"), ("latent_truncated_graph", "sft"), ("teacher_graph", "forward"),
+                       ("gen_latent_graph", "gen_decode_graph")]:
+        assert by_name[name]["baseline"] == base and math.isfinite(by_name[name]["ratio"]), name
+    assert by_name["numerics_fp32"]["value"] < 1e-4  # graphed (here: static eager) == eager latents in fp32
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in ROWS)
+    assert out.read_text().count("\n| ") == len(ROWS) + 1  # header + one line per row
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["name"] for r in data["rows"]] == ROWS and data["env"]["k"] == 3 and data["env"]["device"].startswith("cpu")
+
+
+def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    rows = bench.main([*SMALL, "--lora", "--gradient_checkpointing", "--stages", "stage2,stage3", "--out", str(out)])
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["latent_full"]["note"].startswith("n/a")  # incompatible with checkpointing, said so
+    for name in ["sft", "latent_truncated_graph", "stage3:sft", "stage3:latent_truncated_graph"]:
+        assert math.isfinite(by_name[name]["time_s"]), (name, by_name[name]["note"])
+    assert by_name["stage3:latent_truncated"]["baseline"] == "stage3:sft"
+    env = json.loads(out.read_text())["env"]
+    assert env["lora"] and env["trainable"] < env["params"] and env["seq_len"]["stage3"] < env["seq_len"]["stage2"]
+
+
+def test_shapes_match_published_sizes():
+    tok = bench.make_processor(112).tokenizer
+    c3, c7 = bench.make_config("3b", tok), bench.make_config("7b", tok)
+    assert (c3.text_config.hidden_size, c3.text_config.num_hidden_layers, c3.text_config.num_key_value_heads,
+            c3.text_config.vocab_size, c3.vision_config.out_hidden_size) == (2048, 36, 2, 151936, 2048)
+    assert (c7.text_config.hidden_size, c7.text_config.num_hidden_layers, c7.text_config.num_attention_heads,
+            c7.text_config.intermediate_size, c7.vision_config.out_hidden_size) == (3584, 28, 28, 18944, 3584)
+    assert c3.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
+    for c in (c3, c7):
+        head_dim = c.text_config.hidden_size // c.text_config.num_attention_heads
+        assert sum(c.text_config.rope_parameters["mrope_section"]) * 2 == head_dim
+
+
+def test_save_model_loads(tmp_path):
+    from lcot.load import load
+
+    bench.main(["--shape", "tiny", "--save_model", str(tmp_path / "m"), "--device", "cpu"])
+    model, processor = load(tmp_path / "m")
+    assert processor.tokenizer.convert_tokens_to_ids("<abs_vis_token>") is not None
+    assert model.config.text_config.hidden_size == 128

@@ -1,0 +1,266 @@
+"""The fast latent path (lcot.fast) against the reference dynamic-cache path, in fp32 on CPU.
+
+CUDA graphs cannot run here: `FakeGraph` stands in for capture/replay with the same contract (the
+capture leaves the cache position where it was, a replay re-runs the captured step on whatever the
+buffers hold and writes one fixed output buffer), so the buffer discipline around the graph is tested.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcot import fast
+from lcot.collate import Collator
+from lcot.generate import generate_batch
+from lcot.loss import align_loss
+from lcot.patch import embed_inputs, latent_hidden_states
+
+TOL = {"atol": 5e-6, "rtol": 1e-5}  # the static cache attends over more (masked) slots: summation order only
+
+
+def collate(loaded, recs, k, thought=True):
+    model, processor = loaded
+    return Collator(processor, model.config, k, thought_images=thought)(recs)
+
+
+def args(b):
+    return (b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"], b["num_latents"],
+            b["pixel_values"], b["image_grid_thw"])
+
+
+class FakeGraph:
+    """CPU stand-in of a captured CUDA graph: replay() re-runs the step into one fixed output buffer."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+        self.out = None
+
+    def replay(self):
+        self.replays += 1
+        self.out.copy_(self.step())
+
+
+def fake_capture(step, rewind, device):
+    graph = FakeGraph(step)
+    for _ in range(fast.WARMUP):  # the warm-up runs for real, as on a GPU
+        rewind()
+        step()
+    rewind()
+    graph.out = step().clone()  # shape of the output; then undo, since a capture runs nothing
+    rewind()
+    return graph, graph.out
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """FastLatents objects with graph=True that 'capture' FakeGraphs on the CPU."""
+    monkeypatch.setattr(fast, "capture_graph", fake_capture)
+    cls = fast.FastLatents  # before any test swaps it for `make`
+
+    def make(model, max_len, batch_size, graph=None):
+        fl = cls(model, max_len, batch_size, graph=False)
+        fl.graph = True
+        return fl
+
+    yield make
+    fast.clear()
+
+
+def recurrence(steps, model, b):
+    """Prefix, K latent steps, suffix through `steps` (EagerLatents or FastLatents)."""
+    s, k = b["latent_start"], b["num_latents"]
+    mask, pos = b["attention_mask_4d"], b["position_ids"]
+    embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    pre = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
+    lat_in, lat_out = steps.run(pre[:, -1:], mask, pos, s, k)
+    post = steps.forward(embeds[:, s + k:], mask, pos, slice(s + k, embeds.shape[1]))
+    return pre, lat_in, lat_out, post
+
+
+# -- 1. static-cache recurrence == dynamic-cache latent_loop --------------------------------------------------
+@pytest.mark.parametrize("use_graph", [False, True])
+def test_static_cache_recurrence_equals_latent_loop(loaded, records, graphed, use_graph):
+    model, _ = loaded
+    b = collate(loaded, records[:3], k=5)  # three records of different lengths: left padding is exercised
+    length = b["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = recurrence(fast.EagerLatents(model), model, b)
+        fl = graphed(model, length + 7, 3) if use_graph else fast.FastLatents(model, length + 7, 3)
+        got = recurrence(fl, model, b)
+        again = recurrence(fl, model, b)  # a second sequence on the same cache (and graph)
+    m = b["attention_mask"].bool()
+    s, k = b["latent_start"], b["num_latents"]
+    valid = {"prefix": m[:, :s], "latent inputs": m[:, s:s + k], "latent outputs": m[:, s:s + k],
+             "suffix": m[:, s + k:]}  # padding rows of the prefix hold arbitrary (finite) values
+    for (name, keep), r, g, a in zip(valid.items(), ref, got, again):
+        torch.testing.assert_close(g[keep], r[keep], **TOL, msg=name)
+        assert torch.equal(a, g), name  # the same cache reused gives the same bits
+    assert ref[2].abs().max() > 0.1 and (ref[2][:, 1] - ref[2][:, 0]).abs().max() > 1e-3  # not degenerate
+    if use_graph:
+        assert fl.captures == 1 and fl._graph.replays == 2 * k  # captured once, replayed every step
+
+
+def test_fast_latents_reused_across_batches_of_other_lengths(loaded, records, graphed):
+    """A longer batch first leaves stale keys in the slots a shorter one does not write: they stay masked."""
+    model, _ = loaded
+    long = collate(loaded, records[:2], k=6)
+    short = collate(loaded, [records[2], records[3]], k=3)
+    fl = graphed(model, 256, 2)
+    with torch.no_grad():
+        recurrence(fl, model, long)
+        got = recurrence(fl, model, short)
+        ref = recurrence(fast.EagerLatents(model), model, short)
+    torch.testing.assert_close(got[2], ref[2], **TOL)
+    assert fl.captures == 1  # the same graph serves both: only the buffers and the positions differ
+
+
+@pytest.mark.parametrize("mode", ["static", "graph"])
+def test_latent_hidden_states_fast_modes_equal_reference(loaded, records, mode):
+    model, _ = loaded
+    b = collate(loaded, records[:3], k=4)
+    with torch.no_grad():
+        h_ref, lat_ref = latent_hidden_states(model, *args(b), fast="off")
+        h, lat = latent_hidden_states(model, *args(b), fast=mode)  # "graph" on CPU runs eager static steps
+        h_t, lat_t = latent_hidden_states(model, *args(b), grad="truncated", fast=mode)
+    m = b["attention_mask"].bool()
+    torch.testing.assert_close(h[m], h_ref[m], **TOL)
+    torch.testing.assert_close(lat, lat_ref, **TOL)
+    torch.testing.assert_close(h_t[m], h_ref[m], **TOL)
+    torch.testing.assert_close(lat_t, lat_ref, **TOL)
+
+
+def test_eager_attention_static_cache(tiny_dir, records, loaded):
+    """Eager attention reads the additive form of the padded mask rows: same values."""
+    from lcot.load import load
+
+    eager, _ = load(tiny_dir, attn_implementation="eager")
+    eager.eval()
+    b = collate(loaded, records[:2], k=3)
+    with torch.no_grad():
+        h_ref, lat_ref = latent_hidden_states(eager, *args(b), fast="off")
+        h, lat = latent_hidden_states(eager, *args(b), fast="static")
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(lat, lat_ref, **TOL)
+    m = b["attention_mask"].bool()
+    torch.testing.assert_close(h[m], h_ref[m], **TOL)
+
+
+# -- 2. a truncated training step through the fast path == the eager one ----------------------------------------
+def test_truncated_training_step_through_fast_path(loaded, records, graphed, monkeypatch):
+    model, _ = loaded
+    b = collate(loaded, records[:2], k=4)
+    teacher = torch.randn(2, 4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    made = []
+    monkeypatch.setattr(fast, "FastLatents", lambda *a, **kw: made.append(graphed(*a, **kw)) or made[-1])
+
+    def step(mode):
+        model.zero_grad()
+        out = model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
+                    position_ids=b["position_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                    labels=b["labels"], latent_mode=True, latent_start=b["latent_start"],
+                    num_latents=b["num_latents"], grad="truncated", fast=mode, return_logits=False)
+        loss = out.loss + align_loss(out.latent_hidden, teacher)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    try:
+        loss_ref, g_ref = step("off")
+        loss_fast, g_fast = step("graph")  # FastLatents -> a fake-graphed one (see the monkeypatch)
+    finally:
+        model.zero_grad()
+        fast.clear(model)
+    assert made and made[0].captures == 1
+    torch.testing.assert_close(loss_fast, loss_ref, **TOL)
+    assert sum(g.abs().sum() for g in g_ref) > 0
+    for gf, gr in zip(g_fast, g_ref):
+        torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_path_refuses_gradients(loaded, records):
+    model, _ = loaded
+    b = collate(loaded, records[:1], k=2)
+    fl = fast.FastLatents(model, 256, 1)
+    embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    with pytest.raises(RuntimeError, match="without gradients"):
+        fl.forward(embeds[:, :4], b["attention_mask_4d"], b["position_ids"], slice(0, 4))
+    assert isinstance(fast.runner(model, 1, 100, "static"), fast.EagerLatents)  # grad enabled: the reference
+
+
+# -- 3. generation: same latents, same answers -------------------------------------------------------------------
+def test_generation_equal_through_fast_path(loaded, records, graphed, monkeypatch):
+    model, processor = loaded
+    recs = records[:3]
+    ref = generate_batch(model, processor, recs, k=4, max_new_tokens=6, fast="off")
+    monkeypatch.setattr(fast, "FastLatents", graphed)
+    timings = {}
+    got = generate_batch(model, processor, recs, k=4, max_new_tokens=6, fast="graph", timings=timings)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g.latents, r.latents, **TOL)
+        assert g.answer == r.answer
+    assert timings["latents_steps"] == 4 and timings["decode_steps"] >= 1
+    assert all(timings[f"{p}_s"] >= 0 for p in ("prefix", "latents", "decode"))
+    # fixed latent inputs (causal-use checks) go through the static cache in one pass
+    fixed = torch.randn(3, 4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    a = generate_batch(model, processor, recs, k=4, max_new_tokens=4, latent_inputs=fixed, fast="off")
+    c = generate_batch(model, processor, recs, k=4, max_new_tokens=4, latent_inputs=fixed, fast="static")
+    for x, y in zip(a, c):
+        torch.testing.assert_close(y.latents, x.latents, **TOL)
+        assert x.answer == y.answer
+
+
+# -- the pieces -------------------------------------------------------------------------------------------------
+def test_step_rows_are_the_dynamic_rows_padded(loaded, records):
+    b = collate(loaded, records[:2], k=5)
+    mask, s = b["attention_mask_4d"], b["latent_start"]
+    width = fast.bucket(mask.shape[-1])
+    rows = fast.step_rows(mask, s, 5, width)
+    assert rows.shape == (2, 1, 5, width) and rows.dtype == torch.bool
+    for j in range(5):
+        c = s + j
+        assert torch.equal(rows[:, :, j, :c + 1], mask[:, :, c, :c + 1])  # what text_forward slices
+        assert not rows[:, :, j, c + 1:].any()  # later slots (unwritten or stale) are masked
+        assert torch.equal(rows[:, :, j:j + 1], fast.pad_rows(mask, slice(c, c + 1), width))
+    with pytest.raises(ValueError, match="beyond"):
+        fast.pad_rows(mask, slice(0, width + 1), width)
+
+
+def test_resolve_modes(loaded, monkeypatch):
+    model, _ = loaded
+    monkeypatch.delenv(fast.ENV, raising=False)
+    assert fast.resolve(model) == "off"  # CPU: the default path is unchanged
+    assert fast.resolve(model, "graph") == "static" and fast.resolve(model, True) == "static"
+    assert fast.resolve(model, False) == "off" and fast.resolve(model, "static") == "static"
+    with fast.fast_mode("static"):
+        assert fast.resolve(model) == "static"
+    assert fast.resolve(model) == "off"
+    monkeypatch.setenv(fast.ENV, "fastest")
+    with pytest.raises(ValueError, match="LCOT_FAST"):
+        fast.resolve(model)
+
+
+def test_registry_reuses_and_replaces(loaded, records, graphed, monkeypatch):
+    model, _ = loaded
+    fast.clear(model)
+    a = fast.fast_latents(model, 2, 100, graph=False)
+    assert fast.fast_latents(model, 2, 200, graph=False) is a  # same bucket
+    assert fast.fast_latents(model, 2, 300, graph=False) is not a and a.max_len == fast.BUCKET
+    for n in range(3, 3 + fast.KEEP):
+        fast.fast_latents(model, n, 100, graph=False)
+    assert fast.fast_latents(model, 2, 100, graph=False) is not a  # evicted (least recently used)
+    # a captured graph is replaced once the parameters it read change
+    b = collate(loaded, records[:2], k=2)
+    monkeypatch.setattr(fast, "FastLatents", graphed)
+    g = fast.fast_latents(model, 2, 100, graph=True)
+    with torch.no_grad():
+        recurrence(g, model, b)
+    assert g.captures == 1 and g.valid() and fast.fast_latents(model, 2, 100, graph=True) is g
+    w = model.model.language_model.norm.weight
+    old = w.data
+    try:
+        w.data = old.clone()
+        assert not g.valid() and fast.fast_latents(model, 2, 100, graph=True) is not g
+    finally:
+        w.data = old
+        fast.clear(model)

@@ -1,0 +1,195 @@
+"""The training pipeline end to end on the tiny model: CLI stages, teacher files, generation, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from lcot import main as cli
+from lcot.collate import Collator
+from lcot.data import read_records
+from lcot.generate import generate, generate_batch
+from lcot.generate import main as generate_main
+from lcot.load import load
+from lcot.loss import align_loss
+from lcot.patch import latent_hidden_states
+from lcot.precompute_teacher_latents import main as precompute_main
+from lcot.teacher import read_teacher, teacher_file
+from lcot.trainer import LatentTrainer, StageSpec, TrainCollate, read_metrics, sample_k
+
+K, KMAX = 3, 4
+FAST = ["--bsz", "8", "--grad_accum_steps", "1", "--lr", "3e-3", "--logging_steps", "1", "--save_steps", "1000",
+        "--seed", "0", "--warmup_ratio", "0"]
+FORMAT = re.compile(r"^<abs_vis_token>(<abs_vis_token_pad>)+</abs_vis_token>\n.+", re.S)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_dir, data_dir):
+    """stage1 -> teacher -> stage2 -> stage3 through the CLI entry points, once for this module."""
+    run = tmp_path_factory.mktemp("chain")
+    train = str(data_dir / "train.jsonl")
+    base = ["--train_jsonl", train, *FAST]
+    cli.main(["--stage", "stage1", "--model_name_or_path", str(tiny_dir), "--output_dir", str(run / "s1"),
+              "--latent_size", str(K), "--max_steps", "40", *base])
+    precompute_main(["--model_name_or_path", str(run / "s1"), "--train_jsonl", train,
+                     "--output_dir", str(run / "teacher"), "--k_max", str(KMAX), "--bsz", "8"])
+    teacher = ["--teacher_latent_dir", str(run / "teacher"), "--align_weight", "1.0"]
+    cli.main(["--stage", "stage2", "--model_name_or_path", str(run / "s1"), "--output_dir", str(run / "s2"),
+              "--latent_size", str(K), "--max_steps", "6", *teacher, *base])
+    cli.main(["--stage", "stage3", "--model_name_or_path", str(run / "s2"), "--output_dir", str(run / "s3"),
+              "--latent_size", str(KMAX), "--max_steps", "8", *teacher, *base])
+    return run
+
+
+def test_every_stage_writes_a_reloadable_hf_checkpoint(chain, tiny_dir):
+    tiny_sd = load_file(tiny_dir / "model.safetensors")
+    for stage in ("s1", "s2", "s3"):
+        folder = chain / stage
+        info = json.loads((folder / "lcot.json").read_text())
+        assert info["stage"] == {"s1": "stage1", "s2": "stage2", "s3": "stage3"}[stage]
+        assert info["tokens"] == {"start": "<abs_vis_token>", "end": "</abs_vis_token>", "pad": "<abs_vis_token_pad>"}
+        stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)  # plain transformers loads it
+        _, processor = load(folder)
+        assert processor.tokenizer.convert_tokens_to_ids("<abs_vis_token_pad>") is not None
+        assert stock.config.architectures == ["Qwen2_5_VLForConditionalGeneration"]
+        sd = load_file(folder / "model.safetensors")
+        key = next(k for k in sd if k.endswith("layers.0.mlp.up_proj.weight") and "visual" not in k)
+        assert not torch.equal(sd[key], tiny_sd[key])  # it really trained
+    # the input folder was never written to
+    assert not (tiny_dir / "lcot.json").exists()
+
+
+def test_teacher_files_have_the_contract_names_and_shapes(chain, records):
+    for rec in records:
+        path = chain / "teacher" / f"latent_last_layer_jsonl_{rec.idx:06d}.pt"
+        assert path == teacher_file(chain / "teacher", rec.idx)
+        data = torch.load(path, weights_only=True)
+        assert data["latents"].shape == (KMAX, 128) and data["latents"].dtype == torch.float32
+        assert data["k_max"] == KMAX and data["record_digest"] == rec.digest and data["idx"] == rec.idx
+        assert torch.isfinite(data["latents"]).all()
+
+
+def test_generation_answers_in_the_latent_format(chain, data_dir, capsys):
+    model, processor = load(chain / "s3")
+    test = read_records(data_dir / "test.jsonl")
+    gens = generate(model.eval(), processor, test, k=KMAX, batch_size=4, max_new_tokens=6, progress=False)
+    assert len(gens) == len(test)
+    for g in gens:
+        assert FORMAT.match(g.text), g.text
+        assert g.text.count("<abs_vis_token_pad>") == KMAX
+    generate_main(["--model_name_or_path", str(chain / "s3"), "--jsonl", str(data_dir / "test.jsonl"),
+                   "--max_new_tokens", "6"])
+    printed = re.findall(r"^\[(\d+)\] (<abs_vis_token>(?:<abs_vis_token_pad>)+</abs_vis_token>)\n(.+)$",
+                         capsys.readouterr().out, re.M)
+    assert [int(i) for i, _, _ in printed] == [r.idx for r in test]
+    assert all(seg.count("<abs_vis_token_pad>") == KMAX for _, seg, _ in printed)  # default K = the trained Kmax
+
+
+def test_generation_latents_equal_training_latents(chain, records):
+    model, processor = load(chain / "s3")
+    model.eval()
+    recs = records[:3]
+    for k in (1, KMAX):
+        batch = Collator(processor, model.config, k, thought_images=False)(recs)
+        with torch.no_grad():
+            _, train_latents = latent_hidden_states(
+                model, batch["input_ids"], batch["attention_mask_4d"], batch["position_ids"], batch["latent_start"],
+                k, batch["pixel_values"], batch["image_grid_thw"])
+        gens = generate_batch(model, processor, recs, k, max_new_tokens=2)
+        for i, g in enumerate(gens):
+            torch.testing.assert_close(g.latents, train_latents[i], atol=1e-5, rtol=1e-5)
+
+
+def test_stage3_samples_the_documented_k_sequence(chain):
+    rows = read_metrics(chain / "s3")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    expected = [sample_k(0, step, KMAX) for step in range(8)]  # step t (0-based) draws sample_k(seed, t, Kmax)
+    assert [int(r["k"]) for r in rows] == expected
+    assert len(set(expected)) > 1 and all(1 <= k <= KMAX for k in expected)
+    for r in rows:  # per-position cosine logged for the first K slots only
+        cos = r["cos_per_position"]
+        assert len(cos) == KMAX and all(c is not None for c in cos[: int(r["k"])])
+        assert all(c is None for c in cos[int(r["k"]):])
+
+
+def test_stage3_loss_aligns_to_the_first_k_teacher_latents(chain, records, tmp_path):
+    model, processor = load(chain / "s2")
+    model.eval()
+    spec = StageSpec("stage3", KMAX, align_weight=0.7, seed=5)
+    collate = TrainCollate(Collator(processor, model.config, KMAX, thought_images=False), chain / "teacher", 128)
+    from transformers import TrainingArguments
+
+    trainer = LatentTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                            spec=spec, data_collator=collate, train_dataset=records)
+    batch = collate(records[:2])
+    k = sample_k(5, trainer.state.global_step, KMAX)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        b = dict(batch)
+        from lcot.collate import drop_latents
+
+        b = drop_latents(b, k)
+        out = model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"], position_ids=b["position_ids"],
+                    pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"], labels=b["labels"],
+                    latent_mode=True, latent_start=b["latent_start"], num_latents=k)
+        teacher = torch.stack([read_teacher(teacher_file(chain / "teacher", r.idx), r) for r in records[:2]])
+        align, _ = align_loss(out.latent_hidden, teacher[:, :k])
+        cos = torch.nn.functional.cosine_similarity(out.latent_hidden, teacher[:, :k], dim=-1)
+    assert batch["teacher"].shape == (2, KMAX, 128)
+    torch.testing.assert_close(align, (1 - cos).mean())
+    torch.testing.assert_close(loss, out.loss + 0.7 * align)
+
+
+def test_stage2_overfits_a_fixed_batch(chain, records):
+    """A real optimisation check: CE + alignment on one batch falls by half within 30 steps."""
+    model, processor = load(chain / "s1")
+    model.train()
+    collate = TrainCollate(Collator(processor, model.config, K, thought_images=True), chain / "teacher", 128)
+    batch = collate(records[:4])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = model(input_ids=batch["input_ids"], attention_mask_4d=batch["attention_mask_4d"],
+                    position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
+                    image_grid_thw=batch["image_grid_thw"], labels=batch["labels"], latent_mode=True,
+                    latent_start=batch["latent_start"], num_latents=K, return_logits=False)
+        align, _ = align_loss(out.latent_hidden, batch["teacher"])
+        loss = out.loss + align
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_resume_continues_with_the_same_steps_and_optimizer_state(tiny_dir, data_dir, tmp_path):
+    base = ["--stage", "stage1", "--model_name_or_path", str(tiny_dir), "--train_jsonl",
+            str(data_dir / "train.jsonl"), "--latent_size", "2", "--max_steps", "4", *FAST, "--save_steps", "2"]
+    cli.main([*base, "--output_dir", str(tmp_path / "full")])
+    # a run that stopped after step 2: only its checkpoint-2 survives; resume it in a new folder
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    state = json.loads((tmp_path / "cut" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    cli.main([*base, "--output_dir", str(tmp_path / "cut"), "--resume_from_checkpoint"])
+    final = json.loads((tmp_path / "cut" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert final["global_step"] == 4
+    assert [r["loss"] for r in final["log_history"] if "loss" in r] == [
+        r["loss"] for r in json.loads((tmp_path / "full" / "checkpoint-4" / "trainer_state.json").read_text())[
+            "log_history"] if "loss" in r]
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "model.safetensors")
+    for key in full:  # identical weights need the restored Adam moments and LR schedule
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5)
+
+
+def test_every_cli_flag_is_explained():
+    for parser in (cli.parser(),):
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help, action.dest
