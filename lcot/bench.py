@@ -30,6 +30,7 @@ On a CPU "graph" runs eager static-cache steps (no CUDA graphs) and no memory is
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import json
 import math
@@ -183,8 +184,8 @@ def _fresh(model, device: torch.device) -> None:
 
     fast.clear(model)
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    if device.type == "cuda":
+    if device.type == "cuda":  # (a full gc.collect takes ~0.5 s: only where memory is measured)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -244,9 +245,15 @@ class Bench:
         if self.args.out:
             write_results(Path(self.args.out), self.env, self.rows)
 
+    def wanted(self, name: str) -> bool:
+        pats = self.args.rows
+        return not pats or any(fnmatch.fnmatchcase(name, p) for p in pats)
+
     def row(self, name: str, what: str, fn: Callable, baseline: str | None = None, metric=None, unit: str = "s",
             note: str = "") -> None:
         """Measure fn into a row; an error (out of memory, ...) becomes the row's note and the bench goes on."""
+        if not self.wanted(name):
+            return
         _fresh(self.model, self.device)
         try:
             t, peak, _ = measure(fn, self.args.iters, self.args.warmup, self.device, metric)
@@ -255,8 +262,6 @@ class Bench:
             self.add(name, what, baseline=baseline, note=f"error: {type(err).__name__}: {str(err)[:200]}")
         else:
             self.add(name, what, time_s=t, baseline=baseline, peak=peak, note=note, unit=unit)
-        finally:
-            _fresh(self.model, self.device)
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -381,7 +386,7 @@ class Bench:
         for fast, suffix in (("off", "eager"), ("graph", "graph")):
             self.generation_rows(fast, suffix, graph_note if fast == "graph" else "")
         self.numerics(b, a.dtype)
-        if a.fp32_check and self.dtype != torch.float32:
+        if a.fp32_check and self.dtype != torch.float32 and self.wanted("numerics_fp32"):
             _fresh(m, self.device)
             m.float()
             self.numerics(b, "fp32")
@@ -394,10 +399,10 @@ class Bench:
         what = f"{stage} batch, L={b['input_ids'].shape[1]}"
         self.row(f"{p}sft", f"plain SFT step, causal 2D mask, no latents ({what})", lambda: self.sft_step(b))
         full = "latent step, full gradient, dynamic-cache recurrence"
-        if self.args.gradient_checkpointing:
+        if self.args.gradient_checkpointing and self.wanted(f"{p}latent_full"):
             self.add(f"{p}latent_full", full, baseline=f"{p}sft",
                      note="n/a: needs the KV cache that gradient checkpointing drops")
-        else:
+        elif not self.args.gradient_checkpointing:
             self.row(f"{p}latent_full", full, lambda: self.latent_train_step(b, "full", "off"), f"{p}sft")
         for fast, suffix, label in (("off", "", "dynamic-cache recurrence, eager"),
                                     ("static", "_static", "static-cache recurrence, eager"),
@@ -408,8 +413,10 @@ class Bench:
 
     def generation_rows(self, fast: str, suffix: str, note: str) -> None:
         """Per-step means of decoding and latent steps, from the same generate_batch calls."""
-        _fresh(self.model, self.device)
         decode, latent = f"gen_decode_{suffix}", f"gen_latent_{suffix}"
+        if not (self.wanted(decode) or self.wanted(latent)):
+            return
+        _fresh(self.model, self.device)
         try:
             for _ in range(self.args.warmup):
                 self.generate(fast)
@@ -422,8 +429,6 @@ class Bench:
             for name in (decode, latent):
                 self.add(name, f"generation, fast={fast}", note=f"error: {type(err).__name__}: {str(err)[:200]}")
             return
-        finally:
-            _fresh(self.model, self.device)
         peak = _peak(self.device)
         per_decode = statistics.median(t["decode_s"] / max(t["decode_steps"], 1) for t in runs)
         per_latent = statistics.median(t["latents_s"] / max(t["latents_steps"], 1) for t in runs)
@@ -433,22 +438,42 @@ class Bench:
         self.add(latent, f"generation: one latent step (mean of {self.args.k}), fast={fast}", time_s=per_latent,
                  baseline=decode, peak=peak, unit="s/step", note=note)
 
+    @torch.no_grad()
+    def _recurrence(self, b: dict, embeds: torch.Tensor, fast: str) -> torch.Tensor:
+        """The teacher's latents from given input embeddings (prefix pass, K steps) on one path."""
+        from lcot.fast import runner
+
+        s, k = b["latent_start"], b["num_latents"]
+        steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
+        h = steps.forward(embeds[:, :s], b["attention_mask_4d"], b["position_ids"], slice(0, s))
+        return steps.run(h[:, -1:], b["attention_mask_4d"], b["position_ids"], s, k)[1].float()
+
     def numerics(self, b: dict, dtype_name: str) -> None:
-        """max |graphed - eager| of the teacher latents (no gradients; fast='graph' vs the dynamic cache)."""
+        """Teacher latents, same input embeddings, three paths: graphed vs the dynamic cache (first 8 steps,
+        all K), and graphed vs static eager (same kernels: the capture/replay alone; expect 0)."""
+        from lcot.patch import embed_inputs
+
+        name = f"numerics_{dtype_name}"
+        if not self.wanted(name):
+            return
         _fresh(self.model, self.device)
         try:
-            ref = self.teacher_latents(b, "off").float()
-            got = self.teacher_latents(b, "graph").float()
+            with torch.no_grad():
+                embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+            ref = self._recurrence(b, embeds, "off")
+            static = self._recurrence(b, embeds, "static")
+            got = self._recurrence(b, embeds, "graph")
         except Exception as err:  # noqa: BLE001
             traceback.print_exc(file=sys.stderr)
-            self.add(f"numerics_{dtype_name}", "graphed vs eager latents", note=f"error: {type(err).__name__}: {err}")
+            self.add(name, "graphed vs eager latents", note=f"error: {type(err).__name__}: {str(err)[:200]}")
             return
         n = min(NUMERICS_STEPS, got.shape[1])
-        scale = ref.abs().max().item()
         first = (got[:, :n] - ref[:, :n]).abs().max().item()
         every = (got - ref).abs().max().item()
-        self.add(f"numerics_{dtype_name}", f"max |graphed - eager| latents, first {n} steps ({dtype_name})",
-                 value=first, unit="abs", note=f"all {got.shape[1]} steps: {every:.3g}; max |latent| {scale:.3g}")
+        replay = (got - static).abs().max().item()
+        self.add(name, f"max |graphed - eager| latents, first {n} steps ({dtype_name})", value=first, unit="abs",
+                 note=f"all {got.shape[1]} steps: {every:.3g}; graphed vs static eager (capture/replay only): "
+                      f"{replay:.3g}; max |latent| {ref.abs().max().item():.3g}")
         _fresh(self.model, self.device)
 
 
@@ -516,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image_side", type=int, default=None, help="default: 448 for 3b/7b, 224 small, 112 tiny")
     p.add_argument("--fp32_check", action=argparse.BooleanOptionalAction, default=True,
                    help="at the end, convert the model to fp32 and compare graphed and eager latents (all K)")
+    p.add_argument("--rows", default="", help="only these rows (comma-separated names or fnmatch patterns, "
+                   "e.g. 'sft,latent_truncated*'); default all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the table here (markdown; and the same name .json), or JSON if *.json")
     p.add_argument("--save_model", metavar="DIR", help="instead of benchmarking: write a random model of --shape "
@@ -541,6 +568,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not args.stages or any(s not in ("stage2", "stage3") for s in args.stages):
         raise SystemExit(f"lcot.bench: --stages takes stage2 and/or stage3, got {args.stages}")
     if args.save_model:

@@ -182,6 +182,7 @@ def drop_latents(batch: dict, k: int) -> dict:
         out[key] = batch[key][:, keep]
     out["attention_mask_4d"] = batch["attention_mask_4d"][:, :, keep][:, :, :, keep]
     pos = batch["position_ids"][:, :, keep].clone()
-    pos[:, :, s + k:] -= k_old - k
+    moved = out["segments"][:, s + k:] != Seg.PAD  # padding keeps the position the collator gives it
+    pos[:, :, s + k:] -= (k_old - k) * moved
     out["position_ids"] = pos
     return out

@@ -20,12 +20,17 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from lcot.errors import LcotInputError
+from lcot.tokens import LATENT_TOKENS
 
 FIELDS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
 _HINT_FORMAT = ('each line must be one JSON object like {"question": "...", "answer": "... #### 7", '
                 '"question_image_paths": ["q.png"], "thought_image_paths": ["t0.png"]}')
 _JSON_TYPES = {"NoneType": "null", "bool": "boolean", "int": "number", "float": "number", "str": "string",
                "dict": "object"}
+# Control tokens of Qwen2.5-VL and of this kit: text holding one would be read as that token (an image
+# placeholder without an image, an early end of turn, a latent slot), so such text is refused.
+SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", *LATENT_TOKENS)
 MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images more than 200 times wider than high (or higher)
 
 
@@ -109,6 +114,11 @@ def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bo
         if not isinstance(obj[name], kind):
             raise LcotInputError(where, f"field '{name}' must be a {'string' if kind is str else kind.__name__}, "
                                  f"got {_json_type(obj[name])}", _HINT_FORMAT)
+    for name in ("question", "answer"):
+        found = [t for t in SPECIAL_TOKENS if t in obj[name]]
+        if found:
+            raise LcotInputError(where, f"field '{name}' contains the control token {found[0]}",
+                                 "the tokenizer would read it as that token, not as text: remove or rewrite it")
     images: dict[str, tuple[Path, ...]] = {}
     for name in ("question_image_paths", "thought_image_paths"):
         for i, p in enumerate(obj[name]):

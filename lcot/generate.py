@@ -1,7 +1,8 @@
 """Generation: question (+ question images) in, `<abs_vis_token>` K latents `</abs_vis_token>\\n{answer}` out.
 
-Batched, with a KV cache, greedy by default. The latent steps are the same `latent_loop` training
-and teacher precompute use, on a batch from the same collator, so the latents equal training's.
+Batched, with a KV cache, greedy by default. The latent steps are the same `latent_step` training
+and teacher precompute use, on a batch from the same collator, so the latents equal training's (on a
+GPU it is replayed as a CUDA graph on a static cache, decoding steps too: see lcot.fast).
 <abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them), and
 the answer may not contain latent tokens: their logits are masked while decoding it.
 """

@@ -10,6 +10,7 @@ Several GPUs: `accelerate launch -m lcot.main ...` (same flags).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -200,10 +201,25 @@ def train(args) -> Path:
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     if trainer.is_world_process_zero():
-        final.save_pretrained(args.output_dir)
-        processor.save_pretrained(args.output_dir)
-        write_lcot_config(Path(args.output_dir), info)
+        save_final(final, processor, Path(args.output_dir), info)
     return Path(args.output_dir)
+
+
+def save_final(model, processor, out: Path, info: dict) -> None:
+    """The final model into `out`, each file complete: written to a staging folder, then moved in.
+
+    lcot.json comes last, so its presence marks a finished stage.
+    """
+    staging = out / ".tmp-final"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    for f in sorted(staging.iterdir()):
+        if f.is_dir() and (out / f.name).is_dir():
+            shutil.rmtree(out / f.name)
+        os.replace(f, out / f.name)
+    staging.rmdir()
+    write_lcot_config(out, info)
 
 
 def to_argv(**kwargs) -> list[str]:

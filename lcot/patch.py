@@ -142,7 +142,7 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
     batch, length = input_ids.shape
     if grad == "truncated" and k:
         with torch.no_grad(), no_checkpointing(model):
-            steps = runner(model, batch, s + k, fast)
+            steps = runner(model, batch, length, fast)  # cache size as the teacher's pass: same numerics
             h = steps.forward(embeds[:, :s], attention_mask_4d, position_ids, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], attention_mask_4d, position_ids, s, k)
         embeds = torch.cat([embeds[:, :s], latent_in.to(embeds.dtype), embeds[:, s + k:]], 1)

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
+from matplotlib.ticker import MaxNLocator
 
 from lcot.mask import SEGMENT_NAMES, Seg
 
@@ -43,8 +44,8 @@ def plot_mask(mask: torch.Tensor, segments: torch.Tensor, title: str = "", ax=No
     if highlight is not None:
         ax.axhline(highlight, color="black", lw=1.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=SEG_COLORS[s]) for s in Seg]
-    ax.legend(handles, [SEGMENT_NAMES[s] for s in Seg], fontsize=7, loc="lower left", title="key segment",
-              title_fontsize=7)
+    ax.legend(handles, [SEGMENT_NAMES[s] for s in Seg], fontsize=7, loc="upper center", title="key segment",
+              title_fontsize=7, bbox_to_anchor=(0.5, -0.09), ncol=len(Seg), frameon=False)
     ax.set_xlabel("key (attended) position")
     ax.set_ylabel("query position")
     ax.set_title(title or "4D attention mask (white = blocked)")
@@ -81,7 +82,8 @@ def plot_cosine(rows: Sequence[dict], title: str = "", fig=None):
     if not len(steps):
         ax1.text(0.5, 0.5, "no alignment logged", ha="center")
         return fig
-    im = ax1.imshow(mat.T, aspect="auto", origin="lower", cmap="viridis", vmin=-1, vmax=1,
+    lo, hi = float(np.nanmin(mat)), float(np.nanmax(mat))  # the data's range: cosines often sit near 1
+    im = ax1.imshow(mat.T, aspect="auto", origin="lower", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
                     extent=(steps[0] - 0.5, steps[-1] + 0.5, 0.5, mat.shape[1] + 0.5))
     fig.colorbar(im, ax=ax1, label="cosine")
     ax1.set_xlabel("optimizer step")
@@ -105,6 +107,7 @@ def plot_cosine_vs_k(cos_by_k: dict[int, Sequence[float]], title: str = "", ax=N
     for k, cos in sorted(cos_by_k.items()):
         ax.plot(range(1, len(cos) + 1), cos, marker="o", label=f"K={k}")
     ax.set_xlabel("latent position")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cosine to teacher")
     ax.set_title(title or "latent-teacher cosine vs K")
     ax.legend(fontsize=7)
@@ -162,13 +165,20 @@ def plot_bars(groups: dict[str, dict[str, float | None]], title: str = "", ylabe
     labels = list(dict.fromkeys(lab for g in groups.values() for lab in g))
     width = 0.8 / max(len(groups), 1)
     x = np.arange(len(labels))
+    positive = [v for g in groups.values() for v in g.values() if v]
+    floor = min(positive) / 100 if log and positive else 0.0
     for i, (name, vals) in enumerate(groups.items()):
+        xs = x + (i - (len(groups) - 1) / 2) * width
         ys = [vals.get(lab) for lab in labels]
-        ys = [np.nan if y is None else (max(y, 1e-12) if log else y) for y in ys]
-        ax.bar(x + (i - (len(groups) - 1) / 2) * width, ys, width, label=name)
+        bars = ax.bar(xs, [np.nan if y is None or (log and y == 0) else y for y in ys], width, label=name)
+        for xi, y in zip(xs, ys):
+            if log and y == 0:  # log axes cannot show 0: say it
+                ax.text(xi, floor, "0", ha="center", va="bottom", fontsize=9, color=bars.patches[0].get_facecolor())
     ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
     if log:
         ax.set_yscale("log")
+        if positive:
+            ax.set_ylim(bottom=floor)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -184,6 +194,7 @@ def plot_norms(norms: torch.Tensor, title: str = "", ax=None):
         ax.plot(pos, r, color="grey", lw=0.5, alpha=0.5)
     ax.plot(pos, norms.mean(0).numpy(), color="black", lw=2, marker="o", label="mean over records")
     ax.set_xlabel("latent position")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("L2 norm")
     ax.set_title(title or "teacher latent norms")
     ax.legend(fontsize=8)
@@ -200,6 +211,7 @@ def plot_accuracy(grid: dict[str, dict[int, float]], baseline: float | None = No
     if baseline is not None:
         ax.axhline(baseline, color="grey", ls="--", label="majority answer")
     ax.set_xlabel("K (latent slots at inference)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title or "accuracy without thought images")

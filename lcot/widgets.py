@@ -15,17 +15,18 @@ and read `viewer.batch`, `viewer.row` and `viewer.visible_by_segment()`.
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
-from IPython.display import clear_output, display
 
 from lcot.collate import IGNORE, Collator
 from lcot.data import Record
 from lcot.mask import SEGMENT_NAMES, Seg
 from lcot.plots import SEG_COLORS, plot_mask, plot_mask_row, segment_runs
+from lcot.tokens import TokenIds
 
 # What each stage's batches hold (stage3 and inference differ in the answer: given vs. to be generated).
 STAGES: dict[str, dict] = {
@@ -57,6 +58,17 @@ def _span(text: str, seg: Seg, style: str = "", title: str = "") -> str:
             f'padding:0 1px;margin:0 1px;white-space:pre;{style}">{html.escape(text)}</span>')
 
 
+def _image_runs(runs, ids: list[int], vision_start: int):
+    """Segment runs with image runs split per image (adjacent thought images form one segment run)."""
+    for s, a, b in runs:
+        if s not in IMAGE_SEGMENTS:
+            yield s, a, b
+            continue
+        starts = [p for p in range(a, b) if ids[p] == vision_start] or [a]
+        for lo, hi in zip(starts, [*starts[1:], b]):
+            yield s, lo, hi
+
+
 def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, query: int | None = None,
                   allowed: torch.Tensor | None = None, collapse_images: bool = True) -> str:
     """The collated sequence as HTML: tokens tinted by segment (image tokens folded into one chip each).
@@ -70,7 +82,7 @@ def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, qu
     texts = token_texts(tokenizer, ids)
     vis = allowed.bool().tolist() if allowed is not None else None
     parts = []
-    for s, a, b in segment_runs(seg):
+    for s, a, b in _image_runs(segment_runs(seg), ids, TokenIds.from_tokenizer(tokenizer).vision_start):
         if s == Seg.PAD:
             parts.append(_span(f"[padding \u00d7{b - a}]", s, "color:#999", f"{a}-{b - 1}: padding"))
             continue
@@ -116,19 +128,19 @@ class MaskViewer(widgets.VBox):
                                        value=0, description="sample", layout=wide)
         self.stage = widgets.Dropdown(options=list(STAGES), value=stage, description="stage")
         self.k = widgets.IntSlider(value=k, min=0, max=max(k_max, k), description="K")
-        self.thought = widgets.ToggleButton(value=STAGES[stage]["thought_images"], description="thought images",
-                                            tooltip="show the thought images (visible to the latent slots only)")
+        self.thought = widgets.Checkbox(value=STAGES[stage]["thought_images"], description="thought images",
+                                        tooltip="show the thought images (visible to the latent slots only)")
         self.query = widgets.Select(options=[], rows=16, description="query",
-                                    layout=widgets.Layout(width="40%", font_family="monospace"))
+                                    layout=widgets.Layout(width="40%"))
         self.summary = widgets.HTML()
         self.sequence = widgets.HTML()
-        self.out = widgets.Output(layout=widgets.Layout(width="60%"))
+        self.image = widgets.Image(format="png", layout=widgets.Layout(width="60%"))
         self.stage.observe(self._on_stage, names="value")
         for w in (self.sample, self.k, self.thought):
             w.observe(self._on_settings, names="value")
         self.query.observe(self._on_query, names="value")
         super().__init__([self.sample, widgets.HBox([self.stage, self.k, self.thought]),
-                          widgets.HBox([self.query, self.out]), self.summary, self.sequence])
+                          widgets.HBox([self.query, self.image]), self.summary, self.sequence])
         self._rebuild()
 
     # -- state -------------------------------------------------------------------------------------
@@ -207,12 +219,12 @@ class MaskViewer(widgets.VBox):
         q = self.query.value
         self.summary.value = self._summary_html()
         self.sequence.value = sequence_html(self.batch, self.processor.tokenizer, query=q, allowed=self.row)
-        if self.plot:
-            with self.out:
-                clear_output(wait=True)
-                fig = self.figure()
-                display(fig)
-                plt.close(fig)
+        if self.plot:  # a PNG in an Image widget: no kernel needed to update it, and it survives export
+            fig = self.figure()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=80)
+            plt.close(fig)
+            self.image.value = buf.getvalue()
 
     # -- views -----------------------------------------------------------------------------------------
     def figure(self):

@@ -43,7 +43,8 @@ def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
     assert all(f"| {name} |" in table for name in ROWS)
     assert out.read_text().count("\n| ") == len(ROWS) + 1  # header + one line per row
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [r["name"] for r in data["rows"]] == ROWS and data["env"]["k"] == 3 and data["env"]["device"].startswith("cpu")
+    assert [r["name"] for r in data["rows"]] == ROWS
+    assert data["env"]["k"] == 3 and data["env"]["device"].startswith("cpu")
 
 
 def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):

@@ -122,6 +122,8 @@ BAD_LINES = [
     (rec(answer="the answer is 3"), "field 'answer' has no '####'"),
     (rec(answer="so it is ####   "), "field 'answer' has an empty final answer after '####'"),
     (b'{"question": "caf\xe9", "answer": "#### 1"}', "not UTF-8 text"),
+    (rec(question="Is <|image_pad|> an image?"), "field 'question' contains the control token <|image_pad|>"),
+    (rec(answer="#### <abs_vis_token_pad>"), "field 'answer' contains the control token <abs_vis_token_pad>"),
 ]
 NAMED = ("nope.png", "folder.png", "text.png", "empty.png", "trunc.png", "trunc.jpg", "strip.png")
 

@@ -92,13 +92,13 @@ def stage_argv(stage: str, tiny, small, out, *extra) -> list[str]:
 # -- determinism -------------------------------------------------------------------------------------------
 def test_same_seed_gives_identical_losses_on_cpu(tiny_dir, small, tmp_path):
     runs = {}
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train_main(stage_argv("stage2", tiny_dir, small, tmp_path / name, "--max_steps", "4", "--seed", seed))
+    for name, seed, steps in (("a", 0, 3), ("b", 0, 3), ("c", 1, 2)):
+        train_main(stage_argv("stage2", tiny_dir, small, tmp_path / name, "--max_steps", steps, "--seed", seed))
         runs[name] = losses(tmp_path / name)
-    assert [s for s, _, _ in runs["a"]] == [1, 2, 3, 4]
+    assert [s for s, _, _ in runs["a"]] == [1, 2, 3]
     assert runs["a"] == runs["b"]  # bit for bit: CE and alignment, every step
     assert all(0 < loss < 50 and 0 < align for _, loss, align in runs["a"])
-    assert runs["c"] != runs["a"]  # the seed matters (data order, initial RNG)
+    assert runs["c"][:2] != runs["a"][:2]  # the seed matters (data order): the test can fail
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -138,12 +138,12 @@ def test_a_save_that_dies_midway_leaves_no_checkpoint_and_resume_reproduces(tiny
 
 # -- SIGKILL mid-training, then resume --------------------------------------------------------------------------
 def test_sigkill_during_training_then_resume_reproduces_the_loss_curve(tiny_dir, small, tmp_path):
-    """stage3: teacher alignment and K sampled per step; 8 steps, a checkpoint every 2 (the kill may hit a save)."""
-    argv = ["--max_steps", "8", "--save_steps", "2", "--seed", "0", "--save_total_limit", "2"]
+    """stage3: teacher alignment and K sampled per step; 6 steps, a checkpoint every 2 (the kill may hit a save)."""
+    argv = ["--max_steps", "6", "--save_steps", "2", "--seed", "0", "--save_total_limit", "2"]
     train_main(stage_argv("stage3", tiny_dir, small, tmp_path / "ref", *argv))
     ref = losses(tmp_path / "ref")
-    assert len(ref) == 8 and len({r[2] for r in ref}) > 1
-    kill_step = random.Random(SEED).randint(1, 7)
+    assert len(ref) == 6 and len({r[2] for r in ref}) > 1
+    kill_step = random.Random(SEED).randint(1, 5)
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = spawn("lcot.main", stage_argv("stage3", tiny_dir, small, out, *argv), log)
     metrics = out / trainer_mod.METRICS_FILE
@@ -163,7 +163,7 @@ def test_sigkill_during_training_then_resume_reproduces_the_loss_curve(tiny_dir,
 # -- SIGKILL mid-precompute, then run again --------------------------------------------------------------------
 def test_sigkill_during_precompute_then_rerun_finishes_and_keeps_complete_files(data_dir, tiny_dir, tmp_path,
                                                                                   capsys):
-    jsonl = absolute_jsonl(data_dir / "train.jsonl", tmp_path / "train.jsonl")
+    jsonl = absolute_jsonl(data_dir / "train.jsonl", tmp_path / "train.jsonl", 14)
     records = read_records(jsonl)
     n = len(records)
     argv = ["--model_name_or_path", tiny_dir, "--train_jsonl", jsonl, "--k_max", "3", "--bsz", "1"]
@@ -190,8 +190,8 @@ def test_sigkill_during_precompute_then_rerun_finishes_and_keeps_complete_files(
     assert {p: (out / p).stat().st_ino for p in stamps} == {p: s[0] for p, s in stamps.items()}, msg
     assert {p: (out / p).stat().st_mtime_ns for p in stamps} == {p: s[1] for p, s in stamps.items()}, msg
 
-    # the same latents as one uninterrupted run
-    precompute_main([str(a) for a in [*argv, "--output_dir", tmp_path / "ref"]])
+    # the same latents as one uninterrupted run (batched: equal to single records within float error)
+    precompute_main([str(a) for a in [*argv, "--output_dir", tmp_path / "ref", "--bsz", "7"]])
     for r in records:
         got = read_teacher(teacher_file(out, r.idx), r, 128, 3, torch.float32)
         want = read_teacher(teacher_file(tmp_path / "ref", r.idx), r, 128, 3, torch.float32)

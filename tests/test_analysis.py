@@ -1,0 +1,152 @@
+"""lcot.analysis and lcot.notebook against independent computations on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcot import analysis as A
+from lcot.collate import Collator
+from lcot.generate import generate_batch
+from lcot.loss import per_position_cosine
+from lcot.mask import Seg
+from lcot.patch import latent_hidden_states
+from lcot.teacher import precompute, save_atomic, teacher_file
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(loaded, records, tmp_path_factory) -> Path:
+    model, processor = loaded
+    out = tmp_path_factory.mktemp("teacher")
+    precompute(model, processor, records[:6], out, 4, batch_size=3, progress=False)
+    return out
+
+
+def test_segment_access_states_the_rule(loaded, records):
+    model, processor = loaded
+    acc = A.segment_access(Collator(processor, model.config, 3, thought_images=True)(records[:2]), row=1)
+    assert acc[(Seg.LATENT, Seg.THOUGHT_IMAGE)] == 1.0
+    assert acc[(Seg.ANSWER, Seg.THOUGHT_IMAGE)] == 0.0
+    assert acc[(Seg.THOUGHT_IMAGE, Seg.THOUGHT_IMAGE)] == 1.0
+    assert acc[(Seg.ANSWER, Seg.QUESTION_IMAGE)] == 1.0
+    assert not any(Seg.PAD in pair for pair in acc)
+    assert "query: answer" in A.access_table(Collator(processor, model.config, 3, thought_images=True)(records[:1]))
+
+
+def test_thought_pixel_rows(loaded, records):
+    model, processor = loaded
+    b = Collator(processor, model.config, 2, thought_images=True)(records[:2])
+    rows = A.thought_pixel_rows(records[:2], b["image_grid_thw"])
+    assert rows.shape[0] == b["pixel_values"].shape[0]
+    per_image = b["image_grid_thw"].prod(-1).tolist()
+    n_q, n_t = len(records[0].question_images), len(records[0].thought_images)
+    assert int(rows.sum()) == sum(per_image[n_q:n_q + n_t]) + sum(per_image[n_q + n_t + n_q:])
+    assert not rows[: per_image[0]].any()  # the first record's question image
+
+
+def test_bottleneck_check(loaded, records):
+    model, processor = loaded
+    k0 = A.bottleneck_check(model, processor, records[:2], 0)
+    assert k0["prompt"] == 0 and k0["question image"] == 0 and k0["answer"] < 1e-6
+    assert k0["thought image"] > 1e-2 and k0["latent"] is None
+    k3 = A.bottleneck_check(model, processor, records[:2], 3)
+    assert k3["latent"] > 1e-4 and k3["answer"] > 1e-6 and k3["prompt"] == 0
+
+
+def test_latent_inputs_are_what_generation_feeds(loaded, records):
+    model, processor = loaded
+    recs = records[:3]
+    own = A.latent_inputs(model, processor, recs, 3)
+    normal = generate_batch(model, processor, recs, 3, max_new_tokens=5)
+    fed = generate_batch(model, processor, recs, 3, max_new_tokens=5, latent_inputs=own)
+    for a, b, inp in zip(normal, fed, own):
+        torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(inp[1:], a.latents[:-1], atol=1e-5, rtol=1e-5)  # slot j+1 is fed slot j's output
+        assert a.answer == b.answer
+
+
+def test_causal_use(loaded, records):
+    model, processor = loaded
+    recs = records[:4]
+    use = A.causal_use(model, processor, recs, 2, batch_size=3, max_new_tokens=5)
+    assert set(use.accuracy) == set(A.CONDITIONS) and use.changed["normal"] == 0.0
+    zeros = generate_batch(model, processor, recs, 2, max_new_tokens=5,
+                           latent_inputs=torch.zeros(4, 2, model.config.text_config.hidden_size))
+    assert use.answers["zeros"] == [g.answer for g in zeros]
+    assert all(0 <= v <= 1 for v in [*use.accuracy.values(), *use.changed.values()])
+    assert "pad embedding" in use.summary()
+    with pytest.raises(ValueError, match="K >= 1"):
+        A.causal_use(model, processor, recs, 0)
+
+
+def test_cosine_vs_k_matches_the_teacher_setting_exactly(loaded, records, teacher_dir):
+    """The teacher was computed by this model with thought images: the same setting must give cosine 1."""
+    model, processor = loaded
+    res = A.cosine_vs_k(model, processor, records[:6], [1, 2, 4], teacher_dir, thought_images=True, batch_size=4)
+    for k in (1, 2, 4):
+        assert len(res.own[k]) == k
+        assert min(res.own[k]) > 1 - 1e-5
+    student = A.cosine_vs_k(model, processor, records[:6], [2], teacher_dir, thought_images=False)
+    b = Collator(processor, model.config, 2, thought_images=False)(records[:6])
+    _, lat = latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"],
+                                  b["latent_start"], 2, b["pixel_values"], b["image_grid_thw"])
+    ref = per_position_cosine(lat, A.load_teachers(teacher_dir, records[:6], 2)).mean(0)
+    torch.testing.assert_close(torch.tensor(student.own[2]), ref, atol=1e-5, rtol=0)
+
+
+def test_teacher_stats_flags_collapse(records, tmp_path):
+    recs = records[:5]
+    same = torch.randn(3, 16)
+    for r in recs:  # every record gets the same latents: complete collapse
+        save_atomic({"latents": same, "record_digest": r.digest}, teacher_file(tmp_path / "collapsed", r.idx))
+    gen = torch.Generator().manual_seed(0)
+    for r in recs:  # independent random latents: no collapse
+        save_atomic({"latents": torch.randn(3, 16, generator=gen), "record_digest": r.digest},
+                    teacher_file(tmp_path / "varied", r.idx))
+    collapsed = A.teacher_stats(tmp_path / "collapsed", recs)
+    assert collapsed.latents.shape == (5, 3, 16)
+    assert collapsed.across_mean == pytest.approx(1.0, abs=1e-6)
+    assert "collapse" in collapsed.summary()
+    torch.testing.assert_close(collapsed.norms, same.norm(dim=-1).expand(5, 3))
+    varied = A.teacher_stats(tmp_path / "varied", recs)
+    assert varied.across_mean < 0.5 and "collapse" not in varied.summary()
+    torch.testing.assert_close(torch.diagonal(varied.within), torch.ones(3))
+
+
+def test_accuracy_grid_and_baseline(loaded, records):
+    from lcot.evaluate import evaluate
+
+    model, processor = loaded
+    recs = records[:4]
+    grid = A.accuracy_grid({"tiny": "unused"}, recs, [0, 2], load=lambda _: loaded, batch_size=4, max_new_tokens=4)
+    ref = evaluate(model, processor, recs, [0, 2], batch_size=4, max_new_tokens=4, progress=False)
+    assert grid == {"tiny": ref["accuracy"]}
+    assert "K=2" in A.grid_table(grid, A.majority_rate(recs))
+    answers = [r.final_answer for r in recs]
+    assert A.majority_rate(recs) == max(answers.count(a) for a in answers) / 4
+
+
+def test_notebook_setup_and_cached_prerequisite(tmp_path):
+    from lcot.notebook import Setup, prerequisite, setup
+
+    s = setup("nb", run_root=tmp_path / "runs", figures=tmp_path / "figs", threads=None)
+    assert s.run == tmp_path / "runs" / "nb" and s.run.is_dir()
+    assert (s.model / "config.json").is_file() and s.train_jsonl.is_file() and s.test_jsonl.is_file()
+    assert not s.real and s.dtype == torch.float32 and "lora" not in s.train_flags(10)
+    again = setup("nb2", run_root=tmp_path / "runs", figures=tmp_path / "figs", threads=None)
+    assert again.model == s.model and again.train_jsonl == s.train_jsonl  # shared, built once
+
+    stage1 = prerequisite(s, "stage1", k=2, steps=2)
+    weights = stage1 / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert prerequisite(again, "stage1", k=2, steps=2) == stage1  # reused by another notebook
+    assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="stage must be one of"):
+        prerequisite(s, "stage4", k=2, steps=2)
+
+    real = Setup("x", s.model, s.train_jsonl, s.test_jsonl, "cuda", s.run, s.shared, s.figures, real=True)
+    flags = real.train_flags(100)
+    assert real.dtype == torch.bfloat16
+    assert flags["lora"] and flags["bf16"] and flags["gradient_checkpointing"] and flags["latent_grad"] == "truncated"
