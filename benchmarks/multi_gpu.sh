@@ -2,7 +2,7 @@
 # Multi-GPU checks on one machine with 2 GPUs. From the repo root:
 #     PYTHONPATH=. bash benchmarks/multi_gpu.sh            # results in $OUT (default runs/multi_gpu)
 #
-# 1. a random "small" Qwen2.5-VL (0.5B-class text model, 8-block vision tower, ~0.6B parameters, fp32)
+# 1. a random "small" Qwen2.5-VL (0.5B-class text model, 8-block vision tower, 0.41B parameters, fp32)
 #    and the synthetic dataset (224 px images -> 64 tokens each);
 # 2. stage1 for $STEPS steps with the same global batch of 8: one GPU (bsz 4 x accum 2) and two GPUs with
 #    DDP (bsz 4 x 1 per GPU); the per-step losses must agree (fp32; see "why they match" below);
@@ -20,28 +20,30 @@
 # over ranks (DDP), and the gradients are the same mean, so the runs differ only by floating-point
 # reduction order (all-reduce vs accumulation): ~1e-6 relative at step 1, growing slowly with Adam.
 #
-# Knobs (environment): OUT, STEPS (10), K (8), N (records, 160), SHAPE (small), STEP_TIMEOUT (s, 180),
-# LAUNCH (the 2-process launcher), LAUNCH_FSDP, SINGLE (the 1-process prefix), TOL (0.02).
+# Knobs (environment): OUT, WORK (/tmp/lcot_multi_gpu), STEPS (10), K (8), N (records, 160),
+# SHAPE (small), STEP_TIMEOUT (s, 180), T_FSDP (s, 150), LAUNCH (the 2-process launcher), LAUNCH_FSDP
+# (or skip), SINGLE (the 1-process prefix), TOL (0.02).
 # A CPU dry run of the flow (tiny model, gloo; the teacher step then runs unsplit, as accelerate's
 # PartialState needs cpu=True for gloo): SHAPE=tiny SINGLE= STEPS=4 K=2 N=16 LAUNCH_FSDP=skip
 #   LAUNCH="python -m torch.distributed.run --nproc_per_node 2" PYTHONPATH=. bash benchmarks/multi_gpu.sh
 set -u -o pipefail
 
 OUT=${OUT:-runs/multi_gpu}
+PY=${PYTHON:-python}
 STEPS=${STEPS:-10}
 K=${K:-8}
 N=${N:-160}
 SHAPE=${SHAPE:-small}
 T=${STEP_TIMEOUT:-180}
 TOL=${TOL:-0.02}
-LAUNCH=${LAUNCH:-accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2}
-LAUNCH_FSDP=${LAUNCH_FSDP:-accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2}
+T_FSDP=${T_FSDP:-150}  # FSDP goes last; lcot.main's rank-0-only final save may hang there: see the log
+LAUNCH=${LAUNCH:-$PY -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes 2}
+LAUNCH_FSDP=${LAUNCH_FSDP:-$PY -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2}
 SINGLE=${SINGLE-env CUDA_VISIBLE_DEVICES=0}
-PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MPLCONFIGDIR=$OUT/.cache/mpl HF_HOME=$OUT/.cache/hf TORCHINDUCTOR_CACHE_DIR=$OUT/.cache/inductor
+W=${WORK:-/tmp/lcot_multi_gpu}  # models, data, checkpoints (GBs): outside $OUT, which keeps logs and summary
+export MPLCONFIGDIR=$W/.cache/mpl HF_HOME=$W/.cache/hf TORCHINDUCTOR_CACHE_DIR=$W/.cache/inductor
 mkdir -p "$OUT"
-W=$OUT/work
 rm -rf "$W"
 mkdir -p "$W"
 SUMMARY=$OUT/summary.txt
@@ -103,14 +105,15 @@ $PY benchmarks/check.py losses "$W/s2_1gpu" "$W/s2_ddp" --tol "$TOL" \
 if [ "$LAUNCH_FSDP" != skip ]; then
     step stage3_1gpu $SINGLE $PY -m lcot.main --stage stage3 "${S23[@]}" --output_dir "$W/s3_1gpu" \
         --bsz 2 --grad_accum_steps 2
-    step stage3_fsdp $LAUNCH_FSDP -m lcot.main --stage stage3 "${S23[@]}" --output_dir "$W/s3_fsdp" \
+    T=$T_FSDP step stage3_fsdp $LAUNCH_FSDP -m lcot.main --stage stage3 "${S23[@]}" --output_dir "$W/s3_fsdp" \
         --bsz 2 --grad_accum_steps 1
     echo "== stage3 loss, 1 GPU (A) vs FSDP2 on 2 GPUs (B)" | tee -a "$SUMMARY"
     $PY benchmarks/check.py losses "$W/s3_1gpu" "$W/s3_fsdp" --tol "$TOL" \
         --log-a "$OUT/stage3_1gpu.log" --log-b "$OUT/stage3_fsdp.log" 2>&1 | tee -a "$SUMMARY"
-    ls "$W/s3_fsdp" > "$OUT/stage3_fsdp_files.txt" 2>&1
+    ls -la "$W/s3_fsdp" > "$OUT/stage3_fsdp_files.txt" 2>&1
 fi
 
+echo "total: ${SECONDS}s" | tee -a "$SUMMARY"
 echo
 echo "================ summary ($OUT/summary.txt)"
 cat "$SUMMARY"

@@ -23,7 +23,8 @@ LORA=${LORA:-7b}
 DEADLINE=${DEADLINE:-510}
 PY=${PYTHON:-python}
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export MPLCONFIGDIR=$OUT/.cache/mpl HF_HOME=$OUT/.cache/hf TORCHINDUCTOR_CACHE_DIR=$OUT/.cache/inductor
+export MPLCONFIGDIR=/tmp/lcot_bench_cache/mpl HF_HOME=/tmp/lcot_bench_cache/hf \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/lcot_bench_cache/inductor
 mkdir -p "$OUT"
 
 run() {  # run NAME LIMIT ARGS...: lcot.bench under min(LIMIT, time left), log in $OUT/NAME.log

@@ -14,9 +14,11 @@ images and, for stage2, 1 thought image (448x448 -> 256 tokens each for 3b/7b), 
 Rows (each: median time over --iters after --warmup, the ratio to its baseline, peak GPU memory):
 - sft: the plain SFT step of the same batch (same tokens, causal 2D mask, no latents, forward+backward);
   baseline of every training row. latent_full: the latent step with gradients through the dynamic-cache
-  recurrence. latent_truncated{,_static,_graph}: grad="truncated" with the recurrence on the dynamic cache,
-  the static cache (eager), the static cache + CUDA graph. Training rows: CE + cosine alignment to a random
-  teacher, backward; no optimizer step unless --optim.
+  recurrence. latent_truncated: grad="truncated", recurrence on the dynamic cache, prefix computed twice
+  (no-gradient pass for the cache, then the full pass with gradients); _static, _graph: the recurrence on the
+  static cache, eager or as a CUDA graph, and the prefix pass reused (run once with gradients into a cache;
+  not with gradient checkpointing); _graph_recompute: the graph with the prefix recomputed. Training rows:
+  CE + cosine alignment to a random teacher, backward; no optimizer step unless --optim.
 - forward: one no-gradient forward of the batch with its 4D mask (baseline of the teacher rows);
   teacher{,_static,_graph}: teacher precompute (latent mode, no gradients) on each path.
 - gen_latent_* / gen_decode_*: generation (lcot.generate.generate_batch, question images only): mean time
@@ -222,11 +224,17 @@ class Bench:
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         self.rows: list[dict] = []
         self.env: dict = {}
+        self._captures_seen = 0
         self.tmp = Path(tempfile.mkdtemp(prefix="lcot-bench-"))
 
     # -- output ----------------------------------------------------------------------------------------------
     def add(self, name: str, what: str, *, time_s: float | None = None, baseline: str | None = None,
             peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s") -> dict:
+        from lcot import fast
+
+        if len(fast.CAPTURE_ERRORS) > self._captures_seen:  # a graph row that silently ran eager steps
+            note = (note + "; " if note else "") + f"GRAPH CAPTURE FAILED, eager steps: {fast.CAPTURE_ERRORS[-1][:160]}"
+            self._captures_seen = len(fast.CAPTURE_ERRORS)
         ratio = None
         if time_s is not None and baseline:
             base = next((r for r in self.rows if r["name"] == baseline), None)
@@ -335,14 +343,14 @@ class Bench:
         ce_loss(m.lm_head, out.last_hidden_state, b["labels"]).backward()
         self._optim_step()
 
-    def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
+    def latent_train_step(self, b: dict, grad: str, fast: str, reuse_prefix: bool | None = None) -> None:
         from lcot.loss import align_loss
 
         out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
                          position_ids=b["position_ids"], pixel_values=b["pixel_values"],
                          image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
                          latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
-                         return_logits=False)
+                         reuse_prefix=reuse_prefix, return_logits=False)
         (out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]).backward()
         self._optim_step()
 
@@ -404,11 +412,17 @@ class Bench:
                      note="n/a: needs the KV cache that gradient checkpointing drops")
         elif not self.args.gradient_checkpointing:
             self.row(f"{p}latent_full", full, lambda: self.latent_train_step(b, "full", "off"), f"{p}sft")
-        for fast, suffix, label in (("off", "", "dynamic-cache recurrence, eager"),
-                                    ("static", "_static", "static-cache recurrence, eager"),
-                                    ("graph", "_graph", "static cache + CUDA graph")):
+        gc_on = self.args.gradient_checkpointing
+        reuse = "prefix recomputed (checkpointing drops caches)" if gc_on else "prefix pass reused"
+        for fast, suffix, reuse_prefix, label in (
+                ("off", "", False, "dynamic-cache recurrence, eager, prefix recomputed"),
+                ("static", "_static", None, f"static-cache recurrence, eager, {reuse}"),
+                ("graph", "_graph", None, f"static cache + CUDA graph, {reuse}"),
+                ("graph", "_graph_recompute", False, "static cache + CUDA graph, prefix recomputed")):
+            if gc_on and suffix == "_graph_recompute":
+                continue  # the same as _graph then
             self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
-                     lambda fast=fast: self.latent_train_step(b, "truncated", fast), f"{p}sft",
+                     lambda fast=fast, r=reuse_prefix: self.latent_train_step(b, "truncated", fast, r), f"{p}sft",
                      note=graph_note if fast == "graph" else "")
 
     def generation_rows(self, fast: str, suffix: str, note: str) -> None:

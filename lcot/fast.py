@@ -24,7 +24,8 @@ None means the environment variable LCOT_FAST, else "auto"):
 - "off": the dynamic-cache path (the reference); "static": static cache, eager steps;
 - "graph": static cache with a CUDA graph (eager static steps on a CPU).
 The fast path only ever runs without gradients (teacher precompute, generation, and the no-gradient
-recurrence of grad="truncated").
+recurrence of grad="truncated"). `load_prefix` starts a recurrence from the keys and values of a prefix
+computed elsewhere (grad="truncated" with reuse_prefix: the prefix pass with gradients is not repeated).
 
 A captured graph bakes in addresses and Python control flow. `FastLatents` therefore remembers the
 tensors it captured (and keeps them alive) and is replaced when they change (new tensors, `.to()`,
@@ -35,6 +36,7 @@ dtype, autocast and inference mode. Call `clear(model)` after anything else that
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -42,7 +44,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
-from transformers import StaticCache
+from transformers import Cache, StaticCache
 
 from lcot.patch import latent_loop, latent_step, new_cache, text_forward
 
@@ -52,6 +54,7 @@ ENV = "LCOT_FAST"
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
 KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
+CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
 
 
 # -- which path ----------------------------------------------------------------------------------------------
@@ -119,12 +122,24 @@ def step_rows(mask4d: torch.Tensor, start: int, k: int, width: int) -> torch.Ten
     return rows & (keys[None, :] <= cols[:, None])
 
 
+def copy_cache(src: Cache, dst: Cache) -> None:
+    """Write the keys and values of every layer of `src` (detached) into `dst`, at its current positions."""
+    for i, layer in enumerate(src.layers):
+        if layer.is_initialized and layer.keys.numel():
+            dst.update(layer.keys.detach(), layer.values.detach(), i)
+
+
 # -- the reference path, behind the same interface ----------------------------------------------------------
 class EagerLatents:
     """A DynamicCache and eager steps: exactly what lcot.patch does without the fast path."""
 
     def __init__(self, model) -> None:
         self.model, self.cache = model, new_cache(model)
+
+    def load_prefix(self, cache: Cache) -> None:
+        """Start from a copy of the (detached) keys and values of an already computed prefix."""
+        self.cache = new_cache(self.model)
+        copy_cache(cache, self.cache)
 
     def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
         return text_forward(self.model, x, mask4d, position_ids, cols, self.cache)
@@ -237,11 +252,19 @@ class FastLatents:
             raise ValueError(f"a batch of {x.shape[0]} rows, this FastLatents holds {self.batch_size}")
 
     # -- passes ---------------------------------------------------------------------------------------------
+    def load_prefix(self, cache: Cache) -> None:
+        """Write the (detached) keys and values of an already computed prefix, columns 0.., into the cache."""
+        self._seek(0)
+        self._col = None  # unknown until the pass completes (an exception midway leaves it so)
+        copy_cache(cache, self.cache)
+        self._col = cache.get_seq_length()
+
     def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
         """Columns `cols` in one eager pass, written into the cache; returns their outputs."""
         self._check(x)
         self._seek(cols.start or 0)
         rows = pad_rows(mask4d, cols, self.max_len)
+        self._col = None
         out = text_forward(self.model, x, rows, position_ids[:, :, cols], slice(0, rows.shape[2]), self.cache)
         self._col = cols.stop
         return out
@@ -255,9 +278,10 @@ class FastLatents:
         self.row.copy_(row)
         self.pos.copy_(pos)
         col = self._col
-        if self.graph:
-            if self._graph is None:
-                self._capture(col)
+        if self.graph and self._graph is None:
+            self._capture(col)
+        self._col = None
+        if self._graph is not None:
             self._graph.replay()
             out = self._out
         else:
@@ -275,7 +299,16 @@ class FastLatents:
             self._col = None
             self._seek(col)
 
-        self._graph, self._out = capture_graph(step, rewind, self.device)
+        try:
+            self._graph, self._out = capture_graph(step, rewind, self.device)
+        except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
+            self.graph, self._graph, self._out = False, None, None
+            msg = f"{type(err).__name__}: {err}"
+            CAPTURE_ERRORS.append(msg)
+            warnings.warn(f"lcot.fast: CUDA graph capture failed ({msg}); running eager static-cache steps",
+                          RuntimeWarning, stacklevel=3)
+            rewind()
+            return
         lm = model.model.language_model
         self._tensors = [*lm.parameters(), *lm.buffers()]
         self._state = _forward_state(model)

@@ -121,7 +121,8 @@ def new_cache(model) -> DynamicCache:
 def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torch.Tensor,
                          position_ids: torch.Tensor, latent_start: int, num_latents: int,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         grad: GradMode = "full", fast: str | bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward. Returns (hidden (B, L, H), latent outputs (B, K, H)).
 
     grad="full": one cached recurrence, gradients flow through the whole chain of latents.
@@ -132,8 +133,12 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
     None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
     dynamic cache otherwise), or "off", "static", "graph" (see lcot.fast). With gradients: always the
     dynamic cache.
+    reuse_prefix (grad="truncated"): run the prefix once, with gradients, into a dynamic cache; the recurrence
+    starts from a detached copy of it and the rest of the sequence attends to it (same values and gradients
+    as the recomputing pass, one prefix pass less). None: when the fast path runs and gradient checkpointing
+    (which drops caches) is off.
     """
-    from lcot.fast import runner
+    from lcot.fast import resolve, runner
 
     if grad not in ("full", "truncated"):
         raise ValueError(f"grad must be 'full' or 'truncated', got {grad!r}")
@@ -141,6 +146,21 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
     embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
     batch, length = input_ids.shape
     if grad == "truncated" and k:
+        checkpointing = model.training and checkpointing_on(model)
+        if reuse_prefix is None:
+            reuse_prefix = not checkpointing and resolve(model, fast) != "off"
+        if reuse_prefix:
+            if checkpointing:
+                raise ValueError("reuse_prefix needs the KV cache that gradient checkpointing drops")
+            cache = new_cache(model)
+            pre = text_forward(model, embeds[:, :s], attention_mask_4d, position_ids, slice(0, s), cache)
+            with torch.no_grad():
+                steps = runner(model, batch, length, fast)
+                steps.load_prefix(cache)
+                latent_in, _ = steps.run(pre[:, -1:].detach(), attention_mask_4d, position_ids, s, k)
+            rest = torch.cat([latent_in.to(embeds.dtype), embeds[:, s + k:]], 1)
+            post = text_forward(model, rest, attention_mask_4d, position_ids, slice(s, length), cache)
+            return torch.cat([pre, post], 1), post[:, :k]
         with torch.no_grad(), no_checkpointing(model):
             steps = runner(model, batch, length, fast)  # cache size as the teacher's pass: same numerics
             h = steps.forward(embeds[:, :s], attention_mask_4d, position_ids, slice(0, s))
@@ -167,7 +187,8 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
                 latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
-                grad: GradMode = "full", fast: str | bool | None = None, pixel_values: torch.Tensor | None = None,
+                grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None,
+                pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True, **kwargs):
         if not latent_mode:
@@ -181,7 +202,8 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if attention_mask_4d is None or position_ids is None or latent_start is None:
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
         hidden, latents = latent_hidden_states(self, input_ids, attention_mask_4d, position_ids, latent_start,
-                                               num_latents, pixel_values, image_grid_thw, grad, fast)
+                                               num_latents, pixel_values, image_grid_thw, grad, fast,
+                                               reuse_prefix)
         loss = ce_loss(self.lm_head, hidden, labels) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)

@@ -178,6 +178,67 @@ def test_truncated_training_step_through_fast_path(loaded, records, graphed, mon
         torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["off", "static"])
+def test_reuse_prefix_equals_recomputing_it(loaded, records, mode):
+    """grad="truncated" with one prefix pass (kept with gradients in a cache) == two prefix passes."""
+    model, _ = loaded
+    b = collate(loaded, records[:3], k=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = b["attention_mask"].bool()
+
+    def run(reuse):
+        model.zero_grad()
+        hidden, lat = latent_hidden_states(model, *args(b), grad="truncated", fast=mode, reuse_prefix=reuse)
+        (hidden[m].pow(2).mean() + lat.sum() * 1e-3).backward()
+        return hidden.detach(), lat.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                               for p in params]
+
+    try:
+        h0, l0, g0 = run(False)
+        h1, l1, g1 = run(True)
+    finally:
+        model.zero_grad()
+        fast.clear(model)
+    torch.testing.assert_close(h1[m], h0[m], **TOL)
+    torch.testing.assert_close(l1, l0, **TOL)
+    assert sum(g.abs().sum() for g in g0) > 0
+    for a, c in zip(g1, g0):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_reuse_prefix_refused_with_checkpointing(tiny_dir, records, loaded):
+    from lcot.load import load
+
+    model, _ = load(tiny_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    b = collate(loaded, records[:1], k=2)
+    with pytest.raises(ValueError, match="checkpointing"):
+        latent_hidden_states(model, *args(b), grad="truncated", fast="static", reuse_prefix=True)
+    hidden, _ = latent_hidden_states(model, *args(b), grad="truncated", fast="static")  # auto: recompute
+    assert hidden.requires_grad
+
+
+def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):
+    model, _ = loaded
+    b = collate(loaded, records[:2], k=3)
+
+    def broken(step, rewind, device):
+        step()  # e.g. a capture that fails after the warm-up wrote the cache and moved its position
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast, "capture_graph", broken)
+    fl = fast.FastLatents(model, 256, 2)
+    fl.graph = True
+    n = len(fast.CAPTURE_ERRORS)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed"):
+        got = recurrence(fl, model, b)
+    with torch.no_grad():
+        ref = recurrence(fast.EagerLatents(model), model, b)
+    assert not fl.graph and fl._graph is None and len(fast.CAPTURE_ERRORS) == n + 1
+    torch.testing.assert_close(got[2], ref[2], **TOL)
+
+
 def test_fast_path_refuses_gradients(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:1], k=2)
