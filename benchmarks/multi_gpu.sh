@@ -8,6 +8,7 @@
 #    DDP (bsz 4 x 1 per GPU); the per-step losses must agree (fp32; see "why they match" below);
 # 3. teacher precompute split over 2 processes: exactly one complete file per record, no temporary files;
 # 4. stage2 (truncated gradient: the CUDA-graph latent path under DDP) on 1 GPU and on 2 GPUs (DDP);
+#    then stage2 in bf16 on 1 GPU (Trainer's autocast around the captured step: the path of real runs);
 # 5. stage3 on 1 GPU and on 2 GPUs with FSDP2 (the graph path switches itself off under FSDP);
 #    stage2 and stage3 use bsz 2: 1 GPU with accum 2, 2 GPUs with accum 1.
 # Every step runs under a timeout and the script goes on after a failure; the summary at the end lists
@@ -21,7 +22,7 @@
 # reduction order (all-reduce vs accumulation): ~1e-6 relative at step 1, growing slowly with Adam.
 #
 # Knobs (environment): OUT, WORK (/tmp/lcot_multi_gpu), STEPS (10), K (8), N (records, 160),
-# SHAPE (small), STEP_TIMEOUT (s, 180), T_FSDP (s, 150), LAUNCH (the 2-process launcher), LAUNCH_FSDP
+# SHAPE (small), STEP_TIMEOUT (s, 150), T_FSDP (s, 120), LAUNCH (the 2-process launcher), LAUNCH_FSDP
 # (or skip), SINGLE (the 1-process prefix), TOL (0.02).
 # A CPU dry run of the flow (tiny model, gloo; the teacher step then runs unsplit, as accelerate's
 # PartialState needs cpu=True for gloo): SHAPE=tiny SINGLE= STEPS=4 K=2 N=16 LAUNCH_FSDP=skip
@@ -34,9 +35,9 @@ STEPS=${STEPS:-10}
 K=${K:-8}
 N=${N:-160}
 SHAPE=${SHAPE:-small}
-T=${STEP_TIMEOUT:-180}
+T=${STEP_TIMEOUT:-150}
 TOL=${TOL:-0.02}
-T_FSDP=${T_FSDP:-150}  # FSDP goes last; lcot.main's rank-0-only final save may hang there: see the log
+T_FSDP=${T_FSDP:-120}  # FSDP goes last; lcot.main's rank-0-only final save may hang there: see the log
 LAUNCH=${LAUNCH:-$PY -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml --num_processes 2}
 LAUNCH_FSDP=${LAUNCH_FSDP:-$PY -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 2}
 SINGLE=${SINGLE-env CUDA_VISIBLE_DEVICES=0}
@@ -101,6 +102,13 @@ step stage2_ddp $LAUNCH -m lcot.main --stage stage2 "${S23[@]}" --output_dir "$W
 echo "== stage2 loss, 1 GPU (A) vs DDP on 2 GPUs (B)" | tee -a "$SUMMARY"
 $PY benchmarks/check.py losses "$W/s2_1gpu" "$W/s2_ddp" --tol "$TOL" \
     --log-a "$OUT/stage2_1gpu.log" --log-b "$OUT/stage2_ddp.log" 2>&1 | tee -a "$SUMMARY"
+
+# the path real runs take: --bf16 (Trainer autocast around the captured step), 1 GPU, graphed + prefix reuse
+step teacher_bf16 $LAUNCH -m lcot.precompute_teacher_latents --model_name_or_path "$STUDENT" \
+    --train_jsonl "$TRAIN" --output_dir "$W/teacher_bf16" --k_max "$K" --bsz 4 --bf16
+step stage2_1gpu_bf16 $SINGLE $PY -m lcot.main --stage stage2 "${S23[@]}" --output_dir "$W/s2_bf16" \
+    --bsz 2 --grad_accum_steps 2 --bf16 --teacher_latent_dir "$W/teacher_bf16"
+grep -h "graph capture failed" "$OUT"/stage2_*.log | head -3 | tee -a "$SUMMARY"
 
 if [ "$LAUNCH_FSDP" != skip ]; then
     step stage3_1gpu $SINGLE $PY -m lcot.main --stage stage3 "${S23[@]}" --output_dir "$W/s3_1gpu" \

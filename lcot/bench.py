@@ -307,13 +307,17 @@ class Bench:
         self.teacher = torch.randn(a.batch, a.k, hidden, generator=torch.Generator().manual_seed(1)).to(
             self.device, self.dtype)
         dev = self.device
-        import peft
         import transformers
+        try:
+            import peft
+            peft_version = peft.__version__
+        except ImportError:
+            peft_version = None
         self.env = {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or 'cpu'}"
                       f", {torch.get_num_threads()} threads)",
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "peft": peft.__version__, "lcot": __version__, "python": platform.python_version(),
+            "peft": peft_version, "lcot": __version__, "python": platform.python_version(),
             "shape": a.shape, "params": total, "trainable": sum(p.numel() for p in self.model.parameters()
                                                                   if p.requires_grad),
             "dtype": a.dtype, "batch": a.batch, "k": a.k, "stages": a.stages,

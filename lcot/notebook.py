@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,13 +167,17 @@ def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
            "flags": s.train_flags(steps)}
     folder = s.shared / f"chain-{_digest(key)}"
     out = {}
+    rebuilt = False  # once a stage is rebuilt, every later one is too (it was made from the old one)
     for name in CHAIN[: CHAIN.index(stage) + 1]:
         out[name] = folder / name
         marker = out[name] / MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == key:
+        if not rebuilt and marker.is_file() and json.loads(marker.read_text()) == key:
+            print(f"prerequisite {name}: reusing {out[name]}")
             continue
+        rebuilt = True
         print(f"prerequisite {name}: building {out[name]}")
         if name == "teacher":
+            shutil.rmtree(out[name], ignore_errors=True)  # precompute keeps files per record, not per model
             model, processor = s.load(out["stage1"])
             precompute(model, processor, s.records(need_thought_images=True), out[name], k, batch_size=16,
                        model_name=str(out["stage1"]), progress=False)

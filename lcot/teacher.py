@@ -2,12 +2,14 @@
 
 File `latent_last_layer_jsonl_{idx:06d}.pt` holds a dict: `latents` [k_max, hidden] (the outputs at
 the latent slots, in the model's dtype), `k_max`, `hidden_size`, `dtype`, `model` (where it came
-from), `record_digest` (hash of the JSONL record) and `idx`. Files are written to a temporary name
-and renamed, so a kill leaves only complete files; a rerun keeps the valid ones.
+from), `model_fingerprint` (of the weights), `record_digest` (hash of the JSONL record) and `idx`.
+Files are written to a temporary name and renamed, so a kill leaves only complete files; a rerun keeps
+the valid ones (same record, k_max, dtype and weights) and recomputes the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -55,9 +57,28 @@ def remove_partial_files(out_dir: Path, idxs: set[int]) -> int:
     return removed
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of evenly spaced samples of every weight: retrained weights give another fingerprint.
+
+    Teacher files record it, so a rerun of the precompute after the teacher model changed (e.g. stage1
+    trained again into the same folder) recomputes them instead of keeping stale latents.
+    """
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024]
+        h.update(name.encode() + str(tuple(t.shape)).encode())
+        h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: int | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Load and check one teacher file against its record and the model; returns latents [k_max, H]."""
+                 dtype: torch.dtype | None = None, fingerprint: str | None = None) -> torch.Tensor:
+    """Load and check one teacher file against its record and the model; returns latents [k_max, H].
+
+    fingerprint: require the file to come from exactly these weights (the precompute's resume check;
+    training on it later uses other weights by design).
+    """
     where = f"{path} (record {record.where})"
     hint = "re-run `python -m lcot.precompute_teacher_latents` for this JSONL and model"
     if not path.is_file():
@@ -67,6 +88,8 @@ def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: 
         latents = data["latents"]
     except Exception as err:  # any unpickling or format problem is a corrupted file
         raise LcotInputError(where, f"teacher latent file is corrupted ({type(err).__name__})", hint) from None
+    if fingerprint is not None and data.get("model_fingerprint") != fingerprint:
+        raise LcotInputError(where, "teacher latents were computed with other model weights", hint)
     if data.get("record_digest") != record.digest:
         raise LcotInputError(where, "the JSONL record changed after its teacher latents were computed",
                              hint + " (files of changed records are recomputed)")
@@ -82,9 +105,10 @@ def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: 
     return latents
 
 
-def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype: torch.dtype) -> bool:
+def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype: torch.dtype,
+                fingerprint: str | None = None) -> bool:
     try:
-        latents = read_teacher(path, record, hidden_size, k_max, dtype)
+        latents = read_teacher(path, record, hidden_size, k_max, dtype, fingerprint)
     except LcotInputError:
         return False
     return latents.shape[0] == k_max
@@ -101,7 +125,8 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
     mine = [r for i, r in enumerate(records) if i % world_size == rank]
     remove_partial_files(out_dir, {r.idx for r in mine})
-    todo = [r for r in mine if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype)]
+    fingerprint = weights_fingerprint(model)
+    todo = [r for r in mine if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype, fingerprint)]
     collate = Collator(processor, model.config, k_max, thought_images=True)
     was_training = model.training
     model.eval()
@@ -115,7 +140,8 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
                                           batch["pixel_values"], batch["image_grid_thw"])
         for rec, lat in zip(chunk, latents):
             save_atomic({"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
-                         "dtype": str(dtype), "model": model_name, "record_digest": rec.digest, "idx": rec.idx},
+                         "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,
+                         "record_digest": rec.digest, "idx": rec.idx},
                         teacher_file(out_dir, rec.idx))
         bar.update(len(chunk))
     bar.close()

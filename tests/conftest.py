@@ -9,7 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin-waits)
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,15 @@ def test_notebook_setup_and_cached_prerequisite(tmp_path):
     with pytest.raises(ValueError, match="stage must be one of"):
         prerequisite(s, "stage4", k=2, steps=2)
 
+    from lcot.notebook import MARKER
+
+    teacher = prerequisite(s, "teacher", k=2, steps=2)
+    one = teacher_file(teacher, 0)
+    t_stamp = one.stat().st_mtime_ns
+    (stage1 / MARKER).unlink()  # e.g. a stage1 build killed before it finished: stage1 and what follows rebuild
+    assert prerequisite(s, "teacher", k=2, steps=2) == teacher
+    assert weights.stat().st_mtime_ns != stamp and one.stat().st_mtime_ns != t_stamp
+
     real = Setup("x", s.model, s.train_jsonl, s.test_jsonl, "cuda", s.run, s.shared, s.figures, real=True)
     flags = real.train_flags(100)
     assert real.dtype == torch.bfloat16

@@ -193,3 +193,22 @@ def test_every_cli_flag_is_explained():
         for action in parser._actions:
             if action.dest != "help":
                 assert action.help, action.dest
+
+
+def test_precompute_keeps_valid_files_and_recomputes_for_new_weights(loaded, records, tmp_path):
+    import copy
+
+    from lcot.teacher import precompute
+
+    model, processor = loaded
+    recs = records[:2]
+    assert precompute(model, processor, recs, tmp_path, 2, progress=False)["computed"] == 2
+    first = torch.load(teacher_file(tmp_path, recs[0].idx), weights_only=True)
+    assert precompute(model, processor, recs, tmp_path, 2, progress=False) == {"records": 2, "computed": 0, "kept": 2}
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.model.language_model.norm.weight.mul_(1.5)
+    assert precompute(retrained, processor, recs, tmp_path, 2, progress=False)["computed"] == 2
+    second = torch.load(teacher_file(tmp_path, recs[0].idx), weights_only=True)
+    assert second["model_fingerprint"] != first["model_fingerprint"]
+    assert not torch.allclose(second["latents"], first["latents"])
