@@ -187,9 +187,9 @@ def capture_graph(step: Callable[[], torch.Tensor], rewind: Callable[[], None], 
     torch.cuda.current_stream(device).wait_stream(side)
     rewind()
     graph = torch.cuda.CUDAGraph()
-    # DDP's NCCL watchdog thread queries events during a capture: only this thread's calls must be capturable.
-    mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
-    with torch.cuda.graph(graph, capture_error_mode=mode), _autocast():
+    # Other threads (NCCL's watchdog under DDP, data-loading helpers) may make CUDA calls meanwhile: only
+    # this thread's calls must be capturable.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), _autocast():
         out = step()
     return graph, out
 

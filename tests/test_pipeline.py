@@ -85,10 +85,11 @@ def test_generation_answers_in_the_latent_format(chain, data_dir, capsys):
         assert g.text.count("<abs_vis_token_pad>") == KMAX
     generate_main(["--model_name_or_path", str(chain / "s3"), "--jsonl", str(data_dir / "test.jsonl"),
                    "--max_new_tokens", "6"])
-    printed = re.findall(r"^\[(\d+)\] (<abs_vis_token>(?:<abs_vis_token_pad>)+</abs_vis_token>)\n(.+)$",
-                         capsys.readouterr().out, re.M)
-    assert [int(i) for i, _, _ in printed] == [r.idx for r in test]
-    assert all(seg.count("<abs_vis_token_pad>") == KMAX for _, seg, _ in printed)  # default K = the trained Kmax
+    parts = re.split(r"^\[(\d+)\] ", capsys.readouterr().out, flags=re.M)[1:]  # idx, output, idx, output...
+    assert [int(i) for i in parts[::2]] == [r.idx for r in test]
+    for output in parts[1::2]:
+        assert FORMAT.match(output), output
+        assert output.count("<abs_vis_token_pad>") == KMAX  # default K = the trained Kmax
 
 
 def test_generation_latents_equal_training_latents(chain, records):
