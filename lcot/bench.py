@@ -417,14 +417,13 @@ class Bench:
         elif not self.args.gradient_checkpointing:
             self.row(f"{p}latent_full", full, lambda: self.latent_train_step(b, "full", "off"), f"{p}sft")
         gc_on = self.args.gradient_checkpointing
-        reuse = "prefix recomputed (checkpointing drops caches)" if gc_on else "prefix pass reused"
         for fast, suffix, reuse_prefix, label in (
                 ("off", "", False, "dynamic-cache recurrence, eager, prefix recomputed"),
-                ("static", "_static", None, f"static-cache recurrence, eager, {reuse}"),
-                ("graph", "_graph", None, f"static cache + CUDA graph, {reuse}"),
-                ("graph", "_graph_recompute", False, "static cache + CUDA graph, prefix recomputed")):
-            if gc_on and suffix == "_graph_recompute":
-                continue  # the same as _graph then
+                ("static", "_static", False, "static-cache recurrence, eager, prefix recomputed"),
+                ("graph", "_graph", False, "static cache + CUDA graph, prefix recomputed (the default)"),
+                ("graph", "_graph_reuse", True, "static cache + CUDA graph, prefix pass reused")):
+            if gc_on and suffix == "_graph_reuse":
+                continue  # checkpointing drops the cache a reused prefix needs
             self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
                      lambda fast=fast, r=reuse_prefix: self.latent_train_step(b, "truncated", fast, r), f"{p}sft",
                      note=graph_note if fast == "graph" else "")

@@ -200,19 +200,22 @@ def train(args) -> Path:
         processing_class=processor, spec=spec, callbacks=[LcotConfigCallback(info)])
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
+    # FSDP shards the weights: gathering the full state dict is collective, so every process takes part
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if trainer.is_world_process_zero():
-        save_final(final, processor, Path(args.output_dir), info)
+        save_final(final, processor, Path(args.output_dir), info, state_dict)
+    trainer.accelerator.wait_for_everyone()
     return Path(args.output_dir)
 
 
-def save_final(model, processor, out: Path, info: dict) -> None:
+def save_final(model, processor, out: Path, info: dict, state_dict: dict | None = None) -> None:
     """The final model into `out`, each file complete: written to a staging folder, then moved in.
 
     lcot.json comes last, so its presence marks a finished stage.
     """
     staging = out / ".tmp-final"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=state_dict)
     processor.save_pretrained(staging)
     for f in sorted(staging.iterdir()):
         if f.is_dir() and (out / f.name).is_dir():

@@ -14,7 +14,7 @@ SMALL = ["--shape", "tiny", "--batch", "2", "--k", "3", "--iters", "1", "--warmu
          "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4", "--dtype", "fp32",
          "--device", "cpu"]
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
-        "latent_truncated_graph_recompute", "forward",
+        "latent_truncated_graph_reuse", "forward",
         "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
         "gen_latent_graph", "numerics_fp32"]
 
