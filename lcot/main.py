@@ -193,7 +193,12 @@ def train(args) -> Path:
             "latent_grad": args.latent_grad, "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD},
             "lora": args.lora, "seed": args.seed}
     if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
-        shutil.rmtree(args.output_dir)
+        from accelerate import PartialState
+
+        state = PartialState()  # several processes: one removes the folder, the others wait for it
+        if state.is_main_process:
+            shutil.rmtree(args.output_dir)
+        state.wait_for_everyone()
     trainer = LatentTrainer(
         model=model, args=training_args(args, freeze_vision), train_dataset=records,
         data_collator=TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype),

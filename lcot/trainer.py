@@ -259,14 +259,15 @@ class LcotConfigCallback(TrainerCallback):
         self.info = info
 
     def on_save(self, args, state, control, **kwargs):
+        """LatentTrainer writes lcot.json before its atomic rename; this covers plain Trainers (main process only)."""
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        if state.is_world_process_zero and ckpt.is_dir() and not (ckpt / "lcot.json").is_file():
             write_lcot_config(ckpt, self.info)
 
 
 def write_lcot_config(folder: Path, info: dict) -> None:
     path = Path(folder) / "lcot.json"
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: no two writers share it
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)  # never a half-written lcot.json
 
