@@ -15,7 +15,7 @@ import torch
 
 from lcot.collate import Collator
 from lcot.data import Record
-from lcot.evaluate import accuracy, evaluate, normalise
+from lcot.evaluate import accuracy, evaluate, majority_rate, normalise, table  # noqa: F401 (re-exported)
 from lcot.generate import generate_batch
 from lcot.loss import per_position_cosine
 from lcot.mask import SEGMENT_NAMES, Seg
@@ -36,18 +36,6 @@ def _run(model, b: dict, pixel_values: torch.Tensor | None = None) -> tuple[torc
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield start, items[start:start + size]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence], fmt: str = "{:.3f}") -> str:
-    """A plain-text table; floats are formatted with `fmt`, None as '-'."""
-    def cell(v) -> str:
-        return "-" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
-
-    cells = [list(header)] + [[cell(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # -- the mask rule, read off a collated batch ---------------------------------------------------------
@@ -220,14 +208,6 @@ def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None)
     rows = [[name, *[row.get(k) for k in ks]] for name, row in grid.items()]
     text = table(["model", *[f"K={k}" for k in ks]], rows)
     return text + (f"\nmajority-answer baseline: {baseline:.3f}" if baseline is not None else "")
-
-
-def majority_rate(records: Sequence[Record]) -> float:
-    """Accuracy of always answering the most common final answer."""
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[normalise(r.final_answer)] = counts.get(normalise(r.final_answer), 0) + 1
-    return max(counts.values()) / len(records)
 
 
 @torch.no_grad()

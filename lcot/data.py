@@ -50,10 +50,6 @@ class Record:
     where: str  # "file:line", for messages
     digest: str  # hash of the raw line's content, stored with teacher latents
 
-    @property
-    def n_images(self) -> int:
-        return len(self.question_images) + len(self.thought_images)
-
 
 def final_answer(answer: str, where: str = "") -> str:
     """GSM8K style: the stripped text after the last '####'."""

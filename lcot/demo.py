@@ -18,7 +18,7 @@ import torch
 from lcot import plots
 from lcot.collate import Collator
 from lcot.data import read_records
-from lcot.evaluate import evaluate, table
+from lcot.evaluate import evaluate, majority_rate, table
 from lcot.load import load
 from lcot.main import run_stage
 from lcot.precompute_teacher_latents import main as precompute_main
@@ -90,22 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         results[stage] = res
     made = figures(run, Path(args.figures), args.k, train)
     (run / "results.json").write_text(json.dumps(results, indent=1))
-    rows = [("after", f"acc. without thought images (K={args.k})", "acc. with thought images",
-             "latent-teacher cosine (train)")]
-    for stage, r in results.items():
-        rows.append((stage, f"{r['without']:.3f}", f"{r['with']:.3f}" if "with" in r else "-",
-                     f"{r['cos']:.3f}" if "cos" in r else "-"))
-    print("\n" + table(rows))
+    header = ["after", f"acc. without thought images (K={args.k})", "acc. with thought images",
+              "latent-teacher cosine (train)"]
+    print("\n" + table(header, [[stage, r["without"], r.get("with"), r.get("cos")] for stage, r in results.items()]))
     print(f"\n{len(test_records)} test records; chance of always answering the most common count: "
           f"{majority_rate(test_records):.3f}. Figures: {', '.join(str(m) for m in made)}. "
           f"Took {time.time() - t0:.0f} s.")
-
-
-def majority_rate(records) -> float:
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[r.final_answer] = counts.get(r.final_answer, 0) + 1
-    return max(counts.values()) / len(records)
 
 
 if __name__ == "__main__":

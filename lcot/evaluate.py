@@ -45,11 +45,24 @@ def evaluate(model, processor, records: Sequence[Record], ks: Sequence[int], tho
     return result
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+def table(header: Sequence[str], rows: Sequence[Sequence], fmt: str = "{:.3f}") -> str:
+    """A plain-text table; floats are formatted with `fmt`, None as '-'."""
+    def cell(v) -> str:
+        return "-" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
+
+    cells = [list(header)] + [[cell(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def majority_rate(records: Sequence[Record]) -> float:
+    """Accuracy of always answering the most common final answer."""
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[normalise(r.final_answer)] = counts.get(normalise(r.final_answer), 0) + 1
+    return max(counts.values()) / len(records)
 
 
 @cli_errors
@@ -75,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {("with thought images" if t else "without thought images"): evaluate(
         model, processor, records, ks, thought_images=t, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens) for t in settings}
-    rows = [("setting", *[f"K={k}" for k in ks])]
-    rows += [(name, *[f"{r['accuracy'][k]:.3f}" for k in ks]) for name, r in results.items()]
-    print(table(rows))
+    print(table(["setting", *[f"K={k}" for k in ks]], [[name, *r["accuracy"].values()] for name, r in results.items()]))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.output}", file=sys.stderr)

@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
            "parallel pass with gradients (much faster on GPU; needed with --gradient_checkpointing)")
     a("--question_images", action="store_true", help="stage1 only: include the question images (default: none)")
     a("--skip_missing_thought", action="store_true",
-      help="stage2: skip records without thought images (and say how many) instead of stopping")
+      help="stage2/stage3: skip records without thought images (they have no teacher latents) and say how many, "
+           "instead of stopping")
     a("--epochs", type=float, default=1.0, help="passes over the training JSONL")
     a("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     a("--bsz", type=int, default=1, help="records per device per micro-batch (padded; K is shared in a batch)")
@@ -71,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     a("--save_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
     a("--bf16", action="store_true", help="load and train in bfloat16 (GPU)")
     a("--gradient_checkpointing", action="store_true", help="recompute activations (needs --latent_grad truncated)")
-    a("--freeze_vision", action="store_true", help="freeze the vision tower (always frozen in stage1)")
+    a("--freeze_vision", action="store_true",
+      help="freeze the vision tower (frozen anyway in stage1 without --question_images)")
     a("--lora", action="store_true", help="train LoRA adapters (peft) on the language model; merged at the end")
     a("--lora_r", type=int, default=16, help="LoRA rank")
     a("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
@@ -101,6 +103,9 @@ def check_dirs(args) -> None:
             if given and (out == Path(given).resolve() or out in Path(given).resolve().parents):
                 raise LcotInputError("--output_dir", f"--overwrite_output_dir would delete {out}, which holds "
                                      f"--{flag} {given}", "choose an --output_dir that holds none of the inputs")
+    if not 0 <= args.warmup_ratio < 1:
+        raise LcotInputError("--warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}",
+                             "it is the fraction of the optimizer steps spent warming up the learning rate")
     if args.latent_size < 1:
         raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
     if args.stage in ("stage2", "stage3") and not args.teacher_latent_dir:
@@ -115,7 +120,8 @@ def resume_point(args) -> str | None:
     """The checkpoint to resume from: a given folder, or the last complete one in --output_dir.
 
     Without a checkpoint yet (a run killed before its first save) training starts from step 0.
-    A checkpoint of another stage, K or LoRA setting is refused rather than silently continued.
+    A checkpoint of another stage, K, LoRA, seed (stage3's K draws), alignment or gradient mode is refused
+    rather than silently continued.
     """
     resume = args.resume_from_checkpoint
     if resume is None:
@@ -131,7 +137,7 @@ def resume_point(args) -> str | None:
                              "pass a checkpoint-N folder of an earlier run, or the flag alone for the last one in "
                              "--output_dir")
     saved = read_lcot_config(resume)
-    for key in ("stage", "latent_size", "lora"):
+    for key in ("stage", "latent_size", "lora", "seed", "align", "latent_grad"):
         if key in saved and saved[key] != getattr(args, key):
             raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with --{key} {saved[key]}, "
                                  f"this run has --{key} {getattr(args, key)}",
@@ -172,7 +178,8 @@ def train(args) -> Path:
     check_dirs(args)
     resume = resume_point(args)
     spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed)
-    records = read_records(args.train_jsonl, need_thought_images=spec.thought_images,
+    # stage3 shows no thought images, but its teacher files exist only for records that have them
+    records = read_records(args.train_jsonl, need_thought_images=spec.uses_teacher,
                            skip_missing_thought=args.skip_missing_thought)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,

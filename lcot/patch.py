@@ -161,7 +161,7 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
             post = text_forward(model, rest, attention_mask_4d, position_ids, slice(s, length), cache)
             return torch.cat([pre, post], 1), post[:, :k]
         with torch.no_grad(), no_checkpointing(model):
-            steps = runner(model, batch, length, fast)  # cache size as the teacher's pass: same numerics
+            steps = runner(model, batch, length, fast)
             h = steps.forward(embeds[:, :s], attention_mask_4d, position_ids, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], attention_mask_4d, position_ids, s, k)
         embeds = torch.cat([embeds[:, :s], latent_in.to(embeds.dtype), embeds[:, s + k:]], 1)

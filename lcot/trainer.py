@@ -122,19 +122,24 @@ class LatentTrainer(Trainer):
                     image_grid_thw=inputs["image_grid_thw"], labels=inputs["labels"], latent_mode=True,
                     latent_start=inputs["latent_start"], num_latents=inputs["num_latents"], grad=spec.latent_grad,
                     return_logits=False)
-        loss, ce = out.loss, out.loss.detach()
-        metrics = {"ce": ce.item(), "k": float(inputs["num_latents"])}
-        latents = out.latent_hidden
+        loss = out.loss
+        metrics = {"ce": out.loss.detach()}
+        latents, cos = out.latent_hidden, None
         if latents.shape[1]:
-            metrics["latent_norm"] = latents.detach().float().norm(dim=-1).mean().item()
+            metrics["latent_norm"] = latents.detach().float().norm(dim=-1).mean()
         if spec.uses_teacher and latents.shape[1]:
             align, cos = align_loss(latents, inputs["teacher"], spec.align)
             loss = loss + spec.align_weight * align
-            metrics.update(align=align.item(), cos=cos.mean().item())
-            self._add_cos(cos)
-        if not torch.isfinite(loss):
-            raise self._non_finite("loss", loss.item(), records)
-        for key, v in metrics.items():
+            metrics.update(align=align.detach(), cos=cos.mean())
+        # one device-to-host copy a micro-batch for all metrics, the finiteness check and the cosines
+        values = torch.cat([torch.stack([v.float() for v in metrics.values()] + [loss.detach().float()]),
+                            cos.float() if cos is not None else loss.new_zeros(0)]).tolist()
+        n = len(metrics)
+        if not math.isfinite(values[n]):
+            raise self._non_finite("loss", values[n], records)
+        if cos is not None:
+            self._add_cos(values[n + 1:])
+        for key, v in zip([*metrics, "k"], values[:n] + [float(inputs["num_latents"])]):
             self._sums[key] = self._sums.get(key, 0.0) + v
         self._count += 1
         return (loss, out) if return_outputs else loss
@@ -203,16 +208,12 @@ class LatentTrainer(Trainer):
         saved = type(model).from_pretrained(folder, dtype=model.dtype, local_files_only=True)
         model.load_state_dict(saved.state_dict(), strict=True)
 
-    def _add_cos(self, cos: torch.Tensor) -> None:
+    def _add_cos(self, cos: list[float]) -> None:
         """Per-position cosine summed over micro-batches; stage3's shorter K adds to the first K slots."""
-        k_all = self.spec.latent_size
-        padded = torch.full((k_all,), float("nan"))
-        padded[: cos.shape[0]] = cos.float().cpu()
         if self._cos_sum is None:
-            self._cos_sum, self._cos_n = torch.zeros(k_all), torch.zeros(k_all)
-        seen = ~padded.isnan()
-        self._cos_sum[seen] += padded[seen]
-        self._cos_n[seen] += 1
+            self._cos_sum, self._cos_n = torch.zeros(self.spec.latent_size), torch.zeros(self.spec.latent_size)
+        self._cos_sum[: len(cos)] += torch.tensor(cos)
+        self._cos_n[: len(cos)] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._count and "loss" in logs:

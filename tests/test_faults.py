@@ -36,7 +36,7 @@ FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--warm
 
 def env() -> dict[str, str]:
     # the same intra-op thread count as the test process (conftest), so float sums are ordered alike
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2",
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
 
 
