@@ -106,12 +106,7 @@ def plot_cosine_vs_k(cos_by_k: dict[int, Sequence[float]], title: str = "", ax=N
         _, ax = plt.subplots(figsize=(6, 3.5))
     for k, cos in sorted(cos_by_k.items()):
         ax.plot(range(1, len(cos) + 1), cos, marker="o", label=f"K={k}")
-    ax.set_xlabel("latent position")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("cosine to teacher")
-    ax.set_title(title or "latent-teacher cosine vs K")
-    ax.legend(fontsize=7)
-    return ax
+    return _per_position_axes(ax, "cosine to teacher", title or "latent-teacher cosine vs K", legend_size=7)
 
 
 def plot_similarity(latents: torch.Tensor, title: str = "", ax=None):
@@ -193,11 +188,16 @@ def plot_norms(norms: torch.Tensor, title: str = "", ax=None):
     for r in norms.numpy():
         ax.plot(pos, r, color="grey", lw=0.5, alpha=0.5)
     ax.plot(pos, norms.mean(0).numpy(), color="black", lw=2, marker="o", label="mean over records")
+    return _per_position_axes(ax, "L2 norm", title or "teacher latent norms", legend_size=8)
+
+
+def _per_position_axes(ax, ylabel: str, title: str, legend_size: int):
+    """Labels of a plot over latent positions (whole numbers on the x axis)."""
     ax.set_xlabel("latent position")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("L2 norm")
-    ax.set_title(title or "teacher latent norms")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
     return ax
 
 
