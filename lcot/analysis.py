@@ -15,7 +15,7 @@ import torch
 
 from lcot.collate import Collator
 from lcot.data import Record
-from lcot.evaluate import accuracy, evaluate, majority_rate, normalise, table  # noqa: F401 (re-exported)
+from lcot.evaluate import accuracy, describe, evaluate, majority_rate, normalise, table  # noqa: F401 (re-exported)
 from lcot.generate import generate_batch
 from lcot.loss import per_position_cosine
 from lcot.mask import SEGMENT_NAMES, Seg
@@ -27,10 +27,11 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _run(model, b: dict, pixel_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model, b: dict, pixel_values: torch.Tensor | None = None, feed: str = "continuous"
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     pv = b["pixel_values"] if pixel_values is None else pixel_values
     return latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"],
-                                b["num_latents"], pv, b["image_grid_thw"])
+                                b["num_latents"], pv, b["image_grid_thw"], feed=feed)
 
 
 def _batches(items: Sequence, size: int):
@@ -212,8 +213,9 @@ def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None)
 
 @torch.no_grad()
 def latent_inputs(model, processor, records: Sequence[Record], k: int, thought_images: bool = False,
-                  batch_size: int = 16) -> torch.Tensor:
-    """(N, K, H): what each record feeds its own latent slots: [h(<abs_vis_token>), out_1 .. out_{K-1}].
+                  batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
+    """(N, K, H): what each record feeds its own latent slots: [h(<abs_vis_token>), out_1 .. out_{K-1}]
+    (with feed="pause": the <abs_vis_token_pad> embedding at every slot).
 
     The same recurrence as generation (`latent_hidden_states` on the collator's batch).
     """
@@ -221,13 +223,54 @@ def latent_inputs(model, processor, records: Sequence[Record], k: int, thought_i
     out = []
     for _, chunk in _batches(records, batch_size):
         b = _to(collate(chunk), model.device)
+        if feed == "pause":
+            out.append(model.get_input_embeddings()(b["input_ids"][:, b["latent_start"]:][:, :k]).cpu())
+            continue
         hidden, lat = _run(model, b)
         s = b["latent_start"]
         out.append(torch.cat([hidden[:, s - 1:s], lat[:, :-1]], 1).cpu())
     return torch.cat(out)
 
 
-CONDITIONS = ("normal", "zeros", "other sample", "pad embedding")
+CONDITIONS = ("normal", "zero", "shuffle", "mean", "noise", "pad embedding")
+
+
+def derangement(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A random permutation of range(n) that moves every element (n >= 2)."""
+    if n < 2:
+        raise ValueError("a derangement needs at least 2 elements")
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if not (perm == torch.arange(n)).any():
+            return perm
+
+
+def intervene(own: torch.Tensor, condition: str, seed: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The latent inputs (N, K, H) that replace each record's own in one causal-use condition.
+
+    normal: None (the model's own recurrence); zero: zeros; shuffle: another record's latents (every record
+    gets someone else's); mean: the mean latent over the records, per position; noise: Gaussian noise with the
+    norm of the latent it replaces; pad embedding: the <abs_vis_token_pad> embedding `pad` (H,), what a pause
+    model sees.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    own = own.float()
+    if condition == "normal":
+        return None
+    if condition == "zero":
+        return torch.zeros_like(own)
+    if condition == "shuffle":
+        return own[derangement(own.shape[0], gen)]
+    if condition == "mean":
+        return own.mean(0, keepdim=True).expand_as(own).clone()
+    if condition == "noise":
+        noise = torch.randn(own.shape, generator=gen)
+        return noise / noise.norm(dim=-1, keepdim=True) * own.norm(dim=-1, keepdim=True)
+    if condition == "pad embedding":
+        if pad is None:
+            raise ValueError("the pad-embedding condition needs the embedding")
+        return pad.float().expand_as(own).clone()
+    raise ValueError(f"unknown condition {condition!r}; choose from {CONDITIONS}")
 
 
 @dataclass
@@ -238,15 +281,14 @@ class CausalUse:
     answers: dict[str, list[str]]
 
     def summary(self) -> str:
-        rows = [[c, self.accuracy[c], self.changed[c]] for c in self.accuracy]
+        rows = [[c, describe(self.accuracy[c], self.answers[c]), self.changed[c]] for c in self.accuracy]
         return table(["latent inputs", "accuracy", "answers changed"], rows)
 
 
 @torch.no_grad()
 def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: int = 16, max_new_tokens: int = 8,
-               conditions: Sequence[str] = CONDITIONS) -> CausalUse:
-    """Answer accuracy when the latent inputs are the model's own (normal), zeros, another sample's, or the
-    plain <abs_vis_token_pad> embedding (what a model without continuous thought would see).
+               conditions: Sequence[str] = CONDITIONS, seed: int = 0, feed: str = "continuous") -> CausalUse:
+    """Answer accuracy when the latent inputs are the model's own (normal) or replaced (see `intervene`).
 
     Inference setting: no thought images. If the answers never change, the answer does not use the latents.
     """
@@ -257,21 +299,18 @@ def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: 
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
-    own = latent_inputs(model, processor, records, k, batch_size=batch_size)
-    hidden = own.shape[-1]
+    own = latent_inputs(model, processor, records, k, batch_size=batch_size, feed=feed)
     pad_id = processor.tokenizer.convert_tokens_to_ids("<abs_vis_token_pad>")
     pad = model.get_input_embeddings().weight[pad_id].detach().float().cpu()
-    feeds = {"normal": None, "zeros": torch.zeros_like(own), "other sample": own.roll(1, 0),
-             "pad embedding": pad.expand(len(records), k, hidden)}
     answers: dict[str, list[str]] = {}
     acc: dict[str, float] = {}
     for cond in conditions:
+        feeds = intervene(own, cond, seed, pad)
         gens = []
         for start, chunk in _batches(records, batch_size):
-            feed = feeds[cond]
-            if feed is not None:
-                feed = feed[start:start + len(chunk)].to(model.device, model.dtype)
-            gens += generate_batch(model, processor, chunk, k, max_new_tokens=max_new_tokens, latent_inputs=feed)
+            feed_in = feeds[start:start + len(chunk)].to(model.device, model.dtype) if feeds is not None else None
+            gens += generate_batch(model, processor, chunk, k, max_new_tokens=max_new_tokens, latent_inputs=feed_in,
+                                   feed=feed)
         answers[cond] = [g.answer for g in gens]
         acc[cond] = accuracy(gens, records)
     base = answers.get("normal")

@@ -12,18 +12,23 @@ then run for the whole batch at once.
 
 Position invariance: every token that is not part of a thought image gets the M-RoPE position it
 would get if the thought images were absent (positions are computed on the sequence without them).
-The thought images themselves are laid out where the first of them starts in the full sequence,
-i.e. at the position <abs_vis_token> has, overlapping the latent positions. The teacher (thought
-images shown) and the student (stage3, inference) thus compute their latents at the very same
-positions, and stage2's answer tokens see the same positions as at inference.
+The thought images themselves are laid out by `thought_positions`: "overlap" starts them where they
+start in the full sequence, i.e. at the position <abs_vis_token> has, overlapping the latent positions;
+"before" ends them right before <abs_vis_token>, as in the token order, so the last thought image is
+the nearest one to the latents. The teacher (thought images shown) and the student (stage3, inference)
+thus compute their latents at the very same positions, and stage2's answer tokens see the same positions
+as at inference.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from lcot.data import Record, load_image
@@ -31,6 +36,7 @@ from lcot.mask import Seg, build_mask
 from lcot.tokens import TokenIds
 
 IGNORE = -100
+THOUGHT_POSITIONS = "overlap"  # the default layout of thought images (see the module docstring)
 
 
 class RopeIndex:
@@ -47,26 +53,77 @@ class RopeIndex:
         return pos
 
 
+class PixelCodec:
+    """Exact uint8 codes for pixel_values: the image processor rescales and normalises uint8 pixels per
+    channel, so each value is one of 256 per channel. Codes take a quarter of the memory of float32;
+    a row that would not round-trip exactly is kept as float32 instead."""
+
+    def __init__(self, image_processor) -> None:
+        self.lut: torch.Tensor | None = None
+        try:
+            x = np.tile(np.arange(256, dtype=np.uint8)[None, None, :], (3, 1, 1))
+            ip = image_processor
+            lut = ip.normalize(ip.rescale(x, ip.rescale_factor), ip.image_mean, ip.image_std)
+            self.lut = torch.from_numpy(np.ascontiguousarray(lut[:, 0, :], dtype=np.float32))  # (3, 256)
+        except (AttributeError, TypeError, ValueError):  # another processor: keep float32
+            pass
+
+    def encode(self, pv: torch.Tensor) -> torch.Tensor:
+        if self.lut is None or pv.dtype != torch.float32 or pv.shape[1] % 3:
+            return pv
+        rows = pv.reshape(pv.shape[0], 3, -1)
+        codes = torch.stack([torch.searchsorted(self.lut[c], rows[:, c].contiguous()).clamp(max=255)
+                             for c in range(3)], 1).to(torch.uint8)
+        return codes if torch.equal(self.decode(codes), pv) else pv
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        if stored.dtype != torch.uint8:
+            return stored
+        return torch.stack([self.lut[c][stored[:, c].long()] for c in range(3)], 1).reshape(stored.shape[0], -1)
+
+
+@dataclass
+class Encoded:
+    """One record in one setting: everything the batch needs from it, independent of the other rows."""
+
+    prefix: list[int]  # ids through <abs_vis_token>
+    prefix_segments: list[int]
+    suffix: list[int]  # latent slots, </abs_vis_token>, answer (or reserved columns)
+    suffix_segments: list[int]
+    positions: torch.Tensor  # (3, len(prefix) + len(suffix)) M-RoPE positions
+    pixels: torch.Tensor | None  # pixel_values rows (float32, or PixelCodec's uint8 codes)
+    grids: torch.Tensor | None  # (images, 3)
+
+
 class Collator:
     """Build batches for one setting: K latent slots, with or without question/thought images.
 
+    visual_cot=True shows the thought images to the answer too (see lcot.mask).
     with_answer=False builds a generation prompt instead: the prefix, K slots, </abs_vis_token> and
     `reserve` answer columns to be filled by decoding (their mask rows and positions are ready).
+    cache=True keeps every record's encoding (tokens, positions, exact pixel codes) in memory, so images
+    are read and processed once per run (`prepare` fills it up front); the batches are identical.
     """
 
     def __init__(self, processor, config, num_latents: int, thought_images: bool,
-                 question_images: bool = True, with_answer: bool = True, reserve: int = 0) -> None:
+                 question_images: bool = True, with_answer: bool = True, reserve: int = 0,
+                 visual_cot: bool = False, cache: bool = False, thought_positions: str | None = None) -> None:
         if num_latents < 0:
             raise ValueError(f"num_latents must be >= 0, got {num_latents}")
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.ids = TokenIds.from_tokenizer(self.tokenizer)
         self.k, self.thought_images, self.question_images = num_latents, thought_images, question_images
-        self.with_answer, self.reserve = with_answer, reserve
+        self.with_answer, self.reserve, self.visual_cot = with_answer, reserve, visual_cot
         self.merge = config.vision_config.spatial_merge_size
         self.rope = RopeIndex(config)
+        self.codec = PixelCodec(processor.image_processor)
+        self.thought_positions = thought_positions or THOUGHT_POSITIONS
+        if self.thought_positions not in ("overlap", "before"):
+            raise ValueError(f"thought_positions must be 'overlap' or 'before', got {self.thought_positions!r}")
+        self.cache: dict[int, Encoded] | None = {} if cache else None
 
     # -- one record -> token pieces -------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _image_tokens(self, grid: torch.Tensor, seg: Seg) -> tuple[list[int], list[int]]:
@@ -82,7 +139,7 @@ class Collator:
                                                     add_generation_prompt=True)
         ids, segs = [], []
         grid_iter = iter(grids)
-        for tok in self._encode(prompt):
+        for tok in self._encode_text(prompt):
             if tok == self.ids.image_pad:  # expand the placeholder; <|vision_start|> before it is image too
                 n = int(next(grid_iter).prod()) // self.merge**2
                 segs[-1] = Seg.QUESTION_IMAGE
@@ -99,66 +156,84 @@ class Collator:
         segs.append(Seg.ANSWER)
         suffix = [self.ids.latent_pad] * self.k + [self.ids.latent_end]
         if self.with_answer:
-            suffix += self._encode("\n" + rec.final_answer) + [self.ids.im_end]
+            suffix += self._encode_text("\n" + rec.final_answer) + [self.ids.im_end]
         else:
             suffix += [self.ids.pad] * self.reserve
         return ids, segs, suffix, [Seg.LATENT] * self.k + [Seg.ANSWER] * (len(suffix) - self.k)
 
-    def _images(self, records: Sequence[Record]) -> tuple[list, list[bool]]:
-        images, is_thought = [], []
-        for rec in records:
-            paths = (list(rec.question_images) if self.question_images else [])
-            flags = [False] * len(paths)
-            if self.thought_images:
-                paths += list(rec.thought_images)
-                flags += [True] * len(rec.thought_images)
-            images += [load_image(p) for p in paths]
-            is_thought += flags
-        return images, is_thought
+    def _image_paths(self, rec: Record) -> tuple[list, list[bool]]:
+        paths = list(rec.question_images) if self.question_images else []
+        thought = [False] * len(paths)
+        if self.thought_images:
+            paths += list(rec.thought_images)
+            thought += [True] * len(rec.thought_images)
+        return paths, thought
+
+    def encode(self, rec: Record) -> Encoded:
+        """The record's tokens, segments, positions and pixel values (from the cache when it has them)."""
+        if self.cache is not None and rec.idx in self.cache:
+            return self.cache[rec.idx]
+        paths, is_thought = self._image_paths(rec)
+        pixels = grid_thw = None
+        if paths:
+            out = self.processor.image_processor(images=[load_image(p) for p in paths], return_tensors="pt")
+            pixels, grid_thw = out["pixel_values"], out["image_grid_thw"]
+        pre, pre_seg, suf, suf_seg = self._record(rec, list(grid_thw) if grid_thw is not None else [])
+        ids, segs = torch.tensor([pre + suf]), torch.tensor([pre_seg + suf_seg])
+        positions = self._positions(ids, segs, grid_thw, is_thought)[:, 0]
+        enc = Encoded(pre, pre_seg, suf, suf_seg, positions, pixels, grid_thw)
+        if self.cache is not None:
+            enc.pixels = self.codec.encode(pixels) if pixels is not None else None
+            self.cache[rec.idx] = enc
+        return enc
+
+    def prepare(self, records: Sequence[Record], progress: bool = True) -> None:
+        """Fill the cache (cache=True) for every record, with a progress bar: images are read once."""
+        if self.cache is None:
+            raise ValueError("prepare() needs a Collator built with cache=True")
+        for rec in tqdm(records, desc="preprocess records", unit="rec", disable=not progress):
+            self.encode(rec)
 
     # -- batch ------------------------------------------------------------------------------------
     def __call__(self, records: Sequence[Record]) -> dict:
-        images, is_thought = self._images(records)
-        pixel_values = grid_thw = None
-        if images:
-            out = self.processor.image_processor(images=images, return_tensors="pt")
-            pixel_values, grid_thw = out["pixel_values"], out["image_grid_thw"]
-        grids = list(grid_thw) if grid_thw is not None else []
-        pieces, start = [], 0
-        for rec in records:
-            n = (len(rec.question_images) if self.question_images else 0) + (
-                len(rec.thought_images) if self.thought_images else 0)
-            pieces.append(self._record(rec, grids[start:start + n]))
-            start += n
-        n_pre = max(len(p[0]) for p in pieces)
-        n_suf = max(len(p[2]) for p in pieces)
+        enc = [self.encode(r) for r in records]
+        n_pre = max(len(e.prefix) for e in enc)
+        n_suf = max(len(e.suffix) for e in enc)
         b, length = len(records), n_pre + n_suf
         input_ids = torch.full((b, length), self.ids.pad, dtype=torch.long)
         segments = torch.full((b, length), int(Seg.PAD), dtype=torch.long)
-        for i, (pre, pre_seg, suf, suf_seg) in enumerate(pieces):
-            lo, hi = n_pre - len(pre), n_pre + len(suf)
-            input_ids[i, lo:hi] = torch.tensor(pre + suf)
-            segments[i, lo:hi] = torch.tensor(pre_seg + suf_seg)
+        position_ids = torch.zeros((3, b, length), dtype=torch.long)  # padding: get_rope_index's fill value
+        for i, e in enumerate(enc):
+            lo, hi = n_pre - len(e.prefix), n_pre + len(e.suffix)
+            input_ids[i, lo:hi] = torch.tensor(e.prefix + e.suffix)
+            segments[i, lo:hi] = torch.tensor(e.prefix_segments + e.suffix_segments)
+            position_ids[:, i, lo:hi] = e.positions
+        pixel_values = grid_thw = None
+        if any(e.grids is not None for e in enc):
+            pixel_values = torch.cat([self.codec.decode(e.pixels) for e in enc if e.pixels is not None])
+            grid_thw = torch.cat([e.grids for e in enc if e.grids is not None])
         labels = torch.where((segments == Seg.ANSWER) & self.with_answer, input_ids, IGNORE)
-        attention_mask = (segments != Seg.PAD).long()
-        mm_types = (input_ids == self.ids.image_pad).int()
-        position_ids = self._positions(input_ids, mm_types, segments, grid_thw, is_thought)
         return {
-            "input_ids": input_ids, "attention_mask": attention_mask, "segments": segments,
-            "attention_mask_4d": build_mask(segments), "position_ids": position_ids,
-            "mm_token_type_ids": mm_types, "pixel_values": pixel_values, "image_grid_thw": grid_thw,
-            "labels": labels, "latent_start": n_pre, "num_latents": self.k,
+            "input_ids": input_ids, "attention_mask": (segments != Seg.PAD).long(), "segments": segments,
+            "attention_mask_4d": build_mask(segments, self.visual_cot), "position_ids": position_ids,
+            "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
+            "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.k,
             "idx": torch.tensor([r.idx for r in records]),
         }
 
-    def _positions(self, input_ids, mm_types, segments, grid_thw, is_thought: list[bool]) -> torch.Tensor:
+    def _positions(self, input_ids, segments, grid_thw, is_thought: list[bool]) -> torch.Tensor:
         """3D M-RoPE positions, invariant to the thought images (see the module docstring)."""
+        mm_types = (input_ids == self.ids.image_pad).int()
         valid = segments != Seg.PAD
         thought = segments == Seg.THOUGHT_IMAGE
         student_grids = grid_thw[[not t for t in is_thought]] if grid_thw is not None else None
         pos = self.rope(input_ids, mm_types, student_grids, (valid & ~thought).long())
         if thought.any():
             full = self.rope(input_ids, mm_types, grid_thw, valid.long())
+            if self.thought_positions == "before":  # shift them back by their span: they end before <abs_vis_token>
+                col = (input_ids == self.ids.latent_start).int().argmax(1)
+                rows = torch.arange(len(col))
+                full = full - (full[:, rows, col] - pos[:, rows, col])[:, :, None]
             pos = torch.where(thought[None], full, pos)
         return pos
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -49,6 +49,7 @@ class Record:
     thought_images: tuple[Path, ...]
     where: str  # "file:line", for messages
     digest: str  # hash of the raw line's content, stored with teacher latents
+    extra: dict = field(default_factory=dict, compare=False, hash=False)  # the line's other fields (e.g. "hops")
 
 
 def final_answer(answer: str, where: str = "") -> str:
@@ -129,7 +130,8 @@ def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bo
                   final_answer=final_answer(obj["answer"], where),
                   question_images=images["question_image_paths"],
                   thought_images=images["thought_image_paths"], where=where,
-                  digest=hashlib.sha256(canonical.encode()).hexdigest()[:16])
+                  digest=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+                  extra={k: v for k, v in obj.items() if k not in FIELDS})
 
 
 def read_records(path: str | Path, need_thought_images: bool = False, skip_missing_thought: bool = False,

@@ -1,4 +1,9 @@
-"""Accuracy (exact match of the normalised final answer) on a JSONL with ground truth, for one or more K."""
+"""Accuracy (exact match of the normalised final answer) on a JSONL with ground truth, for one or more K.
+
+Numbers that show nothing say so where they are printed: a model that gives one answer to every record
+is marked as a constant predictor, and a thought-image benefit (accuracy with thought images minus
+without) near zero is flagged, since alignment to such a teacher teaches nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import torch
 
 from lcot.data import Record, read_records
 from lcot.errors import cli_errors
-from lcot.generate import Generation, add_model_args, default_k, generate
+from lcot.generate import Generation, add_model_args, default_k, generate, trained_feed
+
+BENEFIT_NEAR_ZERO = 0.05  # a thought-image benefit below this is reported as "near zero"
 
 
 def normalise(answer: str) -> str:
@@ -34,15 +41,59 @@ def accuracy(gens: Sequence[Generation], records: Sequence[Record]) -> float:
     return sum(normalise(g.answer) == truth[g.idx] for g in gens) / max(len(gens), 1)
 
 
+def constant_answer(answers: Sequence[str]) -> str | None:
+    """The one answer given to every record (normalised), or None when the answers vary (or are < 2)."""
+    found = {normalise(a) for a in answers}
+    return found.pop() if len(answers) > 1 and len(found) == 1 else None
+
+
+def describe(acc: float, answers: Sequence[str]) -> str:
+    """An accuracy as printed: '0.412', or '0.146 (answers "1" for every record)' for a constant predictor."""
+    const = constant_answer(answers)
+    return f"{acc:.3f}" + (f' (answers "{const}" for every record)' if const is not None else "")
+
+
+def by_group(correct: Sequence[bool], groups: Sequence) -> dict:
+    """{group value: accuracy} over the records of each group, sorted by group."""
+    out: dict = {}
+    for g in sorted(set(groups), key=str):
+        hits = [c for c, gg in zip(correct, groups) if gg == g]
+        out[g] = sum(hits) / len(hits)
+    return out
+
+
 def evaluate(model, processor, records: Sequence[Record], ks: Sequence[int], thought_images: bool = False,
-             **kwargs) -> dict:
-    """{"accuracy": {K: acc}, "predictions": {K: [...]}} for each K; kwargs go to generate."""
-    result: dict = {"thought_images": thought_images, "n": len(records), "accuracy": {}, "predictions": {}}
+             difficulty: str | None = None, **kwargs) -> dict:
+    """{"accuracy": {K: acc}, "predictions": {K: [...]}, "constant": {K: answer or None}} for each K.
+
+    difficulty: an extra JSONL field (e.g. "hops"); adds "by_difficulty": {K: {value: acc}}.
+    kwargs go to generate (feed, visual_cot, batch_size, ...).
+    """
+    result: dict = {"thought_images": thought_images, "n": len(records), "accuracy": {}, "predictions": {},
+                    "constant": {}}
+    if difficulty:
+        result["by_difficulty"] = {}
+    truth = {r.idx: normalise(r.final_answer) for r in records}
     for k in ks:
         gens = generate(model, processor, records, k, thought_images=thought_images, **kwargs)
         result["accuracy"][k] = accuracy(gens, records)
+        result["constant"][k] = constant_answer([g.answer for g in gens])
         result["predictions"][k] = [{"idx": g.idx, "output": g.text, "answer": g.answer} for g in gens]
+        if difficulty:
+            correct = [normalise(g.answer) == truth[g.idx] for g in gens]
+            result["by_difficulty"][k] = by_group(correct, [r.extra.get(difficulty) for r in records])
     return result
+
+
+def benefit_line(with_acc: float, without_acc: float, what: str = "teacher") -> str:
+    """The thought-image benefit (accuracy with minus without), with a plain warning when it is near zero."""
+    gain = with_acc - without_acc
+    line = f"{what} thought-image benefit: {gain:+.3f} (accuracy {with_acc:.3f} with thought images, " \
+           f"{without_acc:.3f} without)"
+    if gain < BENEFIT_NEAR_ZERO:
+        line += (f"\nWARNING: the thought-image benefit is near zero (< {BENEFIT_NEAR_ZERO}): this model does not "
+                 "use its thought images, so aligning latents to it teaches nothing it could not learn without them")
+    return line
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence], fmt: str = "{:.3f}") -> str:
@@ -75,20 +126,41 @@ def main(argv: list[str] | None = None) -> None:
                    help="K values to sweep (default: the trained Kmax)")
     p.add_argument("--with_thought_images", action="store_true",
                    help="also report the teacher setting (thought images shown to the latents)")
+    p.add_argument("--visual_cot", action="store_true",
+                   help="with thought images, show them to the answer too (the visual-CoT upper bound; the default "
+                        "for a model trained with --stage vcot)")
+    p.add_argument("--difficulty_field", default=None,
+                   help="an extra JSONL field to break accuracy down by (e.g. hops)")
     p.add_argument("--output", help="write results as JSON here (default: print only)")
     args = p.parse_args(argv)
     from lcot.load import load
+    from lcot.trainer import read_lcot_config
 
     ks = args.latent_sizes or [default_k(args.model_name_or_path)]
     records = read_records(args.eval_jsonl, need_thought_images=args.with_thought_images)
     model, processor = load(args.model_name_or_path, torch.bfloat16 if args.bf16 else torch.float32, args.device,
                             max_pixels=args.max_pixels)
     model.eval()
+    visual_cot = args.visual_cot or read_lcot_config(args.model_name_or_path).get("stage") == "vcot"
     settings = [False, True] if args.with_thought_images else [False]
     results = {("with thought images" if t else "without thought images"): evaluate(
-        model, processor, records, ks, thought_images=t, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens) for t in settings}
-    print(table(["setting", *[f"K={k}" for k in ks]], [[name, *r["accuracy"].values()] for name, r in results.items()]))
+        model, processor, records, ks, thought_images=t, batch_size=args.batch_size, difficulty=args.difficulty_field,
+        max_new_tokens=args.max_new_tokens, feed=trained_feed(args.model_name_or_path), visual_cot=visual_cot and t)
+        for t in settings}
+    rows = [[name, *[describe(r["accuracy"][k], [x["answer"] for x in r["predictions"][k]]) for k in ks]]
+            for name, r in results.items()]
+    print(table(["setting", *[f"K={k}" for k in ks]], rows))
+    print(f"majority-answer rate: {majority_rate(records):.3f}")
+    if args.difficulty_field:
+        for name, r in results.items():
+            diffs = sorted({d for k in ks for d in r["by_difficulty"][k]}, key=str)
+            print(f"\n{name}, by {args.difficulty_field}:")
+            print(table([args.difficulty_field, *[f"K={k}" for k in ks]],
+                        [[d, *[r["by_difficulty"][k].get(d) for k in ks]] for d in diffs]))
+    if args.with_thought_images:
+        for k in ks:
+            print(benefit_line(results["with thought images"]["accuracy"][k],
+                               results["without thought images"]["accuracy"][k], f"K={k}:"))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.output}", file=sys.stderr)

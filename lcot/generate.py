@@ -75,8 +75,12 @@ class _Phases:
 def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_tokens: int = 32,
                    question_images: bool = True, thought_images: bool = False, temperature: float = 0.0,
                    latent_inputs: torch.Tensor | None = None, seed: int = 0, fast: str | bool | None = None,
-                   timings: dict | None = None) -> list[Generation]:
+                   timings: dict | None = None, feed: str = "continuous", visual_cot: bool = False
+                   ) -> list[Generation]:
     """One batch. `latent_inputs` (B, K, H), if given, replaces the fed-back latents (causal-use checks).
+
+    feed: "continuous" (the method) or "pause" (the control: slots take the <abs_vis_token_pad> embedding);
+    visual_cot: with thought images, show them to the answer too (the visual-CoT upper bound).
 
     fast: the cache and steps (see lcot.fast): None = $LCOT_FAST or "auto" (static cache + CUDA graphs on
     CUDA, latent and decoding steps alike; the dynamic cache on CPU). `timings`, if a dict, receives the
@@ -85,7 +89,7 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
     from lcot.fast import runner
 
     collate = Collator(processor, model.config, k, thought_images=thought_images, question_images=question_images,
-                       with_answer=False, reserve=max_new_tokens)
+                       with_answer=False, reserve=max_new_tokens, visual_cot=visual_cot)
     b = {key: v.to(model.device) if torch.is_tensor(v) else v for key, v in collate(records).items()}
     mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
     clock = _Phases(timings, model.device)
@@ -93,6 +97,8 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
     steps = runner(model, len(records), b["input_ids"].shape[1], fast)
     h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))[:, -1:]
     clock("prefix")
+    if latent_inputs is None and feed == "pause":
+        latent_inputs = embeds[:, s:s + k]
     if latent_inputs is None:
         _, latents = steps.run(h, mask, pos, s, k)
     else:
@@ -149,6 +155,13 @@ def default_k(model_path: str) -> int:
     return int(read_lcot_config(model_path).get("latent_size", 32))
 
 
+def trained_feed(model_path: str) -> str:
+    """How the model's latent slots were fed in training ("continuous" unless lcot.json says "pause")."""
+    from lcot.trainer import read_lcot_config
+
+    return read_lcot_config(model_path).get("latent_feed", "continuous")
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lcot.generate", description=__doc__,
@@ -170,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load(args.model_name_or_path, torch.bfloat16 if args.bf16 else torch.float32, args.device,
                             max_pixels=args.max_pixels)
     gens = generate(model.eval(), processor, records, k, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    feed=trained_feed(args.model_name_or_path))
     rows = [{"idx": g.idx, "k": g.k, "output": g.text, "answer": g.answer} for g in gens]
     for row in rows:
         print(f"[{row['idx']}] {row['output']}")

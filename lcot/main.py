@@ -41,15 +41,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcot.main", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", required=True, choices=["stage1", "stage2", "stage3"],
-      help="stage1: format warm-up without images; stage2: question + thought images, 4D mask, CE + align; "
+    a("--stage", required=True, choices=["stage1", "vcot", "stage2", "stage3"],
+      help="stage1: format warm-up without images; vcot: visual-CoT warm-up, question + thought images visible to "
+           "every later token (the answer too), CE only (for models trained from scratch, see README); "
+           "stage2: question + thought images, 4D mask, CE + align; "
            "stage3: no thought images, K sampled in 1..latent_size each step, CE + align")
     a("--model_name_or_path", required=True, help="local checkpoint folder (a real Qwen2.5-VL, the tiny model, or "
       "the previous stage's output); never written to")
     a("--train_jsonl", required=True, help="training records (JSONL, see README)")
     a("--output_dir", required=True, help="where checkpoints and the final model go")
-    a("--teacher_latent_dir", help="teacher latents from lcot.precompute_teacher_latents (stage2, stage3)")
-    a("--latent_size", type=int, default=32, help="K latent slots (stage1, stage2) or Kmax (stage3)")
+    a("--teacher_latent_dir", help="teacher latents from lcot.precompute_teacher_latents (stage2, stage3; not "
+      "needed with --align_weight 0)")
+    a("--latent_size", type=int, default=32, help="K latent slots (stage1, vcot, stage2; 0 = no latent slots, the "
+      "answer right after the question) or Kmax (stage3)")
+    a("--latent_feed", choices=["continuous", "pause"], default="continuous",
+      help="continuous: each latent slot's input is the previous position's last hidden state (the method); "
+           "pause: the control, every slot's input is one learned embedding and nothing is fed back")
     a("--align_weight", type=float, default=1.0, help="weight of the alignment loss (stage2, stage3)")
     a("--align", choices=["cosine", "mse"], default="cosine", help="alignment: 1 - cosine along hidden, or MSE")
     a("--latent_grad", choices=["full", "truncated"], default="full",
@@ -63,7 +70,9 @@ def parser() -> argparse.ArgumentParser:
     a("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     a("--bsz", type=int, default=1, help="records per device per micro-batch (padded; K is shared in a batch)")
     a("--grad_accum_steps", type=int, default=8, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW, linear decay)")
+    a("--lr", type=float, default=1e-5, help="peak learning rate (AdamW)")
+    a("--lr_scheduler", choices=["linear", "cosine", "constant"], default="linear",
+      help="learning-rate schedule after the warm-up")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     a("--warmup_ratio", type=float, default=0.03, help="fraction of steps for LR warm-up")
     a("--seed", type=int, default=42, help="seed of init, data order and stage3's K draws")
@@ -80,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
     a("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
     a("--lora_targets", default=LORA_TARGETS, help="comma-separated module names in the language model")
     a("--max_pixels", type=int, default=None, help="image processor max_pixels (default: the checkpoint's)")
+    a("--preprocess", action="store_true",
+      help="read and process every record's images (and teacher latents) once, before training, and keep them in "
+           "memory (exact uint8 pixel codes): much faster for small images, memory-hungry for large datasets")
+    a("--num_workers", type=int, default=0, help="DataLoader worker processes that build batches")
     a("--attn_implementation", default="sdpa", choices=["sdpa", "eager"],
       help="attention kernel of the language model (the 4D mask works with both)")
     a("--resume_from_checkpoint", nargs="?", const="last", default=None,
@@ -106,11 +119,14 @@ def check_dirs(args) -> None:
     if not 0 <= args.warmup_ratio < 1:
         raise LcotInputError("--warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}",
                              "it is the fraction of the optimizer steps spent warming up the learning rate")
-    if args.latent_size < 1:
-        raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
-    if args.stage in ("stage2", "stage3") and not args.teacher_latent_dir:
+    least = 1 if args.stage in ("stage2", "stage3") else 0  # stage2 shows thought images only to latent slots
+    if args.latent_size < least:
+        raise LcotInputError("--latent_size", f"must be >= {least} for {args.stage}, got {args.latent_size}",
+                             "0 (no latent slots, the answer right after the question) is for stage1 and vcot")
+    if args.stage in ("stage2", "stage3") and args.align_weight > 0 and not args.teacher_latent_dir:
         raise LcotInputError("--teacher_latent_dir", f"{args.stage} needs teacher latents",
-                             "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir")
+                             "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir "
+                             "(or train with --align_weight 0, without alignment)")
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses")
@@ -137,7 +153,7 @@ def resume_point(args) -> str | None:
                              "pass a checkpoint-N folder of an earlier run, or the flag alone for the last one in "
                              "--output_dir")
     saved = read_lcot_config(resume)
-    for key in ("stage", "latent_size", "lora", "seed", "align", "latent_grad"):
+    for key in ("stage", "latent_size", "lora", "seed", "align", "latent_grad", "latent_feed"):
         if key in saved and saved[key] != getattr(args, key):
             raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with --{key} {saved[key]}, "
                                  f"this run has --{key} {getattr(args, key)}",
@@ -164,11 +180,15 @@ def training_args(args, freeze_vision: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.bsz,
         gradient_accumulation_steps=args.grad_accum_steps, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_ratio, seed=args.seed,
+        learning_rate=args.lr, lr_scheduler_type=("constant_with_warmup" if args.lr_scheduler == "constant" else
+                                                  args.lr_scheduler),
+        # transformers 5.17 reads a float in [0, 1) given as warmup_steps as a ratio (warmup_ratio is deprecated)
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_ratio, seed=args.seed,
         data_seed=args.seed, logging_steps=args.logging_steps, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, report_to=[],
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
+        use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=not freeze_vision, save_only_model=False)
 
 
@@ -177,9 +197,10 @@ def train(args) -> Path:
 
     check_dirs(args)
     resume = resume_point(args)
-    spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed)
+    spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed,
+                     args.latent_feed)
     # stage3 shows no thought images, but its teacher files exist only for records that have them
-    records = read_records(args.train_jsonl, need_thought_images=spec.uses_teacher,
+    records = read_records(args.train_jsonl, need_thought_images=spec.uses_teacher or spec.thought_images,
                            skip_missing_thought=args.skip_missing_thought)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,
@@ -194,11 +215,16 @@ def train(args) -> Path:
     if args.lora:
         model = apply_lora(model, args)
     collator = Collator(processor, model.config, args.latent_size, thought_images=spec.thought_images,
-                        question_images=args.stage != "stage1" or args.question_images)
+                        question_images=args.stage != "stage1" or args.question_images, visual_cot=spec.visual_cot,
+                        cache=args.preprocess)
+    data_collator = TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype,
+                                 cache=args.preprocess)
+    if args.preprocess:
+        data_collator.prepare(records)
     info = {"stage": args.stage, "latent_size": args.latent_size, "base_model": str(args.model_name_or_path),
             "teacher_latent_dir": args.teacher_latent_dir, "align_weight": args.align_weight, "align": args.align,
             "latent_grad": args.latent_grad, "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD},
-            "lora": args.lora, "seed": args.seed}
+            "lora": args.lora, "seed": args.seed, "latent_feed": args.latent_feed}
     if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
         from accelerate import PartialState
 
@@ -208,7 +234,7 @@ def train(args) -> Path:
         state.wait_for_everyone()
     trainer = LatentTrainer(
         model=model, args=training_args(args, freeze_vision), train_dataset=records,
-        data_collator=TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype),
+        data_collator=data_collator,
         processing_class=processor, spec=spec, callbacks=[LcotConfigCallback(info)])
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model

@@ -1,8 +1,9 @@
 """The one 4D attention-mask builder, from per-token segment labels.
 
 Rule: causal; thought-image tokens are visible only to latent slots (and, causally, to themselves);
-padding is invisible; everything else is plain causal. A padding query row attends to itself only,
-so no row is empty (an empty row gives NaN with eager attention).
+padding is invisible; everything else is plain causal. The visual-CoT rule (`visual_cot=True`, the
+from-scratch warm-up and the upper bound) lets every later token see the thought images, the answer too.
+A padding query row attends to itself only, so no row is empty (an empty row gives NaN with eager attention).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ class Seg(IntEnum):
 SEGMENT_NAMES = {s: s.name.lower().replace("_", " ") for s in Seg}
 
 
-def build_mask(segments: torch.Tensor) -> torch.Tensor:
+def build_mask(segments: torch.Tensor, visual_cot: bool = False) -> torch.Tensor:
     """(B, L) segment labels -> (B, 1, L, L) bool mask, True = query (row) may attend key (column)."""
     _, length = segments.shape
     idx = torch.arange(length, device=segments.device)
     causal = idx[None, :] <= idx[:, None]  # (L, L)
     q, k = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
-    key_ok = (k != Seg.PAD) & ((k != Seg.THOUGHT_IMAGE) | (q == Seg.LATENT) | (q == Seg.THOUGHT_IMAGE))
+    readers = (q == Seg.LATENT) | (q == Seg.THOUGHT_IMAGE) | visual_cot
+    key_ok = (k != Seg.PAD) & ((k != Seg.THOUGHT_IMAGE) | readers)
     allowed = (causal & key_ok) | torch.eye(length, dtype=torch.bool, device=segments.device)
     return allowed[:, None]
 

@@ -23,6 +23,8 @@ from lcot.loss import ce_loss
 from lcot.mask import additive
 
 GradMode = Literal["full", "truncated"]
+FeedMode = Literal["continuous", "pause"]
+FEEDS = ("continuous", "pause")
 
 
 @dataclass
@@ -121,9 +123,13 @@ def new_cache(model) -> DynamicCache:
 def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torch.Tensor,
                          position_ids: torch.Tensor, latent_start: int, num_latents: int,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                         grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None,
+                         feed: FeedMode = "continuous") -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward. Returns (hidden (B, L, H), latent outputs (B, K, H)).
+
+    feed="continuous": the input of latent slot j is the output of the position before it (the method).
+    feed="pause": the control without continuous thought; every slot's input is the (learned) embedding of
+    <abs_vis_token_pad> and no hidden state is fed back, so one parallel pass computes everything.
 
     grad="full": one cached recurrence, gradients flow through the whole chain of latents.
     grad="truncated": the recurrence runs without gradients, then one parallel pass with gradients
@@ -143,9 +149,14 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
 
     if grad not in ("full", "truncated"):
         raise ValueError(f"grad must be 'full' or 'truncated', got {grad!r}")
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     s, k = latent_start, num_latents
     embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
     batch, length = input_ids.shape
+    if feed == "pause":
+        hidden = text_forward(model, embeds, attention_mask_4d, position_ids, slice(0, length))
+        return hidden, hidden[:, s:s + k]
     if grad == "truncated" and k:
         checkpointing = model.training and checkpointing_on(model)
         if reuse_prefix:
@@ -187,6 +198,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
                 latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
                 grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None,
+                feed: FeedMode = "continuous",
                 pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True, **kwargs):
@@ -202,7 +214,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
         hidden, latents = latent_hidden_states(self, input_ids, attention_mask_4d, position_ids, latent_start,
                                                num_latents, pixel_values, image_grid_thw, grad, fast,
-                                               reuse_prefix)
+                                               reuse_prefix, feed)
         loss = ce_loss(self.lm_head, hidden, labels) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max_pixels", type=int, default=None, help="image processor max_pixels (match training)")
     p.add_argument("--skip_missing_thought", action="store_true",
                    help="skip records without thought images (and report how many) instead of stopping")
+    p.add_argument("--benefit_records", type=int, default=200,
+                   help="answer this many records with and without thought images and print the teacher's "
+                        "thought-image benefit (0: skip)")
     args = p.parse_args(argv)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
@@ -43,18 +46,27 @@ def main(argv: list[str] | None = None) -> None:
                              "write teacher latents to a folder of their own")
     from accelerate import PartialState
 
+    from lcot.evaluate import benefit_line, evaluate
+    from lcot.generate import trained_feed
     from lcot.load import load
 
     state = PartialState()
     records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=args.skip_missing_thought)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
+    feed = trained_feed(args.model_name_or_path)
     counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
                         model_name=str(args.model_name_or_path), rank=state.process_index,
-                        world_size=state.num_processes, progress=state.is_local_main_process)
+                        world_size=state.num_processes, progress=state.is_local_main_process, feed=feed)
     state.wait_for_everyone()
     print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
           f"(process {state.process_index + 1}/{state.num_processes})", file=sys.stderr)
+    if args.benefit_records > 0 and state.is_main_process:
+        sample = records[: args.benefit_records]
+        acc = {t: evaluate(model.eval(), processor, sample, [args.k_max], thought_images=t, batch_size=args.bsz,
+                           feed=feed, progress=False)["accuracy"][args.k_max] for t in (True, False)}
+        print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Deterministic synthetic "count the coloured shapes" dataset with visual thought steps.
+"""Deterministic synthetic datasets with visual thought steps: "count" (below) and "hops" (lcot.hops).
+
+`python -m lcot.synthetic --task hops` writes the multi-hop pointer task, whose difficulty (the
+number of hops) is stored in each record's extra `hops` field.
+
+The count task:
 
 Each record has one question image (a scene of 3-9 non-overlapping shapes) and two
 thought images: ``t0`` keeps only the asked colour (other shapes faint grey) and ``t1``
@@ -12,10 +17,13 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from lcot import hops
 
 FORMAT_VERSION = 1
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (235, 180, 10)}
@@ -160,16 +168,28 @@ def render(scene: Scene, size: int, stage: str) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def _write_dataset(root: Path, n: int, seed: int, n_test: int, image_size: int) -> None:
+def _count_record(root: Path, i: int, seed: int, image_size: int) -> dict:
+    scene, stem = make_scene(seed, i), f"images/{i:06d}"
+    for stage in ("q", "t0", "t1"):
+        render(scene, image_size, stage).save(root / f"{stem}_{stage}.png", format="PNG", compress_level=6)
+    return {"question": scene.question, "answer": scene.answer, "question_image_paths": [f"{stem}_q.png"],
+            "thought_image_paths": [f"{stem}_t0.png", f"{stem}_t1.png"]}
+
+
+def _hops_record(root: Path, i: int, seed: int, cols: int, rows: int, max_hops: int) -> dict:
+    puzzle, stem = hops.make_puzzle(seed, i, cols, rows, max_hops), f"images/{i:06d}"
+    names = []
+    for stage, img in hops.images(puzzle).items():
+        img.save(root / f"{stem}_{stage}.png", format="PNG", compress_level=6)
+        names.append(f"{stem}_{stage}.png")
+    return {"question": puzzle.question, "answer": puzzle.answer, "question_image_paths": names[:1],
+            "thought_image_paths": names[1:], "hops": puzzle.hops, "states": puzzle.states}
+
+
+def _write_dataset(root: Path, n: int, n_test: int, record) -> None:
     (root / "images").mkdir()
-    lines: list[str] = []
-    for i in tqdm(range(n), desc="synthetic records", unit="rec"):
-        scene, stem = make_scene(seed, i), f"images/{i:06d}"
-        for stage in ("q", "t0", "t1"):
-            render(scene, image_size, stage).save(root / f"{stem}_{stage}.png", format="PNG", compress_level=6)
-        record = {"question": scene.question, "answer": scene.answer, "question_image_paths": [f"{stem}_q.png"],
-                  "thought_image_paths": [f"{stem}_t0.png", f"{stem}_t1.png"]}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = [json.dumps(record(root, i), ensure_ascii=False) + "\n"
+             for i in tqdm(range(n), desc="synthetic records", unit="rec")]
     (root / "train.jsonl").write_text("".join(lines[: n - n_test]), encoding="utf-8")
     (root / "test.jsonl").write_text("".join(lines[n - n_test:]), encoding="utf-8")
 
@@ -183,19 +203,29 @@ def _manifest_params(out: Path) -> dict | None:
 
 
 def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction: float = 0.2,
-             image_size: int = 112, overwrite: bool = False) -> dict[str, Path]:
+             image_size: int = 112, overwrite: bool = False, task: str = "count", cols: int = 4, rows: int = 2,
+             max_hops: int = 4) -> dict[str, Path]:
     """Write ``train.jsonl``, ``test.jsonl``, ``images/`` and ``dataset.json`` atomically into ``output_dir``.
 
-    An existing complete dataset with the same parameters is reused as is; one with other
-    parameters (or any other non-empty folder) raises unless ``overwrite`` is set.
+    task "count" (this module's shapes; ``image_size``) or "hops" (``lcot.hops``; a ``cols`` x ``rows``
+    grid, 1..``max_hops`` hops). An existing complete dataset with the same parameters is reused as is;
+    one with other parameters (or any other non-empty folder) raises unless ``overwrite`` is set.
     """
     if n < 1 or not 0.0 <= test_fraction <= 1.0 or image_size < 16:
         raise ValueError("need n >= 1, 0 <= test_fraction <= 1, image_size >= 16 "
                          f"(got {n}, {test_fraction}, {image_size})")
     out = Path(output_dir)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
-    params = {"format_version": FORMAT_VERSION, "n": n, "seed": seed, "test_fraction": test_fraction,
-              "image_size": image_size}
+    params: dict = {"format_version": FORMAT_VERSION, "n": n, "seed": seed, "test_fraction": test_fraction}
+    if task == "count":
+        params["image_size"] = image_size
+        record = partial(_count_record, seed=seed, image_size=image_size)
+    elif task == "hops":
+        hops.make_puzzle(seed, 0, cols, rows, max_hops)  # checks the parameters before anything is written
+        params.update(task=task, cols=cols, rows=rows, max_hops=max_hops)
+        record = partial(_hops_record, seed=seed, cols=cols, rows=rows, max_hops=max_hops)
+    else:
+        raise ValueError(f"task must be 'count' or 'hops', got {task!r}")
     if out.exists() and not overwrite:
         found = _manifest_params(out)
         if found == params:
@@ -207,7 +237,7 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         n_test = round(n * test_fraction)
-        _write_dataset(tmp, n, seed, n_test, image_size)
+        _write_dataset(tmp, n, n_test, record)
         info = {"params": params, "num_train": n - n_test, "num_test": n_test}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         try:
@@ -229,16 +259,25 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lcot.synthetic",
-                                     description="Generate the synthetic shape-counting dataset (JSONL + PNGs).")
+                                     description="Generate a synthetic dataset (JSONL + PNGs): shape counting "
+                                                 "or the multi-hop pointer task.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
-    parser.add_argument("--n", type=int, default=200, help="number of records (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--task", choices=["count", "hops"], default="count",
+                        help="count: how many shapes of a colour and kind; hops: follow pointers on a grid "
+                             "(difficulty = hops, stored in the field 'hops')")
+    parser.add_argument("--cols", type=int, default=4, help="hops: grid columns")
+    parser.add_argument("--rows", type=int, default=2, help="hops: grid rows (cols x rows nodes, at most 8)")
+    parser.add_argument("--max_hops", type=int, default=4, help="hops: hops are drawn uniformly in 1..max_hops")
+    parser.add_argument("--n", type=int, default=200, help="number of records")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--test_fraction", type=float, default=0.2, help="share of records in test.jsonl")
-    parser.add_argument("--image_size", type=int, default=112, help="square image side in pixels (default 112)")
+    parser.add_argument("--image_size", type=int, default=112, help="count: square image side in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with other params")
     args = parser.parse_args(argv)
     try:
-        paths = generate(args.output_dir, args.n, args.seed, args.test_fraction, args.image_size, args.overwrite)
+        paths = generate(args.output_dir, args.n, args.seed, args.test_fraction, args.image_size, args.overwrite,
+                         args.task, args.cols, args.rows, args.max_hops)
     except (FileExistsError, ValueError) as err:
         parser.error(str(err))
     for split, path in paths.items():

@@ -116,10 +116,12 @@ def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype:
 
 @torch.no_grad()
 def precompute(model, processor, records: Sequence[Record], out_dir: str | Path, k_max: int, batch_size: int = 1,
-               model_name: str = "", rank: int = 0, world_size: int = 1, progress: bool = True) -> dict[str, int]:
+               model_name: str = "", rank: int = 0, world_size: int = 1, progress: bool = True,
+               feed: str = "continuous") -> dict[str, int]:
     """Write the teacher files of `records` (this process's share: every world_size-th record).
 
-    Same collator, mask and positions as stage2 (thought images visible, latent mode). Returns counts.
+    Same collator, mask and positions as stage2 (thought images visible, latent mode; `feed` as the model
+    was trained, see lcot.patch.latent_hidden_states). Returns counts.
     """
     out_dir = Path(out_dir)
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
@@ -137,7 +139,7 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
         batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         _, latents = latent_hidden_states(model, batch["input_ids"], batch["attention_mask_4d"],
                                           batch["position_ids"], batch["latent_start"], k_max,
-                                          batch["pixel_values"], batch["image_grid_thw"])
+                                          batch["pixel_values"], batch["image_grid_thw"], feed=feed)
         for rec, lat in zip(chunk, latents):
             save_atomic({"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
                          "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,

@@ -157,7 +157,21 @@ def build_tokenizer():
     return tok
 
 
-def _config(tok, vocab_size: int):
+# Random model shapes for offline work. "tiny" (~1M parameters) is the default of tests, notebooks and the
+# demo; "8m" (~8M: 6 text layers, hidden 256; vision depth 4) is the small from-scratch testbed of
+# lcot.experiment on a GPU. Both keep head_dim 32 (M-RoPE sections [4, 6, 6]) and the tiny tokenizer.
+SHAPES = {
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])),
+    "8m": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+                         num_key_value_heads=4),
+               vision=dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4,
+                           fullatt_block_indexes=[1, 3])),
+}
+
+
+def _config(tok, vocab_size: int, shape: str = "tiny"):
     from transformers import Qwen2_5_VLConfig
 
     def tid(token: str) -> int:
@@ -166,20 +180,21 @@ def _config(tok, vocab_size: int):
             raise KeyError(f"{token!r} missing from the tokenizer")
         return i
 
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    text, vision = SHAPES[shape]["text"], SHAPES[shape]["vision"]
     bos = pad = tid("<|endoftext|>")
     eos = tid("<|im_end|>")
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-            max_window_layers=2,
+            vocab_size=vocab_size, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            max_window_layers=text["num_hidden_layers"],
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, **text,
         ),
         vision_config=dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, in_channels=3, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-            out_hidden_size=128, tokens_per_second=2,
+            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+            out_hidden_size=text["hidden_size"], tokens_per_second=2, **vision,
         ),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
@@ -187,7 +202,7 @@ def _config(tok, vocab_size: int):
     )
 
 
-def _write(out: Path, seed: int) -> None:
+def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     """Write the whole checkpoint into the (empty) folder `out`."""
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
@@ -196,7 +211,7 @@ def _write(out: Path, seed: int) -> None:
 
     tok = build_tokenizer()
     vocab_size = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    config = _config(tok, vocab_size)
+    config = _config(tok, vocab_size, shape)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
@@ -209,6 +224,8 @@ def _write(out: Path, seed: int) -> None:
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     LatentVLProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE).save_pretrained(out)
     marker = {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed}
+    if shape != "tiny":
+        marker["shape"] = shape
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     # mkdtemp makes the folder private and some files come out 0600: use ordinary modes.
     out.chmod(0o755)
@@ -223,11 +240,13 @@ def _built_with(path: Path) -> dict | None:
         return None
 
 
-def _is_complete(path: Path, seed: int) -> bool:
-    return _built_with(path) == {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed}
+def _is_complete(path: Path, seed: int, shape: str = "tiny") -> bool:
+    found = _built_with(path)
+    return isinstance(found, dict) and found == {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed,
+                                                 **({"shape": shape} if shape != "tiny" else {})}
 
 
-def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False, shape: str = "tiny") -> Path:
     """Write the tiny checkpoint to `output_dir` (offline, a few seconds) and return its path.
 
     Same seed, same bytes: weights and tokenizer files are identical from build to build. The
@@ -237,7 +256,9 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -
     `overwrite` is set, which replaces it.
     """
     out = Path(output_dir).absolute()
-    if _is_complete(out, seed):
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    if _is_complete(out, seed, shape):
         return out
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         found = _built_with(out)
@@ -247,7 +268,7 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp, seed)
+        _write(tmp, seed, shape)
         if out.exists():  # empty, or overwrite: move the old one aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -255,7 +276,7 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False) -
         try:
             os.rename(tmp, out)
         except OSError:
-            if not _is_complete(out, seed):  # a concurrent build of the same seed is as good as ours
+            if not _is_complete(out, seed, shape):  # a concurrent build of the same seed is as good as ours
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -272,12 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weight init (default 0); same seed, same bytes")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something else")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                        help="tiny: ~1M parameters (tests, demo); 8m: ~8M, 6 text layers (the GPU testbed)")
     args = parser.parse_args(argv)
     try:
-        path = build_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite)
+        path = build_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite, shape=args.shape)
     except FileExistsError as err:
         parser.error(str(err))
-    print(f"tiny Qwen2.5-VL (seed {args.seed}) in {path}")
+    print(f"{args.shape} Qwen2.5-VL (seed {args.seed}) in {path}")
 
 
 if __name__ == "__main__":

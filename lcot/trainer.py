@@ -58,20 +58,26 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 @dataclass(frozen=True)
 class StageSpec:
-    stage: str  # stage1 | stage2 | stage3
-    latent_size: int  # K (stage1, stage2) or Kmax (stage3)
+    stage: str  # stage1 | vcot | stage2 | stage3
+    latent_size: int  # K (stage1, vcot, stage2) or Kmax (stage3)
     align_weight: float = 1.0
     align: AlignKind = "cosine"
     latent_grad: str = "full"  # full | truncated (see lcot.patch.latent_hidden_states)
     seed: int = 0
+    latent_feed: str = "continuous"  # continuous | pause (see lcot.patch.latent_hidden_states)
 
     @property
     def thought_images(self) -> bool:
-        return self.stage == "stage2"
+        return self.stage in ("vcot", "stage2")
+
+    @property
+    def visual_cot(self) -> bool:
+        """The visual-CoT warm-up: the answer sees the thought images too."""
+        return self.stage == "vcot"
 
     @property
     def uses_teacher(self) -> bool:
-        return self.stage in ("stage2", "stage3")
+        return self.stage in ("stage2", "stage3") and self.align_weight > 0
 
 
 def sample_k(seed: int, step: int, k_max: int) -> int:
@@ -83,20 +89,37 @@ def sample_k(seed: int, step: int, k_max: int) -> int:
 
 
 class TrainCollate:
-    """The collator plus the teacher latents [B, k_max, H] of each record (stage2, stage3)."""
+    """The collator plus the teacher latents [B, K, H] of each record (stage2, stage3).
+
+    cache=True keeps the teacher latents in memory after the first read (`prepare` reads them all up front,
+    together with the collator's own cache).
+    """
 
     def __init__(self, collator: Collator, teacher_dir: str | Path | None, hidden_size: int,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, cache: bool = False) -> None:
         self.collator, self.hidden, self.dtype = collator, hidden_size, dtype
         self.teacher_dir = Path(teacher_dir) if teacher_dir else None
+        self._teachers: dict[int, torch.Tensor] | None = {} if cache else None
 
     def teacher(self, rec: Record) -> torch.Tensor:
-        return read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, self.collator.k, self.dtype)
+        if self._teachers is not None and rec.idx in self._teachers:
+            return self._teachers[rec.idx]
+        lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, self.collator.k, self.dtype)
+        lat = lat[: self.collator.k].clone()
+        if self._teachers is not None:
+            self._teachers[rec.idx] = lat
+        return lat
+
+    def prepare(self, records: list[Record]) -> None:
+        self.collator.prepare(records)
+        if self.teacher_dir is not None:
+            for rec in records:
+                self.teacher(rec)
 
     def __call__(self, records: list[Record]) -> dict:
         batch = self.collator(records)
         if self.teacher_dir is not None:
-            batch["teacher"] = torch.stack([self.teacher(r)[: self.collator.k] for r in records])
+            batch["teacher"] = torch.stack([self.teacher(r) for r in records])
         return batch
 
 
@@ -121,7 +144,7 @@ class LatentTrainer(Trainer):
                     position_ids=inputs["position_ids"], pixel_values=inputs["pixel_values"],
                     image_grid_thw=inputs["image_grid_thw"], labels=inputs["labels"], latent_mode=True,
                     latent_start=inputs["latent_start"], num_latents=inputs["num_latents"], grad=spec.latent_grad,
-                    return_logits=False)
+                    feed=spec.latent_feed, return_logits=False)
         loss = out.loss
         metrics = {"ce": out.loss.detach()}
         latents, cos = out.latent_hidden, None

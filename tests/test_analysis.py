@@ -74,11 +74,31 @@ def test_causal_use(loaded, records):
     assert set(use.accuracy) == set(A.CONDITIONS) and use.changed["normal"] == 0.0
     zeros = generate_batch(model, processor, recs, 2, max_new_tokens=5,
                            latent_inputs=torch.zeros(4, 2, model.config.text_config.hidden_size))
-    assert use.answers["zeros"] == [g.answer for g in zeros]
+    assert use.answers["zero"] == [g.answer for g in zeros]
     assert all(0 <= v <= 1 for v in [*use.accuracy.values(), *use.changed.values()])
     assert "pad embedding" in use.summary()
     with pytest.raises(ValueError, match="K >= 1"):
         A.causal_use(model, processor, recs, 0)
+
+
+def test_interventions_change_the_latents_as_described():
+    gen = torch.Generator().manual_seed(0)
+    own = torch.randn(6, 3, 8, generator=gen) * torch.arange(1, 7.0)[:, None, None]
+    pad = torch.randn(8, generator=gen)
+    assert A.intervene(own, "normal") is None
+    assert torch.equal(A.intervene(own, "zero"), torch.zeros_like(own))
+    shuffled = A.intervene(own, "shuffle", seed=1)
+    rows = [next(i for i in range(6) if torch.equal(shuffled[n], own[i])) for n in range(6)]
+    assert sorted(rows) == list(range(6)) and all(r != n for n, r in enumerate(rows))  # every record gets another's
+    mean = A.intervene(own, "mean")
+    torch.testing.assert_close(mean, own.mean(0, keepdim=True).expand(6, 3, 8))
+    noise = A.intervene(own, "noise", seed=2)
+    torch.testing.assert_close(noise.norm(dim=-1), own.norm(dim=-1))  # same norm per latent
+    assert torch.nn.functional.cosine_similarity(noise, own, dim=-1).abs().max() < 0.99  # another direction
+    assert not torch.equal(noise, A.intervene(own, "noise", seed=3))
+    assert torch.equal(A.intervene(own, "pad embedding", pad=pad), pad.expand(6, 3, 8))
+    with pytest.raises(ValueError, match="unknown condition"):
+        A.intervene(own, "scramble")
 
 
 def test_cosine_vs_k_matches_the_teacher_setting_exactly(loaded, records, teacher_dir):

@@ -335,7 +335,7 @@ def test_matching_teacher_trains_and_k_below_kmax_is_fine(teacher_run, tiny_dir,
 def test_latent_size_below_one_and_stage_without_teacher(teacher_run, tiny_dir, tmp_path, capsys):
     jsonl, teacher = _copy(teacher_run, tmp_path)
     err = fails(train_main, stage2(tiny_dir, jsonl, tmp_path / "out", teacher, "--latent_size", "0"), capsys)
-    assert "lcot: error: --latent_size: must be >= 1, got 0" in err
+    assert "lcot: error: --latent_size: must be >= 1 for stage2, got 0" in err
     err = fails(train_main, stage1(tiny_dir, jsonl, tmp_path / "out", "--stage", "stage3"), capsys)
     assert "lcot: error: --teacher_latent_dir: stage3 needs teacher latents" in err
     err = fails(precompute_main, ["--model_name_or_path", tiny_dir, "--train_jsonl", jsonl, "--output_dir",

@@ -1,0 +1,720 @@
+"""`python -m lcot.experiment`: does latent visual reasoning work? The whole matrix, N seeds, one command.
+
+    python -m lcot.experiment --name hops --task hops --seeds 3 --gpus 0
+    python -m lcot.experiment --name mine --train_jsonl train.jsonl --eval_jsonl test.jsonl \\
+        --difficulty_field hops --state_field states --model tiny
+
+Per seed, from a model trained from scratch (`--model tiny` or `8m`, built offline with the seed) or a
+local checkpoint, every row gets the same data and the same optimizer-step budget after one shared
+warm-up:
+
+    warmup        --stage vcot: question + thought images, the answer sees them (visual CoT)
+    stage2        --stage stage2 --align_weight 0: thought images reach the answer only through the latents
+    teacher       precompute from stage2 (prints the teacher's thought-image benefit)
+    stage3        --stage stage3: no thought images, K ~ U{1..Kmax}, aligned to the teacher (cosine)
+    align0, mse   stage3 with --align_weight 0, or with --align mse
+    grad          stage2 -> teacher -> stage3 with the other --latent_grad (full vs truncated)
+    pause         stage2 -> teacher -> stage3 with --latent_feed pause (K slots, nothing fed back)
+    nolatent      --stage stage1 --question_images --latent_size 0, stage2 + stage3 steps
+
+and is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model, answer
+sees the thought images), the teacher with and without thought images, stage3 at K = 1..Kmax, the causal
+use of its latents (zeroed, shuffled across records, mean latent, Gaussian noise of the same norm), every
+row per difficulty, and a linear probe from latent j to the state after step j (`--state_field`).
+
+Every job is a subprocess (its log in RUN/logs/); jobs run in parallel (`--procs`), round-robin over
+`--gpus`, in dependency order. A finished job leaves a marker in RUN/done/, so running the same command
+again skips it (resume after a kill); training jobs also resume from their last checkpoint. The results
+go to RESULTS/<name>/: results.json, table.md (mean ± std over seeds, per difficulty, the gap recovered
+= (stage3 - nolatent) / (visual CoT - nolatent)) and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lcot.errors import LcotInputError, cli_errors
+
+ROWS = ("stage3", "align0", "mse", "grad", "pause", "nolatent")
+CAUSAL = ("zero", "shuffle", "mean", "noise")
+COLLAPSE_COS = 0.99  # mean cosine across records above this: the latents do not depend on the record
+
+
+@dataclass
+class Plan:
+    """Everything one experiment depends on; saved in results.json."""
+
+    name: str
+    train_jsonl: str
+    eval_jsonl: str
+    difficulty_field: str | None
+    state_field: str | None
+    model: str  # "tiny", "8m" (built from scratch per seed) or a local checkpoint folder
+    seeds: list[int]
+    latent_size: int
+    warmup_steps: int
+    stage2_steps: int
+    stage3_steps: int
+    bsz: int
+    lr: float
+    lr_scheduler: str
+    latent_grad: str
+    rows: list[str]
+    eval_records: int
+    probe_records: int
+    bf16: bool = False
+    extra: list[str] = field(default_factory=list)  # more lcot.main flags for every training job
+
+
+@dataclass
+class Job:
+    name: str  # "s0/stage2"
+    argv: list[str]  # after `python -m`
+    deps: list[str]
+
+
+# -- the job graph -------------------------------------------------------------------------------------------
+def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
+    s = f"s{seed}"
+    d = run / s
+    k, grad = plan.latent_size, plan.latent_grad
+    other = "full" if grad == "truncated" else "truncated"
+    common = ["--train_jsonl", plan.train_jsonl, "--bsz", str(plan.bsz), "--grad_accum_steps", "1",
+              "--lr", str(plan.lr), "--lr_scheduler", plan.lr_scheduler, "--seed", str(seed),
+              "--logging_steps", "50", "--save_steps", "1000", "--save_total_limit", "1",
+              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *plan.extra]
+    if plan.bf16:
+        common.append("--bf16")
+    teacher_common = ["--train_jsonl", plan.train_jsonl, "--k_max", str(k), "--bsz", "64",
+                      *(["--bf16"] if plan.bf16 else [])]
+
+    def train(name: str, stage: str, src: str, steps: int, *flags: str, deps: list[str]) -> Job:
+        model = _base(plan, seed, run) if src == "base" else str(d / src)
+        return Job(f"{s}/{name}", ["lcot.main", "--stage", stage, "--model_name_or_path", model,
+                                   "--output_dir", str(d / name), "--max_steps", str(steps), *common, *flags], deps)
+
+    def teacher(name: str, src: str) -> Job:
+        return Job(f"{s}/{name}", ["lcot.precompute_teacher_latents", "--model_name_or_path", str(d / src),
+                                   "--output_dir", str(d / name), *teacher_common], [f"{s}/{src}"])
+
+    w, s2, s3 = plan.warmup_steps, plan.stage2_steps, plan.stage3_steps
+    jobs = [train("warmup", "vcot", "base", w, deps=[]),
+            train("stage2", "stage2", "warmup", s2, "--align_weight", "0", "--latent_grad", grad,
+                  deps=[f"{s}/warmup"]),
+            teacher("teacher", "stage2")]
+    t3 = ["--teacher_latent_dir", str(d / "teacher"), "--latent_grad", grad]
+    if "stage3" in plan.rows:
+        jobs.append(train("stage3", "stage3", "stage2", s3, *t3, deps=[f"{s}/stage2", f"{s}/teacher"]))
+    if "align0" in plan.rows:
+        jobs.append(train("align0", "stage3", "stage2", s3, "--align_weight", "0", "--latent_grad", grad,
+                          deps=[f"{s}/stage2"]))
+    if "mse" in plan.rows:
+        jobs.append(train("mse", "stage3", "stage2", s3, *t3, "--align", "mse", deps=[f"{s}/stage2", f"{s}/teacher"]))
+    variants = (("grad", ["--latent_grad", other]), ("pause", ["--latent_grad", grad, "--latent_feed", "pause"]))
+    for row, flags in variants:
+        if row in plan.rows:
+            jobs += [train(f"{row}_stage2", "stage2", "warmup", s2, "--align_weight", "0", *flags,
+                           deps=[f"{s}/warmup"]),
+                     teacher(f"{row}_teacher", f"{row}_stage2"),
+                     train(f"{row}", "stage3", f"{row}_stage2", s3, "--teacher_latent_dir", str(d / f"{row}_teacher"),
+                           *flags, deps=[f"{s}/{row}_stage2", f"{s}/{row}_teacher"])]
+    if "nolatent" in plan.rows:
+        jobs.append(train("nolatent", "stage1", "warmup", s2 + s3, "--question_images", "--latent_size", "0",
+                          deps=[f"{s}/warmup"]))
+    return jobs + measure_jobs(plan, seed, run, [j.name for j in jobs])
+
+
+def measure_jobs(plan: Plan, seed: int, run: Path, trained: list[str]) -> list[Job]:
+    """One `measure` job per model to evaluate; what it measures depends on the row."""
+    s, d, k = f"s{seed}", run / f"s{seed}", plan.latent_size
+    data = ["--train_jsonl", plan.train_jsonl, "--eval_jsonl", plan.eval_jsonl, "--limit", str(plan.eval_records),
+            *(["--difficulty_field", plan.difficulty_field] if plan.difficulty_field else []),
+            *(["--bf16"] if plan.bf16 else [])]
+    probe = ["--probe_field", plan.state_field, "--probe_records", str(plan.probe_records)] if plan.state_field else []
+    out = []
+
+    def measure(model: str, *flags: str) -> None:
+        if f"{s}/{model}" in trained:
+            out.append(Job(f"{s}/measure_{model}", ["lcot.experiment", "measure", "--model", str(d / model),
+                                                    "--out", str(d / "measure" / f"{model}.json"), *data, *flags],
+                           [f"{s}/{model}"]))
+
+    measure("warmup", "--ks", str(k), "--thought_images", "--visual_cot")
+    measure("stage2", "--ks", str(k), "--thought_images", *probe)
+    measure("stage3", "--ks", *map(str, range(1, k + 1)), "--causal", *probe)
+    for row in ("align0", "mse", "grad", "pause"):
+        measure(row, "--ks", str(k))
+    for row in ("grad_stage2", "pause_stage2"):
+        measure(row, "--ks", str(k), "--thought_images")
+    measure("nolatent", "--ks", "0")
+    return out
+
+
+def _base(plan: Plan, seed: int, run: Path) -> str:
+    return str(run / f"base_s{seed}") if plan.model in ("tiny", "8m") else plan.model
+
+
+# -- running jobs --------------------------------------------------------------------------------------------
+def _env(gpu: str | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("LCOT_RUN_DIR", None)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print) -> dict[str, str]:
+    """Run the graph; returns {job: "done" | "skipped (done before)" | "failed (rc N)" | "not run (...)"}."""
+    done_dir, log_dir = run / "done", run / "logs"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for j in jobs:
+        if (done_dir / f"{j.name.replace('/', '__')}.json").is_file():
+            state[j.name] = "skipped (done before)"
+    names = {j.name for j in jobs}
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    launched = 0
+    t0 = time.time()
+    while True:
+        for name, (p, start, fh) in list(running.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            fh.close()
+            del running[name]
+            wall = time.time() - start
+            if rc == 0:
+                state[name] = "done"
+                marker = done_dir / f"{name.replace('/', '__')}.json"
+                marker.write_text(json.dumps({"job": name, "wall_s": round(wall, 1)}) + "\n")
+            else:
+                state[name] = f"failed (rc {rc}, see {log_dir / (name.replace('/', '__') + '.log')})"
+            log(f"[{time.time() - t0:7.0f}s] {name}: {state[name]} in {wall:.0f}s")
+        finished = {n for n, v in state.items() if v.startswith(("done", "skipped"))}
+        for j in jobs:
+            if j.name in state or j.name in running:
+                continue
+            bad = [d for d in j.deps if d in names and state.get(d, "").startswith(("failed", "not run"))]
+            if bad:
+                state[j.name] = f"not run ({bad[0]} did not finish)"
+                log(f"[{time.time() - t0:7.0f}s] {j.name}: {state[j.name]}")
+                continue
+            if len(running) < procs and all(d in finished or d not in names for d in j.deps):
+                gpu = gpus[launched % len(gpus)] if gpus else None
+                launched += 1
+                log_dir.mkdir(parents=True, exist_ok=True)
+                fh = open(log_dir / f"{j.name.replace('/', '__')}.log", "w")
+                fh.write("$ python -m " + " ".join(j.argv) + "\n")
+                fh.flush()
+                p = subprocess.Popen([sys.executable, "-m", *j.argv], stdout=fh, stderr=subprocess.STDOUT,
+                                     env=_env(gpu))
+                running[j.name] = (p, time.time(), fh)
+                log(f"[{time.time() - t0:7.0f}s] {j.name}: started" + (f" on GPU {gpu}" if gpu else ""))
+        if not running and all(j.name in state for j in jobs):
+            return state
+        time.sleep(0.5)
+
+
+# -- measuring one model -------------------------------------------------------------------------------------
+def measure(args) -> dict:
+    """Accuracy per K (with and without thought images), per difficulty, causal use and the probe; as JSON."""
+    from lcot.analysis import causal_use
+    from lcot.data import read_records
+    from lcot.evaluate import evaluate
+    from lcot.generate import trained_feed
+    from lcot.load import load
+    from lcot.probe import probe_grid
+    from lcot.trainer import read_lcot_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load(args.model, torch.bfloat16 if args.bf16 else torch.float32, device)
+    model.eval()
+    feed = trained_feed(args.model)
+    test = read_records(args.eval_jsonl, need_thought_images=args.thought_images)[: args.limit or None]
+    common = dict(batch_size=args.batch_size, max_new_tokens=8, progress=False, feed=feed,
+                  difficulty=args.difficulty_field)
+    out: dict = {"model": args.model, "stage": read_lcot_config(args.model).get("stage"), "feed": feed,
+                 "n": len(test), "settings": {}}
+    settings = {"without": dict(thought_images=False)}
+    if args.thought_images:
+        settings["with"] = dict(thought_images=True, visual_cot=args.visual_cot)
+    for name, kw in settings.items():
+        res = evaluate(model, processor, test, args.ks, **kw, **common)
+        out["settings"][name] = {str(k): {"accuracy": res["accuracy"][k], "constant": res["constant"][k],
+                                          "by_difficulty": {str(d): v for d, v in
+                                                            res.get("by_difficulty", {}).get(k, {}).items()}}
+                                 for k in args.ks}
+    kmax = max(args.ks)
+    if args.causal and kmax:
+        use = causal_use(model, processor, test, kmax, batch_size=args.batch_size, conditions=("normal", *CAUSAL),
+                         feed=feed)
+        out["causal"] = {c: {"accuracy": use.accuracy[c], "changed": use.changed[c],
+                             "by_difficulty": _by_difficulty(use.answers[c], test, args.difficulty_field)}
+                         for c in use.accuracy}
+    if args.probe_field and kmax:
+        train = read_records(args.train_jsonl)[: args.probe_records]
+        thought = args.thought_images  # the teacher is probed where its latents come from: with thought images
+        lat_train = _latents(model, processor, train, kmax, thought, args.batch_size, feed)
+        lat_test = _latents(model, processor, test, kmax, thought, args.batch_size, feed)
+        grid = probe_grid(lat_train, [r.extra.get(args.probe_field, []) for r in train],
+                          lat_test, [r.extra.get(args.probe_field, []) for r in test])
+        out["probe"] = {**grid.to_json(), "thought_images": thought}
+        out["latent_cos_across"] = _across(lat_test)
+    return out
+
+
+@torch.no_grad()
+def _latents(model, processor, records, k, thought_images, batch_size, feed) -> torch.Tensor:
+    """(N, K, H) outputs of the latent slots, computed as in training and generation."""
+    from lcot.analysis import _batches, _run, _to
+    from lcot.collate import Collator
+
+    collate = Collator(processor, model.config, k, thought_images=thought_images)
+    return torch.cat([_run(model, _to(collate(c), model.device), feed=feed)[1].float().cpu()
+                      for _, c in _batches(records, batch_size)])
+
+
+def _across(lat: torch.Tensor) -> list[float]:
+    """Mean cosine between different records' latents, per position (near 1: collapsed)."""
+    x = torch.nn.functional.normalize(lat.float(), dim=-1)
+    n = x.shape[0]
+    sims = torch.einsum("nkh,mkh->knm", x, x)
+    off = ~torch.eye(n, dtype=torch.bool)
+    return sims[:, off].mean(-1).tolist()
+
+
+def _by_difficulty(answers: list[str], records, field: str | None) -> dict:
+    from lcot.evaluate import by_group, normalise
+
+    if not field:
+        return {}
+    correct = [normalise(a) == normalise(r.final_answer) for a, r in zip(answers, records)]
+    return {str(d): v for d, v in by_group(correct, [r.extra.get(field) for r in records]).items()}
+
+
+# -- aggregation over seeds ----------------------------------------------------------------------------------
+def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
+    """(row label, measured model, setting, K) of the results table, in order."""
+    k = plan.latent_size
+    other = "full" if plan.latent_grad == "truncated" else "truncated"
+    return [("no-latent SFT (K=0)", "nolatent", "without", 0),
+            (f"pause control (K={k})", "pause", "without", k),
+            *[(f"latent, stage3 (K={j})", "stage3", "without", j) for j in range(1, k + 1)],
+            ("visual CoT: warm-up, answer sees thought images (upper bound)", "warmup", "with", k),
+            ("warm-up without thought images", "warmup", "without", k),
+            ("teacher: stage2, thought images to latents only", "stage2", "with", k),
+            ("teacher without thought images", "stage2", "without", k),
+            (f"ablation: --latent_grad {other}", "grad", "without", k),
+            ("ablation: --align_weight 0", "align0", "without", k),
+            ("ablation: --align mse", "mse", "without", k),
+            (f"{other}-gradient teacher (stage2 with thought images)", "grad_stage2", "with", k),
+            ("pause teacher (stage2 with thought images)", "pause_stage2", "with", k)]
+
+
+def _stats(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def _gap(top: float | None, bottom: float | None, value: float | None) -> float | None:
+    if top is None or bottom is None or value is None or top - bottom < 0.02:
+        return None  # no gap to recover
+    return (value - bottom) / (top - bottom)
+
+
+def aggregate(plan: Plan, run: Path) -> dict:
+    """Per-seed measurements -> rows with mean ± std, per difficulty, gap recovered, probe and warnings."""
+    seeds = {seed: {p.stem: json.loads(p.read_text()) for p in sorted((run / f"s{seed}" / "measure").glob("*.json"))}
+             for seed in plan.seeds}
+    rows = []
+    for label, model, setting, k in _rows(plan):
+        per_seed = {}
+        for seed, ms in seeds.items():
+            r = ms.get(model, {}).get("settings", {}).get(setting, {}).get(str(k))
+            if r is not None:
+                per_seed[seed] = r
+        if not per_seed:
+            continue
+        diffs = sorted({d for r in per_seed.values() for d in r["by_difficulty"]}, key=_num)
+        consts = [r["constant"] for r in per_seed.values() if r["constant"] is not None]
+        rows.append({"row": label, "model": model, "setting": setting, "k": k,
+                     "overall": _stats([r["accuracy"] for r in per_seed.values()]),
+                     "by_difficulty": {d: _stats([r["by_difficulty"].get(d) for r in per_seed.values()])
+                                       for d in diffs},
+                     "per_seed": {str(s): r["accuracy"] for s, r in per_seed.items()},
+                     "constant": consts, "seeds": len(per_seed)})
+    causal_rows = []  # causal use of stage3's latents at Kmax
+    for cond in CAUSAL:
+        per = {seed: ms["stage3"]["causal"][cond] for seed, ms in seeds.items() if "causal" in ms.get("stage3", {})}
+        if per:
+            diffs = sorted({d for r in per.values() for d in r["by_difficulty"]}, key=_num)
+            causal_rows.append({"row": f"stage3 (K={plan.latent_size}), latents {_CAUSAL_LABEL[cond]}",
+                                "condition": cond, "overall": _stats([r["accuracy"] for r in per.values()]),
+                                "changed": _stats([r["changed"] for r in per.values()]),
+                                "by_difficulty": {d: _stats([r["by_difficulty"].get(d) for r in per.values()])
+                                                  for d in diffs},
+                                "per_seed": {str(s): r["accuracy"] for s, r in per.items()}, "constant": []})
+    return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds),
+            "teacher_benefit": _benefits(seeds), "probe": _probes(seeds), "collapse": _collapse(seeds),
+            "majority": _majority(plan)}
+
+
+_CAUSAL_LABEL = {"zero": "zeroed", "shuffle": "shuffled across records", "mean": "replaced by the mean latent",
+                 "noise": "replaced by Gaussian noise of the same norm"}
+
+
+def _num(x: str):
+    try:
+        return (0, float(x))
+    except ValueError:
+        return (1, x)
+
+
+def _acc(ms: dict, model: str, setting: str, k: int, diff: str | None = None) -> float | None:
+    r = ms.get(model, {}).get("settings", {}).get(setting, {}).get(str(k))
+    if r is None:
+        return None
+    return r["accuracy"] if diff is None else r["by_difficulty"].get(diff)
+
+
+def _gaps(plan: Plan, seeds: dict) -> dict:
+    """Gap recovered per seed: (stage3 - nolatent) / (visual CoT - nolatent), overall and per difficulty."""
+    k = plan.latent_size
+    diffs = sorted({d for ms in seeds.values() for d in
+                    ms.get("warmup", {}).get("settings", {}).get("with", {}).get(str(k), {}).get("by_difficulty", {})},
+                   key=_num)
+    out = {}
+    for diff in [None, *diffs]:
+        per = {str(seed): _gap(_acc(ms, "warmup", "with", k, diff), _acc(ms, "nolatent", "without", 0, diff),
+                               _acc(ms, "stage3", "without", k, diff)) for seed, ms in seeds.items()}
+        out["overall" if diff is None else diff] = {**_stats(list(per.values())), "per_seed": per}
+    return out
+
+
+def _benefits(seeds: dict) -> dict:
+    out = {}
+    for model in ("stage2", "grad_stage2", "pause_stage2"):
+        per = {}
+        for seed, ms in seeds.items():
+            settings = ms.get(model, {}).get("settings", {})
+            if "with" in settings:
+                k = next(iter(settings["with"]))
+                per[str(seed)] = settings["with"][k]["accuracy"] - settings["without"][k]["accuracy"]
+        if per:
+            out[model] = {**_stats(list(per.values())), "per_seed": per}
+    return out
+
+
+def _probes(seeds: dict) -> dict:
+    out = {}
+    for model in ("stage2", "stage3"):
+        grids = [ms[model]["probe"] for ms in seeds.values() if "probe" in ms.get(model, {})]
+        if not grids:
+            continue
+        acc = [[_stats([g["accuracy"][j][i] for g in grids]) for i in range(len(grids[0]["chance"]))]
+               for j in range(len(grids[0]["accuracy"]))]
+        chance = [_stats([g["chance"][i] for g in grids]) for i in range(len(grids[0]["chance"]))]
+        out[model] = {"accuracy": acc, "chance": chance, "thought_images": grids[0]["thought_images"]}
+    return out
+
+
+def _collapse(seeds: dict) -> dict:
+    out = {}
+    for model in ("stage2", "stage3"):
+        per = {str(s): sum(ms[model]["latent_cos_across"]) / len(ms[model]["latent_cos_across"])
+               for s, ms in seeds.items() if "latent_cos_across" in ms.get(model, {})}
+        if per:
+            out[model] = {**_stats(list(per.values())), "per_seed": per}
+    return out
+
+
+def _majority(plan: Plan) -> float:
+    from lcot.data import read_records
+    from lcot.evaluate import majority_rate
+
+    return majority_rate(read_records(plan.eval_jsonl, check_images=False)[: plan.eval_records or None])
+
+
+# -- the table -----------------------------------------------------------------------------------------------
+def _pm(st: dict) -> str:
+    if st.get("mean") is None:
+        return "-"
+    return f"{st['mean']:.3f}" + (f" ± {st['std']:.3f}" if st.get("std") is not None else "")
+
+
+def _notes(row: dict, seeds: int, majority: float) -> str:
+    notes = []
+    if row["constant"]:
+        answers = sorted(set(row["constant"]))
+        notes.append(f"constant predictor in {len(row['constant'])}/{seeds} seeds (answers "
+                     + ", ".join(f'"{a}"' for a in answers) + " for every record)")
+    m = row["overall"]["mean"]
+    if m is not None and m <= majority + 0.02 and not row["constant"]:
+        notes.append("at the majority-answer rate")
+    return "; ".join(notes)
+
+
+def table_md(plan: Plan, agg: dict, info: dict) -> str:
+    diffs = sorted({d for r in agg["rows"] for d in r["by_difficulty"]}, key=_num)
+    dname = plan.difficulty_field or "difficulty"
+    head = ["row", "overall", *[f"{dname}={d}" for d in diffs], "notes"]
+    lines = [f"# {plan.name}: does latent visual reasoning work?", "",
+             f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); mean ± std over seeds of the exact-match "
+             f"accuracy on {info.get('eval_n', '?')} eval records (majority-answer rate {agg['majority']:.3f}). "
+             f"Model: {plan.model}; K = {plan.latent_size}; steps: warm-up {plan.warmup_steps}, then "
+             f"{plan.stage2_steps + plan.stage3_steps} for every row (stage2 {plan.stage2_steps} + stage3 "
+             f"{plan.stage3_steps}); batch {plan.bsz}, lr {plan.lr} ({plan.lr_scheduler}), --latent_grad "
+             f"{plan.latent_grad}. Device: {info.get('device', '?')}; wall time {info.get('wall_s', 0) / 60:.1f} min.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = len(plan.seeds)
+    for r in agg["rows"] + agg["causal"]:
+        cells = [r["row"], _pm(r["overall"]), *[_pm(r["by_difficulty"].get(d, {})) for d in diffs],
+                 _notes(r, seeds, agg["majority"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    g = agg["gap_recovered"]
+    lines += ["", "**Gap recovered** = (stage3 at K=Kmax − no-latent) / (visual CoT − no-latent): "
+              + ", ".join(f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}" for key, v in g.items())
+              + " (`-`: no gap to recover, the visual CoT is not above the no-latent baseline)."]
+    for model, b in agg["teacher_benefit"].items():
+        line = f"Thought-image benefit of the {model} teacher (with − without): {_pm(b)}"
+        if b["mean"] is not None and b["mean"] < 0.05:
+            line += ". **WARNING: near zero — this teacher does not use its thought images; aligning to it teaches " \
+                    "nothing it could not learn without them.**"
+        lines.append("")
+        lines.append(line)
+    for model, c in agg["collapse"].items():
+        line = f"Mean cosine between different records' latents ({model}): {_pm(c)}"
+        if c["mean"] is not None and c["mean"] > COLLAPSE_COS:
+            line += ". **WARNING: the latents have collapsed (they barely depend on the record).**"
+        lines += ["", line]
+    for model, pr in agg["probe"].items():
+        steps = len(pr["chance"])
+        seen = "with" if pr["thought_images"] else "without"
+        lines += ["", f"Linear probe, {model} latents ({seen} thought images): test accuracy of predicting the state "
+                  "after step i from latent j (ridge, fit on training latents).",
+                  "", "| latent | " + " | ".join(f"state {i + 1}" for i in range(steps)) + " |",
+                  "|" + "---|" * (steps + 1)]
+        for j, row in enumerate(pr["accuracy"]):
+            lines.append(f"| {j + 1} | " + " | ".join(_pm(v) for v in row) + " |")
+        lines.append("| chance (majority) | " + " | ".join(_pm(v) for v in pr["chance"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lcot import plots
+
+    made = []
+    diffs = sorted({d for r in agg["rows"] for d in r["by_difficulty"]}, key=_num)
+    if diffs:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in agg["rows"] + agg["causal"]:
+            ys = [r["by_difficulty"].get(d, {}).get("mean") for d in diffs]
+            es = [r["by_difficulty"].get(d, {}).get("std") or 0 for d in diffs]
+            if all(y is None for y in ys):
+                continue
+            style = "--" if r in agg["causal"] else "-"
+            ax.errorbar(range(len(diffs)), [y if y is not None else float("nan") for y in ys], yerr=es, label=r["row"],
+                        marker="o", ls=style, capsize=3)
+        ax.axhline(agg["majority"], color="grey", ls=":", label="majority answer")
+        ax.set_xticks(range(len(diffs)), diffs)
+        ax.set_xlabel(plan.difficulty_field or "difficulty")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{plan.name}: accuracy by difficulty ({len(plan.seeds)} seeds)")
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+        made.append(plots.save(fig, out / "accuracy_by_difficulty.png"))
+    if agg["probe"]:
+        fig, axes = plt.subplots(1, len(agg["probe"]), figsize=(4.5 * len(agg["probe"]), 3.8), squeeze=False)
+        for ax, (model, pr) in zip(axes[0], agg["probe"].items()):
+            grid = [[v["mean"] if v["mean"] is not None else float("nan") for v in row] for row in pr["accuracy"]]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            for j, row in enumerate(grid):
+                for i, v in enumerate(row):
+                    ax.text(i, j, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if not math.isnan(v) and v < 0.6 else "black")
+            ax.set_xticks(range(len(grid[0])), [f"state {i + 1}" for i in range(len(grid[0]))])
+            ax.set_yticks(range(len(grid)), [f"latent {j + 1}" for j in range(len(grid))])
+            ax.set_title(f"probe: {model} latents", fontsize=9)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        made.append(plots.save(fig, out / "probe.png"))
+    return made
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lcot.experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--name", required=True, help="results go to RESULTS_DIR/NAME, runs to RUN_DIR/NAME")
+    a("--task", choices=["hops"], help="generate the bundled task (lcot.synthetic --task hops) instead of "
+      "--train_jsonl/--eval_jsonl")
+    a("--n", type=int, default=3000, help="--task: records to generate (a fifth is the eval split)")
+    a("--max_hops", type=int, default=4, help="--task hops: hops in 1..max_hops")
+    a("--train_jsonl", help="training records (any JSONL in the format; thought images needed)")
+    a("--eval_jsonl", help="evaluation records with ground truth")
+    a("--difficulty_field", default=None, help="extra JSONL field to break accuracy down by (--task hops: hops)")
+    a("--state_field", default=None, help="extra JSONL field with the state after each step, for the probe "
+      "(--task hops: states)")
+    a("--model", default="tiny", help="tiny or 8m (built from scratch with each seed), or a local checkpoint folder")
+    a("--seeds", type=int, default=3, help="seeds 0..N-1")
+    a("--latent_size", type=int, default=4, help="K (Kmax of stage3)")
+    a("--warmup_steps", type=int, default=600, help="optimizer steps of the visual-CoT warm-up")
+    a("--stage2_steps", type=int, default=1500, help="optimizer steps of stage2")
+    a("--stage3_steps", type=int, default=1500, help="optimizer steps of stage3 (no-latent: stage2 + stage3)")
+    a("--bsz", type=int, default=16, help="records per optimizer step")
+    a("--lr", type=float, default=1e-3, help="learning rate")
+    a("--lr_scheduler", default="constant", choices=["linear", "cosine", "constant"], help="after a 3%% warm-up")
+    a("--latent_grad", default="truncated", choices=["truncated", "full"], help="the main recipe's gradient "
+      "(the grad row uses the other one)")
+    a("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which rows besides warm-up, stage2 and teacher")
+    a("--eval_records", type=int, default=0, help="evaluate on the first N eval records (0: all)")
+    a("--probe_records", type=int, default=1000, help="training records the probe is fit on")
+    a("--bf16", action="store_true", help="train and evaluate in bfloat16")
+    a("--gpus", default=None, help="comma-separated GPU ids (default: all visible; none on a CPU)")
+    a("--procs", type=int, default=0, help="jobs at once (default: 2 on a CPU, 6 per GPU)")
+    a("--run_dir", default="runs/experiments", help="checkpoints, teachers, logs (ignored by git)")
+    a("--results_dir", default="results", help="results.json, table.md, figures")
+    a("--extra", default="", help="more lcot.main flags for every training job, in one quoted string")
+    a("--dry_run", action="store_true", help="print the jobs and exit")
+    return p
+
+
+def measure_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lcot.experiment measure",
+                                description="Measure one trained model (a job of the experiment).")
+    a = p.add_argument
+    a("--model", required=True)
+    a("--train_jsonl", required=True)
+    a("--eval_jsonl", required=True)
+    a("--out", required=True, help="JSON file to write")
+    a("--ks", type=int, nargs="+", required=True)
+    a("--thought_images", action="store_true", help="also measure with thought images")
+    a("--visual_cot", action="store_true", help="with thought images, the answer sees them too")
+    a("--causal", action="store_true", help="causal use of the latents at the largest K")
+    a("--probe_field", default=None)
+    a("--probe_records", type=int, default=1000)
+    a("--difficulty_field", default=None)
+    a("--limit", type=int, default=0)
+    a("--batch_size", type=int, default=64)
+    a("--bf16", action="store_true")
+    return p
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _plan(args) -> Plan:
+    if args.task:
+        from lcot.synthetic import generate
+
+        data = generate(Path(args.run_dir) / args.name / "data", n=args.n, seed=0, task=args.task,
+                        max_hops=args.max_hops)
+        args.train_jsonl, args.eval_jsonl = str(data["train"]), str(data["test"])
+        args.difficulty_field = args.difficulty_field or "hops"
+        args.state_field = args.state_field or "states"
+    if not (args.train_jsonl and args.eval_jsonl):
+        raise LcotInputError("--train_jsonl", "give --task hops, or both --train_jsonl and --eval_jsonl")
+    if args.latent_size < 1:
+        raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
+    return Plan(name=args.name, train_jsonl=str(Path(args.train_jsonl).resolve()),
+                eval_jsonl=str(Path(args.eval_jsonl).resolve()), difficulty_field=args.difficulty_field,
+                state_field=args.state_field, model=args.model, seeds=list(range(args.seeds)),
+                latent_size=args.latent_size, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
+                stage3_steps=args.stage3_steps, bsz=args.bsz, lr=args.lr, lr_scheduler=args.lr_scheduler,
+                latent_grad=args.latent_grad, rows=list(args.rows), eval_records=args.eval_records,
+                probe_records=args.probe_records, bf16=args.bf16, extra=args.extra.split())
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def run_experiment(args) -> dict:
+    from lcot.data import read_records
+    from lcot.tiny import build_tiny
+
+    plan = _plan(args)
+    run = (Path(args.run_dir) / plan.name).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "plan.json"
+    if saved.is_file() and json.loads(saved.read_text()) != asdict(plan):
+        raise LcotInputError(str(saved), "this run folder holds an experiment with other settings",
+                             "use another --name, or delete the run folder to start over")
+    _write_json(saved, asdict(plan))
+    for seed in plan.seeds:
+        if plan.model in ("tiny", "8m"):
+            build_tiny(_base(plan, seed, run), seed=seed, shape=plan.model)
+        elif not (Path(plan.model) / "config.json").is_file():
+            raise LcotInputError("--model", f"{plan.model} is neither tiny, 8m nor a model folder")
+    read_records(plan.train_jsonl, need_thought_images=True)  # bad input stops here, not in a job
+    read_records(plan.eval_jsonl, need_thought_images=True)
+    jobs = [j for seed in plan.seeds for j in jobs_for_seed(plan, seed, run)]
+    if args.dry_run:
+        for j in jobs:
+            print(f"{j.name}: python -m {' '.join(j.argv)}")
+        return {}
+    gpus = (args.gpus.split(",") if args.gpus else [str(i) for i in range(torch.cuda.device_count())])
+    procs = args.procs or (6 * len(gpus) if gpus else 2)
+    print(f"lcot.experiment {plan.name}: {len(jobs)} jobs, {procs} at once, on {_device()}; logs in {run / 'logs'}")
+    t0 = time.time()
+    state = run_jobs(jobs, run, procs, gpus)
+    wall = time.time() - t0 + _earlier_wall(run)
+    agg = aggregate(plan, run)
+    out = Path(args.results_dir) / plan.name
+    info = {"device": _device(), "wall_s": wall, "eval_n": len(read_records(plan.eval_jsonl, check_images=False)
+                                                                 [: plan.eval_records or None]),
+            "jobs": state, "torch": torch.__version__}
+    _write_json(out / "results.json", {"plan": asdict(plan), "info": info, **agg})
+    table = table_md(plan, agg, info)
+    (out / "table.md").write_text(table)
+    made = figures(plan, agg, out)
+    failed = [n for n, v in state.items() if not v.startswith(("done", "skipped"))]
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}" + "".join(f", {m}" for m in made))
+    if failed:
+        print(f"lcot: {len(failed)} job(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+    return {"plan": plan, "aggregate": agg, "state": state}
+
+
+def _earlier_wall(run: Path) -> float:
+    """Wall time spent by jobs of earlier invocations (resumed runs skip them)."""
+    return 0.0
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["measure"]:
+        args = measure_parser().parse_args(argv[1:])
+        _write_json(Path(args.out), measure(args))
+        return
+    run_experiment(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
