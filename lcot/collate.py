@@ -12,12 +12,10 @@ then run for the whole batch at once.
 
 Position invariance: every token that is not part of a thought image gets the M-RoPE position it
 would get if the thought images were absent (positions are computed on the sequence without them).
-The thought images themselves are laid out by `thought_positions`: "overlap" starts them where they
-start in the full sequence, i.e. at the position <abs_vis_token> has, overlapping the latent positions;
-"before" ends them right before <abs_vis_token>, as in the token order, so the last thought image is
-the nearest one to the latents. The teacher (thought images shown) and the student (stage3, inference)
-thus compute their latents at the very same positions, and stage2's answer tokens see the same positions
-as at inference.
+The thought images themselves are laid out where the first of them starts in the full sequence,
+i.e. at the position <abs_vis_token> has, overlapping the latent positions. The teacher (thought
+images shown) and the student (stage3, inference) thus compute their latents at the very same
+positions, and stage2's answer tokens see the same positions as at inference.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ from lcot.mask import Seg, build_mask
 from lcot.tokens import TokenIds
 
 IGNORE = -100
-THOUGHT_POSITIONS = "overlap"  # the default layout of thought images (see the module docstring)
 
 
 class RopeIndex:
@@ -107,7 +104,7 @@ class Collator:
 
     def __init__(self, processor, config, num_latents: int, thought_images: bool,
                  question_images: bool = True, with_answer: bool = True, reserve: int = 0,
-                 visual_cot: bool = False, cache: bool = False, thought_positions: str | None = None) -> None:
+                 visual_cot: bool = False, cache: bool = False) -> None:
         if num_latents < 0:
             raise ValueError(f"num_latents must be >= 0, got {num_latents}")
         self.processor, self.tokenizer = processor, processor.tokenizer
@@ -117,9 +114,6 @@ class Collator:
         self.merge = config.vision_config.spatial_merge_size
         self.rope = RopeIndex(config)
         self.codec = PixelCodec(processor.image_processor)
-        self.thought_positions = thought_positions or THOUGHT_POSITIONS
-        if self.thought_positions not in ("overlap", "before"):
-            raise ValueError(f"thought_positions must be 'overlap' or 'before', got {self.thought_positions!r}")
         self.cache: dict[int, Encoded] | None = {} if cache else None
 
     # -- one record -> token pieces -------------------------------------------------------------
@@ -230,10 +224,6 @@ class Collator:
         pos = self.rope(input_ids, mm_types, student_grids, (valid & ~thought).long())
         if thought.any():
             full = self.rope(input_ids, mm_types, grid_thw, valid.long())
-            if self.thought_positions == "before":  # shift them back by their span: they end before <abs_vis_token>
-                col = (input_ids == self.ids.latent_start).int().argmax(1)
-                rows = torch.arange(len(col))
-                full = full - (full[:, rows, col] - pos[:, rows, col])[:, :, None]
             pos = torch.where(thought[None], full, pos)
         return pos
 

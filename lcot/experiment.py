@@ -6,21 +6,24 @@
 
 Per seed, from a model trained from scratch (`--model tiny` or `8m`, built offline with the seed) or a
 local checkpoint, every row gets the same data and the same optimizer-step budget after one shared
-warm-up:
+warm-up (--stage vcot: question + thought images, the answer sees them: visual CoT). Then, per row,
+stage2 (thought images reach the answer only through the latents) and stage3 (no thought images, K ~
+U{1..Kmax}, aligned to the teacher's first K latents). Two protocols (`--protocol`):
 
-    warmup        --stage vcot: question + thought images, the answer sees them (visual CoT)
-    stage2        --stage stage2 --align_weight 0: thought images reach the answer only through the latents
-    teacher       precompute from stage2 (prints the teacher's thought-image benefit)
-    stage3        --stage stage3: no thought images, K ~ U{1..Kmax}, aligned to the teacher (cosine)
-    align0, mse   stage3 with --align_weight 0, or with --align mse
-    grad          stage2 -> teacher -> stage3 with the other --latent_grad (full vs truncated)
-    pause         stage2 -> teacher -> stage3 with --latent_feed pause (K slots, nothing fed back)
-    nolatent      --stage stage1 --question_images --latent_size 0, stage2 + stage3 steps
+    stage2-teacher   stage2 without alignment first; the teacher is precomputed from that stage2 model
+    warmup-teacher   the seed's recipe with the warm-up as its stage1: the teacher is precomputed from the
+                     warm-up model, stage2 and stage3 are both aligned to it
 
-and is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model, answer
-sees the thought images), the teacher with and without thought images, stage3 at K = 1..Kmax, the causal
-use of its latents (zeroed, shuffled across records, mean latent, Gaussian noise of the same norm), every
-row per difficulty, and a linear probe from latent j to the state after step j (`--state_field`).
+Rows: stage3 (the main recipe: --align, --latent_grad), align0 (no alignment), mse / cosine (other
+alignments), grad (the other --latent_grad), pause (K slots fed one learned embedding, nothing fed
+back), nolatent (--stage stage1 --question_images --latent_size 0 for stage2 + stage3 steps). Rows whose
+stage2 would be identical share it.
+
+Every model is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model,
+answer sees the thought images), stage2 with and without thought images (the thought-image benefit),
+stage3 at K = 1..Kmax, the causal use of its latents (zeroed, shuffled across records, mean latent,
+Gaussian noise of the same norm), every row per difficulty, and a linear probe from latent j to the state
+after step j (`--state_field`) of the teacher's and stage3's latents.
 
 Every job is a subprocess (its log in RUN/logs/); jobs run in parallel (`--procs`), round-robin over
 `--gpus`, in dependency order. A finished job leaves a marker in RUN/done/, so running the same command
@@ -45,7 +48,8 @@ import torch
 
 from lcot.errors import LcotInputError, cli_errors
 
-ROWS = ("stage3", "align0", "mse", "grad", "pause", "nolatent")
+ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent")
+PROTOCOLS = ("stage2-teacher", "warmup-teacher")
 CAUSAL = ("zero", "shuffle", "mean", "noise")
 COLLAPSE_COS = 0.99  # mean cosine across records above this: the latents do not depend on the record
 
@@ -70,6 +74,8 @@ class Plan:
     lr_scheduler: str
     latent_grad: str
     rows: list[str]
+    protocol: str
+    align: str
     eval_records: int
     probe_records: int
     bf16: bool = False
@@ -85,78 +91,103 @@ class Job:
 
 # -- the job graph -------------------------------------------------------------------------------------------
 def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
-    s = f"s{seed}"
-    d = run / s
-    k, grad = plan.latent_size, plan.latent_grad
+    """The job graph of one seed (see the module docstring): warm-up, then one stage2 -> stage3 chain per row.
+
+    Rows whose stage2 would be identical share it (and its teacher).
+    """
+    s, d = f"s{seed}", run / f"s{seed}"
+    k, grad, align = plan.latent_size, plan.latent_grad, plan.align
     other = "full" if grad == "truncated" else "truncated"
     common = ["--train_jsonl", plan.train_jsonl, "--bsz", str(plan.bsz), "--grad_accum_steps", "1",
               "--lr", str(plan.lr), "--lr_scheduler", plan.lr_scheduler, "--seed", str(seed),
               "--logging_steps", "50", "--save_steps", "1000", "--save_total_limit", "1",
-              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *plan.extra]
-    if plan.bf16:
-        common.append("--bf16")
-    teacher_common = ["--train_jsonl", plan.train_jsonl, "--k_max", str(k), "--bsz", "64",
-                      *(["--bf16"] if plan.bf16 else [])]
+              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *plan.extra,
+              *(["--bf16"] if plan.bf16 else [])]
+    jobs: list[Job] = []
 
-    def train(name: str, stage: str, src: str, steps: int, *flags: str, deps: list[str]) -> Job:
+    def train(name: str, stage: str, src: str, steps: int, flags: list[str], deps: list[str]) -> str:
         model = _base(plan, seed, run) if src == "base" else str(d / src)
-        return Job(f"{s}/{name}", ["lcot.main", "--stage", stage, "--model_name_or_path", model,
-                                   "--output_dir", str(d / name), "--max_steps", str(steps), *common, *flags], deps)
+        jobs.append(Job(f"{s}/{name}", ["lcot.main", "--stage", stage, "--model_name_or_path", model, "--output_dir",
+                                        str(d / name), "--max_steps", str(steps), *common, *flags], deps))
+        return f"{s}/{name}"
 
-    def teacher(name: str, src: str) -> Job:
-        return Job(f"{s}/{name}", ["lcot.precompute_teacher_latents", "--model_name_or_path", str(d / src),
-                                   "--output_dir", str(d / name), *teacher_common], [f"{s}/{src}"])
+    def teacher(name: str, src: str) -> str:
+        jobs.append(Job(f"{s}/{name}", ["lcot.precompute_teacher_latents", "--model_name_or_path", str(d / src),
+                                        "--output_dir", str(d / name), "--train_jsonl", plan.train_jsonl,
+                                        "--k_max", str(k), "--bsz", "64", *(["--bf16"] if plan.bf16 else [])],
+                        [f"{s}/{src}"]))
+        return f"{s}/{name}"
 
-    w, s2, s3 = plan.warmup_steps, plan.stage2_steps, plan.stage3_steps
-    jobs = [train("warmup", "vcot", "base", w, deps=[]),
-            train("stage2", "stage2", "warmup", s2, "--align_weight", "0", "--latent_grad", grad,
-                  deps=[f"{s}/warmup"]),
-            teacher("teacher", "stage2")]
-    t3 = ["--teacher_latent_dir", str(d / "teacher"), "--latent_grad", grad]
-    if "stage3" in plan.rows:
-        jobs.append(train("stage3", "stage3", "stage2", s3, *t3, deps=[f"{s}/stage2", f"{s}/teacher"]))
+    warm = train("warmup", "vcot", "base", plan.warmup_steps, [], [])
+    warm_teacher = teacher("teacher", "warmup") if plan.protocol == "warmup-teacher" else None
+    stage2s: dict[tuple, tuple[str, str | None]] = {}  # stage2 flags -> (stage2 folder, its teacher folder)
+
+    def chain(row: str, flags: list[str], row_align: str, weight: str = "1") -> None:
+        """stage2 -> (teacher) -> stage3 of one row; `flags` go to both stages."""
+        aligned = ["--align", row_align, "--align_weight", weight]
+        if plan.protocol == "warmup-teacher":  # the seed's recipe, the warm-up as its stage1
+            key = (*flags, *aligned)
+            t = "teacher"
+            s2_flags = [*flags, *aligned, *(["--teacher_latent_dir", str(d / t)] if weight != "0" else [])]
+            deps2 = [warm, *([warm_teacher] if weight != "0" else [])]
+        else:  # stage2 without alignment first, the teacher taken from it
+            key = tuple(flags)
+            s2_flags, deps2, t = [*flags, "--align_weight", "0"], [warm], None
+        if key not in stage2s:
+            name2 = "stage2" if not stage2s else f"{row}_stage2"
+            train(name2, "stage2", "warmup", plan.stage2_steps, s2_flags, deps2)
+            if t is None:
+                t = "teacher" if name2 == "stage2" else f"{row}_teacher"
+                teacher(t, name2)
+            stage2s[key] = (name2, t)
+        name2, t = stage2s[key]
+        uses = weight != "0"
+        train(row, "stage3", name2, plan.stage3_steps,
+              [*flags, *aligned, *(["--teacher_latent_dir", str(d / t)] if uses else [])],
+              [f"{s}/{name2}", *([f"{s}/{t}"] if uses else [])])
+
+    chain("stage3", ["--latent_grad", grad], align)
     if "align0" in plan.rows:
-        jobs.append(train("align0", "stage3", "stage2", s3, "--align_weight", "0", "--latent_grad", grad,
-                          deps=[f"{s}/stage2"]))
-    if "mse" in plan.rows:
-        jobs.append(train("mse", "stage3", "stage2", s3, *t3, "--align", "mse", deps=[f"{s}/stage2", f"{s}/teacher"]))
-    variants = (("grad", ["--latent_grad", other]), ("pause", ["--latent_grad", grad, "--latent_feed", "pause"]))
-    for row, flags in variants:
-        if row in plan.rows:
-            jobs += [train(f"{row}_stage2", "stage2", "warmup", s2, "--align_weight", "0", *flags,
-                           deps=[f"{s}/warmup"]),
-                     teacher(f"{row}_teacher", f"{row}_stage2"),
-                     train(f"{row}", "stage3", f"{row}_stage2", s3, "--teacher_latent_dir", str(d / f"{row}_teacher"),
-                           *flags, deps=[f"{s}/{row}_stage2", f"{s}/{row}_teacher"])]
+        chain("align0", ["--latent_grad", grad], align, weight="0")
+    if "mse" in plan.rows and align != "mse":
+        chain("mse", ["--latent_grad", grad], "mse")
+    if "cosine" in plan.rows and align != "cosine":
+        chain("cosine", ["--latent_grad", grad], "cosine")
+    if "grad" in plan.rows:
+        chain("grad", ["--latent_grad", other], align)
+    if "pause" in plan.rows:
+        chain("pause", ["--latent_grad", grad, "--latent_feed", "pause"], align)
     if "nolatent" in plan.rows:
-        jobs.append(train("nolatent", "stage1", "warmup", s2 + s3, "--question_images", "--latent_size", "0",
-                          deps=[f"{s}/warmup"]))
+        train("nolatent", "stage1", "warmup", plan.stage2_steps + plan.stage3_steps,
+              ["--question_images", "--latent_size", "0"], [warm])
     return jobs + measure_jobs(plan, seed, run, [j.name for j in jobs])
 
 
 def measure_jobs(plan: Plan, seed: int, run: Path, trained: list[str]) -> list[Job]:
-    """One `measure` job per model to evaluate; what it measures depends on the row."""
+    """One `measure` job per trained model; what it measures depends on what the model is."""
     s, d, k = f"s{seed}", run / f"s{seed}", plan.latent_size
     data = ["--train_jsonl", plan.train_jsonl, "--eval_jsonl", plan.eval_jsonl, "--limit", str(plan.eval_records),
             *(["--difficulty_field", plan.difficulty_field] if plan.difficulty_field else []),
             *(["--bf16"] if plan.bf16 else [])]
     probe = ["--probe_field", plan.state_field, "--probe_records", str(plan.probe_records)] if plan.state_field else []
     out = []
-
-    def measure(model: str, *flags: str) -> None:
-        if f"{s}/{model}" in trained:
-            out.append(Job(f"{s}/measure_{model}", ["lcot.experiment", "measure", "--model", str(d / model),
-                                                    "--out", str(d / "measure" / f"{model}.json"), *data, *flags],
-                           [f"{s}/{model}"]))
-
-    measure("warmup", "--ks", str(k), "--thought_images", "--visual_cot")
-    measure("stage2", "--ks", str(k), "--thought_images", *probe)
-    measure("stage3", "--ks", *map(str, range(1, k + 1)), "--causal", *probe)
-    for row in ("align0", "mse", "grad", "pause"):
-        measure(row, "--ks", str(k))
-    for row in ("grad_stage2", "pause_stage2"):
-        measure(row, "--ks", str(k), "--thought_images")
-    measure("nolatent", "--ks", "0")
+    for job in trained:
+        model = job.split("/", 1)[1]
+        if "teacher" in model:
+            continue
+        if model == "warmup":
+            flags = ["--ks", str(k), "--thought_images", "--visual_cot",
+                     *(probe if plan.protocol == "warmup-teacher" else [])]
+        elif model.endswith("stage2"):
+            flags = ["--ks", str(k), "--thought_images", *(probe if model == "stage2" else [])]
+        elif model == "stage3":
+            flags = ["--ks", *map(str, range(1, k + 1)), "--causal", *probe]
+        elif model == "nolatent":
+            flags = ["--ks", "0"]
+        else:
+            flags = ["--ks", str(k)]
+        out.append(Job(f"{s}/measure_{model}", ["lcot.experiment", "measure", "--model", str(d / model),
+                                                "--out", str(d / "measure" / f"{model}.json"), *data, *flags], [job]))
     return out
 
 
@@ -230,7 +261,7 @@ def measure(args) -> dict:
     """Accuracy per K (with and without thought images), per difficulty, causal use and the probe; as JSON."""
     from lcot.analysis import causal_use
     from lcot.data import read_records
-    from lcot.evaluate import evaluate
+    from lcot.evaluate import evaluate, majority_rate
     from lcot.generate import trained_feed
     from lcot.load import load
     from lcot.probe import probe_grid
@@ -244,7 +275,7 @@ def measure(args) -> dict:
     common = dict(batch_size=args.batch_size, max_new_tokens=8, progress=False, feed=feed,
                   difficulty=args.difficulty_field)
     out: dict = {"model": args.model, "stage": read_lcot_config(args.model).get("stage"), "feed": feed,
-                 "n": len(test), "settings": {}}
+                 "n": len(test), "majority": majority_rate(test), "settings": {}}
     settings = {"without": dict(thought_images=False)}
     if args.thought_images:
         settings["with"] = dict(thought_images=True, visual_cot=args.visual_cot)
@@ -304,21 +335,26 @@ def _by_difficulty(answers: list[str], records, field: str | None) -> dict:
 
 # -- aggregation over seeds ----------------------------------------------------------------------------------
 def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
-    """(row label, measured model, setting, K) of the results table, in order."""
+    """(row label, measured model, setting, K) of the results table, in order (rows never measured are
+    left out later)."""
     k = plan.latent_size
     other = "full" if plan.latent_grad == "truncated" else "truncated"
-    return [("no-latent SFT (K=0)", "nolatent", "without", 0),
+    warm = plan.protocol == "warmup-teacher"
+    ablations = {"align0": "--align_weight 0", "mse": "--align mse", "cosine": "--align cosine",
+                 "grad": f"--latent_grad {other}", "pause": "pause control"}
+    rows = [("no-latent SFT (K=0)", "nolatent", "without", 0),
             (f"pause control (K={k})", "pause", "without", k),
             *[(f"latent, stage3 (K={j})", "stage3", "without", j) for j in range(1, k + 1)],
-            ("visual CoT: warm-up, answer sees thought images (upper bound)", "warmup", "with", k),
+            ("visual CoT: warm-up, answer sees thought images (upper bound"
+             + ("; the teacher)" if warm else ")"), "warmup", "with", k),
             ("warm-up without thought images", "warmup", "without", k),
-            ("teacher: stage2, thought images to latents only", "stage2", "with", k),
-            ("teacher without thought images", "stage2", "without", k),
-            (f"ablation: --latent_grad {other}", "grad", "without", k),
-            ("ablation: --align_weight 0", "align0", "without", k),
-            ("ablation: --align mse", "mse", "without", k),
-            (f"{other}-gradient teacher (stage2 with thought images)", "grad_stage2", "with", k),
-            ("pause teacher (stage2 with thought images)", "pause_stage2", "with", k)]
+            ("stage2" + (" (aligned)" if warm else " (the teacher)") + ", thought images to latents only",
+             "stage2", "with", k),
+            ("stage2 without thought images", "stage2", "without", k)]
+    rows += [(f"ablation: {label}", row, "without", k) for row, label in ablations.items() if row != "pause"]
+    rows += [(f"stage2 of {label}, with thought images", f"{row}_stage2", "with", k)
+             for row, label in ablations.items()]
+    return rows
 
 
 def _stats(values: list[float]) -> dict:
@@ -368,9 +404,11 @@ def aggregate(plan: Plan, run: Path) -> dict:
                                 "by_difficulty": {d: _stats([r["by_difficulty"].get(d) for r in per.values()])
                                                   for d in diffs},
                                 "per_seed": {str(s): r["accuracy"] for s, r in per.items()}, "constant": []})
+    majority = [m["majority"] for ms in seeds.values() for m in ms.values() if "majority" in m]
     return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds),
             "teacher_benefit": _benefits(seeds), "probe": _probes(seeds), "collapse": _collapse(seeds),
-            "majority": _majority(plan)}
+            "majority": max(majority) if majority else float("nan"),
+            "eval_n": max((m.get("n", 0) for ms in seeds.values() for m in ms.values()), default=0)}
 
 
 _CAUSAL_LABEL = {"zero": "zeroed", "shuffle": "shuffled across records", "mean": "replaced by the mean latent",
@@ -406,8 +444,11 @@ def _gaps(plan: Plan, seeds: dict) -> dict:
 
 
 def _benefits(seeds: dict) -> dict:
+    """Thought-image benefit (with - without) of every model measured both ways: the warm-up (in its visual-CoT
+    setting), stage2 and the stage2 of other rows (thought images to the latents only)."""
     out = {}
-    for model in ("stage2", "grad_stage2", "pause_stage2"):
+    models = sorted({m for ms in seeds.values() for m, r in ms.items() if "with" in r.get("settings", {})})
+    for model in models:
         per = {}
         for seed, ms in seeds.items():
             settings = ms.get(model, {}).get("settings", {})
@@ -421,7 +462,7 @@ def _benefits(seeds: dict) -> dict:
 
 def _probes(seeds: dict) -> dict:
     out = {}
-    for model in ("stage2", "stage3"):
+    for model in ("warmup", "stage2", "stage3"):
         grids = [ms[model]["probe"] for ms in seeds.values() if "probe" in ms.get(model, {})]
         if not grids:
             continue
@@ -434,19 +475,12 @@ def _probes(seeds: dict) -> dict:
 
 def _collapse(seeds: dict) -> dict:
     out = {}
-    for model in ("stage2", "stage3"):
+    for model in ("warmup", "stage2", "stage3"):
         per = {str(s): sum(ms[model]["latent_cos_across"]) / len(ms[model]["latent_cos_across"])
                for s, ms in seeds.items() if "latent_cos_across" in ms.get(model, {})}
         if per:
             out[model] = {**_stats(list(per.values())), "per_seed": per}
     return out
-
-
-def _majority(plan: Plan) -> float:
-    from lcot.data import read_records
-    from lcot.evaluate import majority_rate
-
-    return majority_rate(read_records(plan.eval_jsonl, check_images=False)[: plan.eval_records or None])
 
 
 # -- the table -----------------------------------------------------------------------------------------------
@@ -474,11 +508,13 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     head = ["row", "overall", *[f"{dname}={d}" for d in diffs], "notes"]
     lines = [f"# {plan.name}: does latent visual reasoning work?", "",
              f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); mean ± std over seeds of the exact-match "
-             f"accuracy on {info.get('eval_n', '?')} eval records (majority-answer rate {agg['majority']:.3f}). "
+             f"accuracy on {agg['eval_n']} eval records (majority-answer rate {agg['majority']:.3f}). "
              f"Model: {plan.model}; K = {plan.latent_size}; steps: warm-up {plan.warmup_steps}, then "
              f"{plan.stage2_steps + plan.stage3_steps} for every row (stage2 {plan.stage2_steps} + stage3 "
              f"{plan.stage3_steps}); batch {plan.bsz}, lr {plan.lr} ({plan.lr_scheduler}), --latent_grad "
-             f"{plan.latent_grad}. Device: {info.get('device', '?')}; wall time {info.get('wall_s', 0) / 60:.1f} min.",
+             f"{plan.latent_grad}, --align {plan.align}; protocol {plan.protocol} (the teacher is the "
+             f"{'warm-up' if plan.protocol == 'warmup-teacher' else 'stage2'} model). "
+             f"Device: {info.get('device', '?')}; wall time {info.get('wall_s', 0) / 60:.1f} min.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seeds = len(plan.seeds)
     for r in agg["rows"] + agg["causal"]:
@@ -490,7 +526,8 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
               + ", ".join(f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}" for key, v in g.items())
               + " (`-`: no gap to recover, the visual CoT is not above the no-latent baseline)."]
     for model, b in agg["teacher_benefit"].items():
-        line = f"Thought-image benefit of the {model} teacher (with − without): {_pm(b)}"
+        teacher = model == ("warmup" if plan.protocol == "warmup-teacher" else "stage2")
+        line = f"Thought-image benefit of {model}{' (the teacher)' if teacher else ''} (with − without): {_pm(b)}"
         if b["mean"] is not None and b["mean"] < 0.05:
             line += ". **WARNING: near zero — this teacher does not use its thought images; aligning to it teaches " \
                     "nothing it could not learn without them.**"
@@ -515,8 +552,11 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
 
 
 def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU image: aggregate again elsewhere with --aggregate_only
+        print("lcot: matplotlib is not installed: no figures (run again with --aggregate_only where it is)")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -585,7 +625,13 @@ def parser() -> argparse.ArgumentParser:
     a("--lr_scheduler", default="constant", choices=["linear", "cosine", "constant"], help="after a 3%% warm-up")
     a("--latent_grad", default="truncated", choices=["truncated", "full"], help="the main recipe's gradient "
       "(the grad row uses the other one)")
-    a("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="which rows besides warm-up, stage2 and teacher")
+    a("--protocol", choices=PROTOCOLS, default="stage2-teacher",
+      help="stage2-teacher: stage2 without alignment first, the teacher taken from it; warmup-teacher: the seed's "
+           "recipe with the visual-CoT warm-up as its stage1 (teacher = warm-up, stage2 and stage3 aligned)")
+    a("--align", choices=["cosine", "mse", "centered"], default="centered", help="the main recipe's alignment")
+    a("--rows", nargs="+", default=list(ROWS), choices=ROWS,
+      help="rows besides warm-up, stage2, teacher and stage3: align0 (--align_weight 0), mse, cosine (the other "
+           "alignments), grad (the other --latent_grad), pause (the control), nolatent (K=0)")
     a("--eval_records", type=int, default=0, help="evaluate on the first N eval records (0: all)")
     a("--probe_records", type=int, default=1000, help="training records the probe is fit on")
     a("--bf16", action="store_true", help="train and evaluate in bfloat16")
@@ -595,6 +641,9 @@ def parser() -> argparse.ArgumentParser:
     a("--results_dir", default="results", help="results.json, table.md, figures")
     a("--extra", default="", help="more lcot.main flags for every training job, in one quoted string")
     a("--dry_run", action="store_true", help="print the jobs and exit")
+    a("--aggregate_only", action="store_true",
+      help="run nothing: read RUN_DIR/NAME (its plan.json and measurements, e.g. copied from a GPU machine) and "
+           "write the results again")
     return p
 
 
@@ -644,7 +693,8 @@ def _plan(args) -> Plan:
                 state_field=args.state_field, model=args.model, seeds=list(range(args.seeds)),
                 latent_size=args.latent_size, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
                 stage3_steps=args.stage3_steps, bsz=args.bsz, lr=args.lr, lr_scheduler=args.lr_scheduler,
-                latent_grad=args.latent_grad, rows=list(args.rows), eval_records=args.eval_records,
+                latent_grad=args.latent_grad, rows=list(args.rows), protocol=args.protocol, align=args.align,
+                eval_records=args.eval_records,
                 probe_records=args.probe_records, bf16=args.bf16, extra=args.extra.split())
 
 
@@ -658,6 +708,13 @@ def run_experiment(args) -> dict:
     from lcot.data import read_records
     from lcot.tiny import build_tiny
 
+    if args.aggregate_only:
+        run = Path(args.run_dir) / args.name
+        if not (run / "plan.json").is_file():
+            raise LcotInputError(str(run), "no plan.json: not the run folder of an experiment",
+                                 "point --run_dir and --name at the folder lcot.experiment wrote")
+        plan = Plan(**json.loads((run / "plan.json").read_text()))
+        return write_results(plan, run, Path(args.results_dir), {})
     plan = _plan(args)
     run = (Path(args.run_dir) / plan.name).resolve()
     run.mkdir(parents=True, exist_ok=True)
@@ -683,12 +740,18 @@ def run_experiment(args) -> dict:
     print(f"lcot.experiment {plan.name}: {len(jobs)} jobs, {procs} at once, on {_device()}; logs in {run / 'logs'}")
     t0 = time.time()
     state = run_jobs(jobs, run, procs, gpus)
-    wall = time.time() - t0 + _earlier_wall(run)
+    info_file = run / "info.json"
+    earlier = json.loads(info_file.read_text()).get("wall_s", 0.0) if info_file.is_file() else 0.0
+    _write_json(info_file, {"device": _device(), "wall_s": earlier + time.time() - t0, "procs": procs,
+                            "torch": torch.__version__, "jobs": state})
+    return write_results(plan, run, Path(args.results_dir), state)
+
+
+def write_results(plan: Plan, run: Path, results_dir: Path, state: dict) -> dict:
+    """results.json, table.md and figures of a run folder (all seeds' measurements)."""
+    info = json.loads((run / "info.json").read_text()) if (run / "info.json").is_file() else {}
     agg = aggregate(plan, run)
-    out = Path(args.results_dir) / plan.name
-    info = {"device": _device(), "wall_s": wall, "eval_n": len(read_records(plan.eval_jsonl, check_images=False)
-                                                                 [: plan.eval_records or None]),
-            "jobs": state, "torch": torch.__version__}
+    out = results_dir / plan.name
     _write_json(out / "results.json", {"plan": asdict(plan), "info": info, **agg})
     table = table_md(plan, agg, info)
     (out / "table.md").write_text(table)
@@ -699,11 +762,6 @@ def run_experiment(args) -> dict:
     if failed:
         print(f"lcot: {len(failed)} job(s) did not finish: {', '.join(failed)}", file=sys.stderr)
     return {"plan": plan, "aggregate": agg, "state": state}
-
-
-def _earlier_wall(run: Path) -> float:
-    """Wall time spent by jobs of earlier invocations (resumed runs skip them)."""
-    return 0.0
 
 
 @cli_errors

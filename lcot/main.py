@@ -58,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
       help="continuous: each latent slot's input is the previous position's last hidden state (the method); "
            "pause: the control, every slot's input is one learned embedding and nothing is fed back")
     a("--align_weight", type=float, default=1.0, help="weight of the alignment loss (stage2, stage3)")
-    a("--align", choices=["cosine", "mse"], default="cosine", help="alignment: 1 - cosine along hidden, or MSE")
+    a("--align", choices=["cosine", "mse", "centered"], default="cosine",
+      help="alignment: 1 - cosine along hidden, MSE, or centered: 1 - cosine after subtracting the teacher's mean "
+           "latent per position (over the training records) from both; see lcot.loss.align_loss")
     a("--latent_grad", choices=["full", "truncated"], default="full",
       help="full: backprop through the whole latent chain; truncated: the chain runs without gradients, then one "
            "parallel pass with gradients (much faster on GPU; needed with --gradient_checkpointing)")
@@ -221,6 +223,7 @@ def train(args) -> Path:
                                  cache=args.preprocess)
     if args.preprocess:
         data_collator.prepare(records)
+    teacher_mean = data_collator.teacher_mean(records) if spec.uses_teacher and args.align == "centered" else None
     info = {"stage": args.stage, "latent_size": args.latent_size, "base_model": str(args.model_name_or_path),
             "teacher_latent_dir": args.teacher_latent_dir, "align_weight": args.align_weight, "align": args.align,
             "latent_grad": args.latent_grad, "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD},
@@ -235,7 +238,7 @@ def train(args) -> Path:
     trainer = LatentTrainer(
         model=model, args=training_args(args, freeze_vision), train_dataset=records,
         data_collator=data_collator,
-        processing_class=processor, spec=spec, callbacks=[LcotConfigCallback(info)])
+        processing_class=processor, spec=spec, teacher_mean=teacher_mean, callbacks=[LcotConfigCallback(info)])
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     # FSDP shards the weights: gathering the full state dict is collective, so every process takes part

@@ -116,6 +116,14 @@ class TrainCollate:
             for rec in records:
                 self.teacher(rec)
 
+    def teacher_mean(self, records: list[Record]) -> torch.Tensor:
+        """(K, H) mean teacher latent per position over `records`, in float32 (for centred alignment)."""
+        total = None
+        for rec in records:
+            lat = self.teacher(rec).float()
+            total = lat if total is None else total + lat
+        return total / len(records)
+
     def __call__(self, records: list[Record]) -> dict:
         batch = self.collator(records)
         if self.teacher_dir is not None:
@@ -126,9 +134,9 @@ class TrainCollate:
 class LatentTrainer(Trainer):
     """Trainer whose loss is CE over labelled tokens + align_weight x (1 - cos) to the teacher."""
 
-    def __init__(self, *args, spec: StageSpec, **kwargs) -> None:
+    def __init__(self, *args, spec: StageSpec, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.spec = spec
+        self.spec, self.teacher_mean = spec, teacher_mean
         self._sums: dict[str, float] = {}
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
@@ -151,7 +159,7 @@ class LatentTrainer(Trainer):
         if latents.shape[1]:
             metrics["latent_norm"] = latents.detach().float().norm(dim=-1).mean()
         if spec.uses_teacher and latents.shape[1]:
-            align, cos = align_loss(latents, inputs["teacher"], spec.align)
+            align, cos = align_loss(latents, inputs["teacher"], spec.align, self.teacher_mean)
             loss = loss + spec.align_weight * align
             metrics.update(align=align.detach(), cos=cos.mean())
         # one device-to-host copy a micro-batch for all metrics, the finiteness check and the cosines

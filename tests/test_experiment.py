@@ -21,7 +21,7 @@ def _plan(tmp_path: Path, seeds=(0, 1)) -> E.Plan:
     return E.Plan(name="t", train_jsonl=str(data), eval_jsonl=str(data), difficulty_field="hops", state_field=None,
                   model="tiny", seeds=list(seeds), latent_size=2, warmup_steps=1, stage2_steps=1, stage3_steps=1,
                   bsz=1, lr=1e-3, lr_scheduler="constant", latent_grad="truncated", rows=list(E.ROWS),
-                  eval_records=0, probe_records=0)
+                  protocol="stage2-teacher", align="centered", eval_records=0, probe_records=0)
 
 
 def _write(run: Path, seed: int, model: str, obj: dict) -> None:
@@ -42,6 +42,10 @@ def test_aggregate_means_gap_recovered_and_warnings(tmp_path):
                                      "latent_cos_across": [0.995, 0.999]})
         _write(run, seed, "stage2", {"settings": {"with": {"2": _setting(0.5, {})},
                                                   "without": {"2": _setting(0.48, {})}}})
+    for model in ("warmup", "nolatent", "stage3", "stage2"):
+        for seed in (0, 1):
+            path = run / f"s{seed}" / "measure" / f"{model}.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), "majority": 2 / 3, "n": 3}))
     agg = E.aggregate(plan, run)
     rows = {r["model"] + "/" + r["setting"] + str(r["k"]): r for r in agg["rows"]}
     assert rows["stage3/without2"]["overall"]["mean"] == pytest.approx(0.5)
@@ -51,9 +55,10 @@ def test_aggregate_means_gap_recovered_and_warnings(tmp_path):
     assert gaps == {"0": pytest.approx((0.6 - 0.3) / (0.9 - 0.3)), "1": pytest.approx((0.4 - 0.2) / (1.0 - 0.2))}
     assert agg["gap_recovered"]["1"]["per_seed"]["0"] == pytest.approx((0.7 - 0.5) / (0.9 - 0.5))
     assert agg["teacher_benefit"]["stage2"]["mean"] == pytest.approx(0.02)
+    assert agg["teacher_benefit"]["warmup"]["mean"] == pytest.approx(0.85)  # visual CoT 0.9/1.0 vs 0.1
     assert agg["collapse"]["stage3"]["mean"] == pytest.approx(0.997)
     assert agg["majority"] == pytest.approx(2 / 3)
-    text = E.table_md(plan, agg, {"device": "test", "wall_s": 60, "eval_n": 3})
+    text = E.table_md(plan, agg, {"device": "test", "wall_s": 60})
     assert "constant predictor in 1/2 seeds (answers \"red\" for every record)" in text
     assert "0.500 ± 0.141" in text
     assert "WARNING: near zero" in text and "WARNING: the latents have collapsed" in text
@@ -69,7 +74,7 @@ def test_gap_is_undefined_without_a_gap():
 def test_experiment_cli_end_to_end_and_resume(tmp_path):
     argv = ["--name", "e2e", "--task", "hops", "--n", "30", "--seeds", "2", "--latent_size", "2",
             "--warmup_steps", "2", "--stage2_steps", "2", "--stage3_steps", "2", "--bsz", "4", "--probe_records", "12",
-            "--rows", "stage3", "pause", "nolatent", "--run_dir", str(tmp_path / "runs"),
+            "--rows", "pause", "nolatent", "--run_dir", str(tmp_path / "runs"),
             "--results_dir", str(tmp_path / "results"), "--procs", "2"]
     first = E.run_experiment(E.parser().parse_args(argv))
     assert all(v == "done" for v in first["state"].values()), first["state"]
