@@ -32,6 +32,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 from lcot.data import Record, load_image
 from lcot.mask import Seg, build_mask
 from lcot.tokens import TokenIds
+from lcot.vision import decode_pixels
 
 IGNORE = -100
 
@@ -53,30 +54,29 @@ class RopeIndex:
 class PixelCodec:
     """Exact uint8 codes for pixel_values: the image processor rescales and normalises uint8 pixels per
     channel, so each value is one of 256 per channel. Codes take a quarter of the memory of float32;
-    a row that would not round-trip exactly is kept as float32 instead."""
+    rows that would not round-trip exactly are kept as float32 instead."""
 
     def __init__(self, image_processor) -> None:
         self.lut: torch.Tensor | None = None
         try:
-            x = np.tile(np.arange(256, dtype=np.uint8)[None, None, :], (3, 1, 1))
             ip = image_processor
+            x = np.tile(np.arange(256, dtype=np.uint8)[None, None, :], (3, 1, 1))
             lut = ip.normalize(ip.rescale(x, ip.rescale_factor), ip.image_mean, ip.image_std)
             self.lut = torch.from_numpy(np.ascontiguousarray(lut[:, 0, :], dtype=np.float32))  # (3, 256)
+            self.scale = torch.tensor(ip.image_std, dtype=torch.float64)[:, None] / ip.rescale_factor
+            self.shift = torch.tensor(ip.image_mean, dtype=torch.float64)[:, None] / ip.rescale_factor
         except (AttributeError, TypeError, ValueError):  # another processor: keep float32
-            pass
+            self.lut = None
 
     def encode(self, pv: torch.Tensor) -> torch.Tensor:
         if self.lut is None or pv.dtype != torch.float32 or pv.shape[1] % 3:
             return pv
-        rows = pv.reshape(pv.shape[0], 3, -1)
-        codes = torch.stack([torch.searchsorted(self.lut[c], rows[:, c].contiguous()).clamp(max=255)
-                             for c in range(3)], 1).to(torch.uint8)
-        return codes if torch.equal(self.decode(codes), pv) else pv
+        rows = pv.reshape(pv.shape[0], 3, -1).double()
+        codes = (rows * self.scale + self.shift).round().clamp(0, 255).to(torch.uint8)
+        return codes if torch.equal(self.decode(codes), pv) else pv  # exact, or not coded at all
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        if stored.dtype != torch.uint8:
-            return stored
-        return torch.stack([self.lut[c][stored[:, c].long()] for c in range(3)], 1).reshape(stored.shape[0], -1)
+        return decode_pixels(stored, self.lut) if stored.dtype == torch.uint8 else stored
 
 
 @dataclass
@@ -99,7 +99,9 @@ class Collator:
     with_answer=False builds a generation prompt instead: the prefix, K slots, </abs_vis_token> and
     `reserve` answer columns to be filled by decoding (their mask rows and positions are ready).
     cache=True keeps every record's encoding (tokens, positions, exact pixel codes) in memory, so images
-    are read and processed once per run (`prepare` fills it up front); the batches are identical.
+    are read and processed once per run (`prepare` fills it up front). Its batches carry pixel_values as the
+    uint8 codes plus their table `pixel_lut`; the model decodes them (lcot.vision.decode_pixels) to exactly
+    the pixel values of an uncached batch.
     """
 
     def __init__(self, processor, config, num_latents: int, thought_images: bool,
@@ -203,8 +205,10 @@ class Collator:
             segments[i, lo:hi] = torch.tensor(e.prefix_segments + e.suffix_segments)
             position_ids[:, i, lo:hi] = e.positions
         pixel_values = grid_thw = None
-        if any(e.grids is not None for e in enc):
-            pixel_values = torch.cat([self.codec.decode(e.pixels) for e in enc if e.pixels is not None])
+        pixels = [e.pixels for e in enc if e.pixels is not None]
+        if pixels:
+            coded = all(p.dtype == torch.uint8 for p in pixels)  # cached: codes, decoded by the model
+            pixel_values = torch.cat(pixels if coded else [self.codec.decode(p) for p in pixels])
             grid_thw = torch.cat([e.grids for e in enc if e.grids is not None])
         labels = torch.where((segments == Seg.ANSWER) & self.with_answer, input_ids, IGNORE)
         return {
@@ -213,6 +217,8 @@ class Collator:
             "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
             "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.k,
             "idx": torch.tensor([r.idx for r in records]),
+            **({"pixel_lut": self.codec.lut} if pixel_values is not None and pixel_values.dtype == torch.uint8
+               else {}),
         }
 
     def _positions(self, input_ids, segments, grid_thw, is_thought: list[bool]) -> torch.Tensor:

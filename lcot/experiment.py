@@ -525,14 +525,15 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     lines += ["", "**Gap recovered** = (stage3 at K=Kmax − no-latent) / (visual CoT − no-latent): "
               + ", ".join(f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}" for key, v in g.items())
               + " (`-`: no gap to recover, the visual CoT is not above the no-latent baseline)."]
-    for model, b in agg["teacher_benefit"].items():
-        teacher = model == ("warmup" if plan.protocol == "warmup-teacher" else "stage2")
-        line = f"Thought-image benefit of {model}{' (the teacher)' if teacher else ''} (with − without): {_pm(b)}"
+    teacher = "warmup" if plan.protocol == "warmup-teacher" else "stage2"
+    for model, b in sorted(agg["teacher_benefit"].items(), key=lambda kv: kv[0] != teacher):
+        line = f"Thought-image benefit of {model}{' (the teacher)' if model == teacher else ''} (with − without): " \
+               f"{_pm(b)}"
         if b["mean"] is not None and b["mean"] < 0.05:
-            line += ". **WARNING: near zero — this teacher does not use its thought images; aligning to it teaches " \
-                    "nothing it could not learn without them.**"
-        lines.append("")
-        lines.append(line)
+            line += (". **WARNING: near zero — the teacher does not use its thought images; aligning to it teaches "
+                     "nothing it could not learn without them.**" if model == teacher else
+                     ". **WARNING: near zero — this model does not read its thought images (through the latents).**")
+        lines += ["", line]
     for model, c in agg["collapse"].items():
         line = f"Mean cosine between different records' latents ({model}): {_pm(c)}"
         if c["mean"] is not None and c["mean"] > COLLAPSE_COS:

@@ -10,6 +10,7 @@ from lcot.errors import LcotInputError
 from lcot.patch import LatentQwen2_5_VL
 from lcot.processor import LatentVLProcessor, load_processor
 from lcot.tokens import TokenIds, add_latent_tokens
+from lcot.vision import use_packed_attention
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -29,6 +30,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         raise LcotInputError(str(path), str(err).removeprefix(f"{path}: ")) from None
     model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                              local_files_only=True)
+    use_packed_attention(model)  # the vision tower's attention without a per-image loop (lcot.vision)
     add_latent_tokens(processor.tokenizer, model)
     rows = model.get_input_embeddings().weight.shape[0]
     ids = TokenIds.from_tokenizer(processor.tokenizer)  # by string: any ids work if the model has their rows

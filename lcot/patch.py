@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 
 from lcot.loss import ce_loss
 from lcot.mask import additive
+from lcot.vision import decode_pixels, vision_kwargs
 
 GradMode = Literal["full", "truncated"]
 FeedMode = Literal["continuous", "pause"]
@@ -42,12 +43,23 @@ def attn_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) ->
 
 
 def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                 image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings with the vision tower's features scattered in at the image-pad tokens."""
+                 image_grid_thw: torch.Tensor | None, pixel_lut: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings with the vision tower's features scattered in at the image-pad tokens.
+
+    pixel_values may be the cached collator's uint8 codes with their table `pixel_lut` (decoded here, on the
+    model's device). The vision tower gets its per-image tensors precomputed (lcot.vision), so it runs without
+    Python loops.
+    """
     vl = model.model
     embeds = vl.get_input_embeddings()(input_ids)
+    if pixel_values is not None and pixel_values.dtype == torch.uint8:
+        if pixel_lut is None:
+            raise ValueError("uint8 pixel_values are the cached collator's codes: pass its pixel_lut too")
+        pixel_values = decode_pixels(pixel_values, pixel_lut)
     if pixel_values is not None:
-        feats = torch.cat(vl.get_image_features(pixel_values, image_grid_thw).pooler_output, dim=0)
+        extra = vision_kwargs(image_grid_thw, model.config.vision_config, pixel_values.device)
+        # the tower itself, as get_image_features calls it, without splitting its output per image
+        feats = vl.visual(pixel_values.type(vl.visual.dtype), grid_thw=image_grid_thw, **extra).pooler_output
         image_mask, _ = vl.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
         embeds = embeds.masked_scatter(image_mask, feats.to(embeds.dtype))
     return embeds
@@ -124,7 +136,8 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
                          position_ids: torch.Tensor, latent_start: int, num_latents: int,
                          pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                          grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None,
-                         feed: FeedMode = "continuous") -> tuple[torch.Tensor, torch.Tensor]:
+                         feed: FeedMode = "continuous", pixel_lut: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward. Returns (hidden (B, L, H), latent outputs (B, K, H)).
 
     feed="continuous": the input of latent slot j is the output of the position before it (the method).
@@ -152,7 +165,7 @@ def latent_hidden_states(model, input_ids: torch.Tensor, attention_mask_4d: torc
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     s, k = latent_start, num_latents
-    embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw)
+    embeds = embed_inputs(model, input_ids, pixel_values, image_grid_thw, pixel_lut)
     batch, length = input_ids.shape
     if feed == "pause":
         hidden = text_forward(model, embeds, attention_mask_4d, position_ids, slice(0, length))
@@ -198,11 +211,13 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
                 latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
                 grad: GradMode = "full", fast: str | bool | None = None, reuse_prefix: bool | None = None,
-                feed: FeedMode = "continuous",
+                feed: FeedMode = "continuous", pixel_lut: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = True, **kwargs):
         if not latent_mode:
+            if pixel_values is not None and pixel_values.dtype == torch.uint8:
+                pixel_values = decode_pixels(pixel_values, pixel_lut)
             if attention_mask_4d is not None:
                 if position_ids is None:
                     raise ValueError("attention_mask_4d needs explicit position_ids (the collator gives them)")
@@ -214,7 +229,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
         hidden, latents = latent_hidden_states(self, input_ids, attention_mask_4d, position_ids, latent_start,
                                                num_latents, pixel_values, image_grid_thw, grad, fast,
-                                               reuse_prefix, feed)
+                                               reuse_prefix, feed, pixel_lut)
         loss = ce_loss(self.lm_head, hidden, labels) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)

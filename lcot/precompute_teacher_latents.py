@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from lcot.evaluate import benefit_line, evaluate
     from lcot.generate import trained_feed
     from lcot.load import load
+    from lcot.trainer import read_lcot_config
 
     state = PartialState()
     records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=args.skip_missing_thought)
@@ -63,8 +64,11 @@ def main(argv: list[str] | None = None) -> None:
           f"(process {state.process_index + 1}/{state.num_processes})", file=sys.stderr)
     if args.benefit_records > 0 and state.is_main_process:
         sample = records[: args.benefit_records]
+        # in the setting the model was trained in: a visual-CoT warm-up's answer sees the thought images
+        visual_cot = read_lcot_config(args.model_name_or_path).get("stage") == "vcot"
         acc = {t: evaluate(model.eval(), processor, sample, [args.k_max], thought_images=t, batch_size=args.bsz,
-                           feed=feed, progress=False)["accuracy"][args.k_max] for t in (True, False)}
+                           feed=feed, visual_cot=visual_cot and t, progress=False)["accuracy"][args.k_max]
+               for t in (True, False)}
         print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]),
               file=sys.stderr)
 

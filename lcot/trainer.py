@@ -152,7 +152,7 @@ class LatentTrainer(Trainer):
                     position_ids=inputs["position_ids"], pixel_values=inputs["pixel_values"],
                     image_grid_thw=inputs["image_grid_thw"], labels=inputs["labels"], latent_mode=True,
                     latent_start=inputs["latent_start"], num_latents=inputs["num_latents"], grad=spec.latent_grad,
-                    feed=spec.latent_feed, return_logits=False)
+                    feed=spec.latent_feed, pixel_lut=inputs.get("pixel_lut"), return_logits=False)
         loss = out.loss
         metrics = {"ce": out.loss.detach()}
         latents, cos = out.latent_hidden, None

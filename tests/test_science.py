@@ -88,11 +88,20 @@ def test_cached_collator_gives_identical_batches(loaded, hops_records, thought):
     cached = Collator(processor, model.config, 3, thought_images=thought, cache=True)
     cached.prepare(hops_records[:6], progress=False)
     assert all(e.pixels.dtype == torch.uint8 for e in cached.cache.values())  # exact codes, a quarter of fp32
+    from lcot.vision import decode_pixels
+
     for recs in (hops_records[:5], hops_records[2:6]):
         a, b = plain(recs), cached(recs)
+        assert b["pixel_values"].dtype == torch.uint8  # the codes travel; the model decodes them
+        b["pixel_values"] = decode_pixels(b.pop("pixel_values"), b.pop("pixel_lut"))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
+    model_in = cached(hops_records[:3])
+    with torch.no_grad():
+        h_codes, _ = run(model, model_in, pixel_lut=model_in["pixel_lut"])
+        h_plain, _ = run(model, plain(hops_records[:3]))
+    assert torch.equal(h_codes, h_plain)
 
 
 def test_per_record_positions_equal_transformers_rope_on_the_padded_batch(loaded, hops_records, records):
@@ -242,3 +251,34 @@ def test_probe_recovers_a_planted_linear_signal_and_not_noise():
                                                                            for i in range(3))]
     y = [s[1] for s in states]
     assert probe_accuracy(lat[:300, 1], y[:300], lat[300:, 1], y[300:]) == grid.accuracy[1][1]
+
+
+# -- the vision tower without per-image loops --------------------------------------------------------------
+def test_precomputed_vision_tensors_equal_transformers_on_mixed_grids(loaded):
+    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+    from lcot.vision import vision_kwargs
+
+    vc = loaded[0].config.vision_config
+    grids = torch.tensor([[1, 4, 8], [1, 8, 8], [1, 4, 8], [1, 2, 4], [2, 8, 4], [1, 12, 6]])
+    kw = vision_kwargs(grids, vc, torch.device("cpu"))
+    index, cu_window = get_vision_window_index(grids, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+    assert torch.equal(kw["window_index"], index) and torch.equal(kw["cu_window_seqlens"], cu_window)
+    assert torch.equal(kw["position_ids"], get_vision_position_ids(grids, vc.spatial_merge_size))
+    cu = get_vision_cu_seqlens(grids)
+    assert torch.equal(kw["cu_seqlens"], cu) and kw["max_seqlen"] == int((cu[1:] - cu[:-1]).max())
+
+
+@pytest.mark.parametrize("lengths", [[16, 16, 16], [16, 64, 16, 4, 64]])
+def test_packed_attention_equals_attention_per_segment(lengths):
+    from lcot.vision import packed_sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, sum(lengths), 8, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    module = torch.nn.Module()
+    out, _ = packed_sdpa(module, q, k, v, scaling=0.3, cu_seq_lens_q=cu, max_length_q=max(lengths))
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                                      scale=0.3)
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 2)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=1e-6)
