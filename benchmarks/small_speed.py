@@ -4,10 +4,11 @@
 
 Both rows run `python -m lcot.main --stage stage2` (align_weight 0, truncated gradient, K=4, batch 64) in
 the same process environment on the same card, one after the other:
-  * baseline: images decoded and processed in the main process for every batch (--num_workers 0),
-    the path of the first round;
+  * baseline: the path of the first round: images decoded and processed in the main process for every
+    batch (--num_workers 0), transformers' per-image vision loops (LCOT_VISION=stock);
   * cached: `--preprocess` (every record's tokens, positions and exact uint8 pixel codes built once,
-    before training) and DataLoader workers.
+    before training; decoded on the GPU), DataLoader workers, and the vision tower without per-image
+    loops (lcot.vision).
 records/s is the Trainer's train_samples_per_second (the training loop only); the one-off preprocessing
 time is reported beside it. CPU dry run: --shape tiny --steps 4 --n 200.
 """
@@ -24,9 +25,9 @@ import time
 from pathlib import Path
 
 
-def run(argv: list[str], log: Path) -> tuple[float, float, str]:
+def run(argv: list[str], log: Path, **env_extra: str) -> tuple[float, float, str]:
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
     with open(log, "w") as fh:
         rc = subprocess.call([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
     text = log.read_text()
@@ -60,7 +61,7 @@ def main() -> None:
               "--save_steps", "100000", "--logging_steps", "1000", "--overwrite_output_dir"]
     rows = {}
     rows["baseline"] = run([*common, "--output_dir", str(out / "baseline"), "--max_steps", str(args.baseline_steps)],
-                           out / "baseline.log")
+                           out / "baseline.log", LCOT_VISION="stock")
     rows["cached"] = run([*common, "--output_dir", str(out / "cached"), "--max_steps", str(args.steps), "--preprocess",
                           "--num_workers", str(args.workers)], out / "cached.log")
     import torch

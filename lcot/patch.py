@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from lcot.loss import ce_loss
 from lcot.mask import additive
 from lcot.vision import decode_pixels, vision_kwargs
+from lcot.vision import enabled as vision_enabled
 
 GradMode = Literal["full", "truncated"]
 FeedMode = Literal["continuous", "pause"]
@@ -57,7 +58,8 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
             raise ValueError("uint8 pixel_values are the cached collator's codes: pass its pixel_lut too")
         pixel_values = decode_pixels(pixel_values, pixel_lut)
     if pixel_values is not None:
-        extra = vision_kwargs(image_grid_thw, model.config.vision_config, pixel_values.device)
+        extra = vision_kwargs(image_grid_thw, model.config.vision_config, pixel_values.device) if vision_enabled() \
+            else {}
         # the tower itself, as get_image_features calls it, without splitting its output per image
         feats = vl.visual(pixel_values.type(vl.visual.dtype), grid_thw=image_grid_thw, **extra).pooler_output
         image_mask, _ = vl.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)

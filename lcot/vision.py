@@ -12,10 +12,13 @@ starves a GPU when the model is small. Two of transformers' own extension points
   transformers hands `cu_seqlens` only to implementations whose name contains "flash" (the varlen
   path), hence the name. Segments of one length (every window, and every image of one size) go through
   one batched SDPA; segments of other lengths are grouped by length, so the result equals per-chunk SDPA.
+
+LCOT_VISION=stock turns both off (transformers' own path, for reference and timing).
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -24,6 +27,14 @@ from transformers import AttentionInterface
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 PACKED = "lcot_packed_flash_sdpa"
+ENV = "LCOT_VISION"  # "stock": transformers' own per-image path (the reference, and the first round's speed)
+
+
+def enabled() -> bool:
+    mode = os.environ.get(ENV, "packed")
+    if mode not in ("packed", "stock"):
+        raise ValueError(f"${ENV} must be 'packed' or 'stock', got {mode!r}")
+    return mode == "packed"
 
 
 def _segments(x: torch.Tensor, cols: torch.Tensor | None, n: int, length: int) -> torch.Tensor:
@@ -99,6 +110,9 @@ def decode_pixels(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def use_packed_attention(model) -> None:
-    """Select the packed attention for the vision tower of `model` (the language model keeps its own)."""
+    """Select the packed attention for the vision tower of `model` (the language model keeps its own);
+    nothing with LCOT_VISION=stock."""
+    if not enabled():
+        return
     model.config.vision_config._attn_implementation = PACKED
     model.model.visual.config._attn_implementation = PACKED
