@@ -565,27 +565,36 @@ def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
 
     made = []
     diffs = sorted({d for r in agg["rows"] for d in r["by_difficulty"]}, key=_num)
+    k = plan.latent_size
+    panels = {  # which rows each panel draws
+        "the rows (stage3 at K=Kmax)": [r for r in agg["rows"] if r["setting"] == "without" and r["k"] in (0, k)
+                                        and not r["model"].endswith("stage2") and r["model"] != "warmup"
+                                        or r["model"] == "warmup" and r["setting"] == "with"],
+        "stage2: thought images only through the latents": [r for r in agg["rows"] if r["model"].endswith("stage2")],
+        "stage3: K and causal use of the latents": [r for r in agg["rows"] if r["model"] == "stage3"]
+        + agg["causal"]}
     if diffs:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in agg["rows"] + agg["causal"]:
-            ys = [r["by_difficulty"].get(d, {}).get("mean") for d in diffs]
-            es = [r["by_difficulty"].get(d, {}).get("std") or 0 for d in diffs]
-            if all(y is None for y in ys):
-                continue
-            style = "--" if r in agg["causal"] else "-"
-            ax.errorbar(range(len(diffs)), [y if y is not None else float("nan") for y in ys], yerr=es, label=r["row"],
-                        marker="o", ls=style, capsize=3)
-        ax.axhline(agg["majority"], color="grey", ls=":", label="majority answer")
-        ax.set_xticks(range(len(diffs)), diffs)
-        ax.set_xlabel(plan.difficulty_field or "difficulty")
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title(f"{plan.name}: accuracy by difficulty ({len(plan.seeds)} seeds)")
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), sharey=True)
+        for ax, (title, rows) in zip(axes, panels.items()):
+            colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
+            for i, r in enumerate(rows):
+                ys = [r["by_difficulty"].get(d, {}).get("mean") for d in diffs]
+                es = [r["by_difficulty"].get(d, {}).get("std") or 0 for d in diffs]
+                ax.errorbar(range(len(diffs)), [y if y is not None else float("nan") for y in ys], yerr=es,
+                            label=r["row"], marker="o", capsize=3, color=colours[i % len(colours)],
+                            ls="--" if r in agg["causal"] else "-")
+            ax.axhline(agg["majority"], color="grey", ls=":", label="majority answer")
+            ax.set_xticks(range(len(diffs)), diffs)
+            ax.set_xlabel(plan.difficulty_field or "difficulty")
+            ax.set_ylim(0, 1.02)
+            ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=6.5, loc="upper right")
+        axes[0].set_ylabel(f"accuracy (mean ± std over {len(plan.seeds)} seeds)")
+        fig.suptitle(f"{plan.name}: accuracy by difficulty", fontsize=11)
         made.append(plots.save(fig, out / "accuracy_by_difficulty.png"))
     if agg["probe"]:
         fig, axes = plt.subplots(1, len(agg["probe"]), figsize=(4.5 * len(agg["probe"]), 3.8), squeeze=False)
-        for ax, (model, pr) in zip(axes[0], agg["probe"].items()):
+        for n, (ax, (model, pr)) in enumerate(zip(axes[0], agg["probe"].items())):
             grid = [[v["mean"] if v["mean"] is not None else float("nan") for v in row] for row in pr["accuracy"]]
             im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
             for j, row in enumerate(grid):
@@ -593,8 +602,9 @@ def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
                     ax.text(i, j, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
                             color="white" if not math.isnan(v) and v < 0.6 else "black")
             ax.set_xticks(range(len(grid[0])), [f"state {i + 1}" for i in range(len(grid[0]))])
-            ax.set_yticks(range(len(grid)), [f"latent {j + 1}" for j in range(len(grid))])
-            ax.set_title(f"probe: {model} latents", fontsize=9)
+            ax.set_yticks(range(len(grid)), [f"latent {j + 1}" for j in range(len(grid))] if n == 0 else [])
+            seen = "with" if pr["thought_images"] else "without"
+            ax.set_title(f"probe: {model} latents ({seen} thought images)", fontsize=9)
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
         made.append(plots.save(fig, out / "probe.png"))
     return made
@@ -739,13 +749,22 @@ def run_experiment(args) -> dict:
     gpus = (args.gpus.split(",") if args.gpus else [str(i) for i in range(torch.cuda.device_count())])
     procs = args.procs or (6 * len(gpus) if gpus else 2)
     print(f"lcot.experiment {plan.name}: {len(jobs)} jobs, {procs} at once, on {_device()}; logs in {run / 'logs'}")
-    t0 = time.time()
-    state = run_jobs(jobs, run, procs, gpus)
     info_file = run / "info.json"
-    earlier = json.loads(info_file.read_text()).get("wall_s", 0.0) if info_file.is_file() else 0.0
-    _write_json(info_file, {"device": _device(), "wall_s": earlier + time.time() - t0, "procs": procs,
-                            "torch": torch.__version__, "jobs": state})
-    return write_results(plan, run, Path(args.results_dir), state)
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info.update(device=_device(), procs=procs, torch=torch.__version__)
+    spans = info.setdefault("invocations", [])  # [start, last update] of every invocation, a killed one too
+    spans.append([time.time(), time.time()])
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+        spans[-1][1] = time.time()
+        info["wall_s"] = sum(b - a for a, b in spans)
+        _write_json(info_file, info)
+
+    progress(f"lcot.experiment {plan.name}: started")
+    info["jobs"] = run_jobs(jobs, run, procs, gpus, log=progress)
+    progress(f"lcot.experiment {plan.name}: all jobs ended")
+    return write_results(plan, run, Path(args.results_dir), info["jobs"])
 
 
 def write_results(plan: Plan, run: Path, results_dir: Path, state: dict) -> dict:
