@@ -1,9 +1,11 @@
-"""`make demo`: the whole method on the embedded default (tiny offline model, bundled shapes data).
+"""`make demo`: the method end to end on the embedded default, in a few minutes on 2 CPU cores.
 
-tiny model + dataset -> stage1 -> teacher latents -> stage2 -> stage3 -> evaluation, figures under
-figures/, and one table: accuracy without thought images after each stage, the thought-image
-setting, and the mean latent-teacher cosine. The numbers of a 1M-parameter random model are small;
-they are real. The same calls run a real checkpoint (see README).
+tiny offline model + the bundled hops task -> visual-CoT warm-up -> teacher latents -> stage2 (centred
+alignment) -> stage3 -> evaluation, figures under figures/, and one table: each model's accuracy with and
+without thought images, beside the majority-answer rate. A model that gives one answer to every record is
+marked as such, and the teacher's thought-image benefit is printed with its warning when it is near zero.
+The budget is small: the warm-up learns to read the thought images (the teacher row), the latent stages
+get only a few hundred steps here; `python -m lcot.experiment` runs the full matrix (see README).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from lcot import plots
 from lcot.collate import Collator
 from lcot.data import read_records
-from lcot.evaluate import evaluate, majority_rate, table
+from lcot.evaluate import benefit_line, describe, evaluate, majority_rate, table
 from lcot.load import load
 from lcot.main import run_stage
 from lcot.precompute_teacher_latents import main as precompute_main
@@ -26,7 +28,8 @@ from lcot.synthetic import generate as make_dataset
 from lcot.tiny import build_tiny
 from lcot.trainer import read_metrics
 
-DEFAULTS = dict(n=240, k=6, epochs1=6, epochs2=4, epochs3=6, bsz=8, lr=2e-3)
+DEFAULTS = dict(n=600, k=4, warmup_steps=300, stage2_steps=500, stage3_steps=400, bsz=16, lr=1e-3)
+STAGES = ("warmup", "stage2", "stage3")
 
 
 def figure_mask(model_dir: Path, jsonl: Path, k: int, out: Path) -> Path:
@@ -38,19 +41,25 @@ def figure_mask(model_dir: Path, jsonl: Path, k: int, out: Path) -> Path:
 
 
 def figures(run: Path, fig_dir: Path, k: int, jsonl: Path) -> list[Path]:
-    made = [figure_mask(run / "stage1", jsonl, k, fig_dir / "mask_stage2.png")]
-    for stage in ("stage1", "stage2", "stage3"):
+    made = [figure_mask(run / "warmup", jsonl, k, fig_dir / "mask_stage2.png")]
+    for stage in STAGES:
         rows = read_metrics(run / stage)
         made.append(plots.save(plots.plot_losses(rows, f"{stage} loss"), fig_dir / f"loss_{stage}.png"))
-        if stage != "stage1":
+        if stage != "warmup":
             made.append(plots.save(plots.plot_cosine(rows, f"{stage}: latent-teacher cosine per position"),
                                    fig_dir / f"cosine_{stage}.png"))
     return made
 
 
-def final_cosine(run_dir: Path) -> float:
-    rows = [r for r in read_metrics(run_dir) if "cos" in r]
-    return rows[-1]["cos"] if rows else float("nan")
+def measure(run: Path, stage: str, records, k: int) -> dict:
+    """{setting: (accuracy, answers)} of one stage's model, without and (warm-up, stage2) with thought images."""
+    model, processor = load(run / stage)
+    out = {}
+    for thought in (False, True) if stage != "stage3" else (False,):
+        res = evaluate(model.eval(), processor, records, [k], thought_images=thought, visual_cot=thought and
+                       stage == "warmup", batch_size=32, max_new_tokens=6, progress=False)
+        out["with" if thought else "without"] = (res["accuracy"][k], [p["answer"] for p in res["predictions"][k]])
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,37 +74,38 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     run = Path(args.run_dir)
     tiny = build_tiny(run / "tiny", seed=0)
-    data = make_dataset(run / "data", n=args.n, seed=0)
+    data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
     common = dict(train_jsonl=train, latent_size=args.k, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
-                  logging_steps=5, save_steps=10_000, seed=0, warmup_ratio=0.05, overwrite_output_dir=True)
-    run_stage(stage="stage1", model_name_or_path=tiny, output_dir=run / "stage1", epochs=args.epochs1, **common)
-    precompute_main(["--model_name_or_path", str(run / "stage1"), "--train_jsonl", str(train),
-                     "--output_dir", str(run / "teacher"), "--k_max", str(args.k), "--bsz", "8"])
-    teacher = dict(teacher_latent_dir=run / "teacher", align_weight=1.0)
-    run_stage(stage="stage2", model_name_or_path=run / "stage1", output_dir=run / "stage2", epochs=args.epochs2,
-              **common, **teacher)
-    run_stage(stage="stage3", model_name_or_path=run / "stage2", output_dir=run / "stage3", epochs=args.epochs3,
-              **common, **teacher)
+                  lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
+                  latent_grad="truncated", preprocess=True, overwrite_output_dir=True)
+    run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
+    precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),
+                     "--output_dir", str(run / "teacher"), "--k_max", str(args.k), "--bsz", "32",
+                     "--benefit_records", "100"])
+    teacher = dict(teacher_latent_dir=run / "teacher", align_weight=1.0, align="centered")
+    run_stage(stage="stage2", model_name_or_path=run / "warmup", output_dir=run / "stage2",
+              max_steps=args.stage2_steps, **common, **teacher)
+    run_stage(stage="stage3", model_name_or_path=run / "stage2", output_dir=run / "stage3",
+              max_steps=args.stage3_steps, **common, **teacher)
     test_records = read_records(test)
-    results = {}
-    for stage in ("stage1", "stage2", "stage3"):
-        model, processor = load(run / stage)
-        res = {"without": evaluate(model.eval(), processor, test_records, [args.k], batch_size=16,
-                                   max_new_tokens=8)["accuracy"][args.k]}
-        if stage != "stage1":
-            res["with"] = evaluate(model, processor, test_records, [args.k], thought_images=True, batch_size=16,
-                                   max_new_tokens=8)["accuracy"][args.k]
-            res["cos"] = final_cosine(run / stage)
-        results[stage] = res
+    results = {stage: measure(run, stage, test_records, args.k) for stage in STAGES}
     made = figures(run, Path(args.figures), args.k, train)
-    (run / "results.json").write_text(json.dumps(results, indent=1))
-    header = ["after", f"acc. without thought images (K={args.k})", "acc. with thought images",
-              "latent-teacher cosine (train)"]
-    print("\n" + table(header, [[stage, r["without"], r.get("with"), r.get("cos")] for stage, r in results.items()]))
-    print(f"\n{len(test_records)} test records; chance of always answering the most common count: "
-          f"{majority_rate(test_records):.3f}. Figures: {', '.join(str(m) for m in made)}. "
-          f"Took {time.time() - t0:.0f} s.")
+    (run / "results.json").write_text(json.dumps({s: {t: a for t, (a, _) in r.items()} for s, r in results.items()},
+                                                 indent=1))
+    majority = majority_rate(test_records)
+    names = {"warmup": "visual-CoT warm-up (the teacher)", "stage2": "stage2 (centred alignment)",
+             "stage3": "stage3 (no thought images)"}
+    header = ["model", f"accuracy without thought images (K={args.k})", "with thought images"]
+    rows = [[names[s], describe(*r["without"], majority), describe(*r["with"], majority) if "with" in r else None]
+            for s, r in results.items()]
+    print("\n" + table(header, rows))
+    print(f"\n{len(test_records)} test records of 1-4 hops; majority-answer rate {majority:.3f}.")
+    print(benefit_line(results["warmup"]["with"][0], results["warmup"]["without"][0],
+                       "Teacher (visual-CoT warm-up)"))
+    print(benefit_line(results["stage2"]["with"][0], results["stage2"]["without"][0],
+                       "stage2 (thought images only through the latents)", teacher=False))
+    print(f"Figures: {', '.join(str(m) for m in made)}. Took {time.time() - t0:.0f} s.")
 
 
 if __name__ == "__main__":

@@ -47,10 +47,15 @@ def constant_answer(answers: Sequence[str]) -> str | None:
     return found.pop() if len(answers) > 1 and len(found) == 1 else None
 
 
-def describe(acc: float, answers: Sequence[str]) -> str:
-    """An accuracy as printed: '0.412', or '0.146 (answers "1" for every record)' for a constant predictor."""
+def describe(acc: float, answers: Sequence[str], majority: float | None = None) -> str:
+    """An accuracy as printed: '0.412', or '0.146 (answers "1" for every record)' for a constant predictor, or
+    '0.150 (not above the majority-answer rate)' when `majority` is given and not beaten by 0.02."""
     const = constant_answer(answers)
-    return f"{acc:.3f}" + (f' (answers "{const}" for every record)' if const is not None else "")
+    if const is not None:
+        return f'{acc:.3f} (answers "{const}" for every record)'
+    if majority is not None and acc <= majority + 0.02:
+        return f"{acc:.3f} (not above the majority-answer rate)"
+    return f"{acc:.3f}"
 
 
 def by_group(correct: Sequence[bool], groups: Sequence) -> dict:
@@ -85,14 +90,15 @@ def evaluate(model, processor, records: Sequence[Record], ks: Sequence[int], tho
     return result
 
 
-def benefit_line(with_acc: float, without_acc: float, what: str = "teacher") -> str:
+def benefit_line(with_acc: float, without_acc: float, what: str = "teacher", teacher: bool = True) -> str:
     """The thought-image benefit (accuracy with minus without), with a plain warning when it is near zero."""
     gain = with_acc - without_acc
     line = f"{what} thought-image benefit: {gain:+.3f} (accuracy {with_acc:.3f} with thought images, " \
            f"{without_acc:.3f} without)"
     if gain < BENEFIT_NEAR_ZERO:
-        line += (f"\nWARNING: the thought-image benefit is near zero (< {BENEFIT_NEAR_ZERO}): this model does not "
-                 "use its thought images, so aligning latents to it teaches nothing it could not learn without them")
+        line += f"\nWARNING: the thought-image benefit is near zero (< {BENEFIT_NEAR_ZERO}): this model does not " + (
+            "use its thought images, so aligning latents to it teaches nothing it could not learn without them"
+            if teacher else "read its thought images")
     return line
 
 
