@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The science run of issue 9 on one GPU: small-model training speed, then the 3-seed experiment matrix.
 #     PYTHONPATH=. bash benchmarks/science_gpu.sh          # results under $OUT (default runs/science)
+#     NAME=hops_tiny_long SPEED_LIMIT=0 bash benchmarks/science_gpu.sh --seeds 1 --stage3_steps 5000 \
+#         --rows grad pause nolatent                    # more lcot.experiment flags override the defaults
 #
 # 1. benchmarks/small_speed.py: stage2 of the 8M model on the hops task, records/s, the first round's path
 #    (images processed in the main process every batch) against --preprocess, on the same card;
@@ -27,7 +29,7 @@ cp runs/small_speed/small_speed.md "$OUT/" 2>/dev/null
 timeout "$MATRIX_LIMIT" $PY -m lcot.experiment --name "$NAME" --task hops --n 3000 --seeds 3 --model tiny \
     --protocol warmup-teacher --align centered --latent_grad truncated --latent_size 4 \
     --warmup_steps 300 --stage2_steps 2000 --stage3_steps 1500 --bsz 32 --lr 1e-3 --procs 24 \
-    --probe_records 1000 > "$OUT/matrix.txt" 2>&1
+    --probe_records 1000 "$@" > "$OUT/matrix.txt" 2>&1
 echo "matrix rc=$?" >> "$OUT/matrix.txt"
 R=runs/experiments/$NAME
 tar czf "$OUT/run.tgz" $R/plan.json $R/info.json $R/done $R/logs $R/s*/measure $R/s*/*/latent_metrics.jsonl \
