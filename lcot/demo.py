@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m lcot.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run_dir", default="runs/demo", help="where the model, data, checkpoints and teacher go")
-    p.add_argument("--figures", default="figures", help="where the PNG figures go")
+    p.add_argument("--figures", default="figures/demo", help="where the PNG figures go")
     for key, val in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(val), default=val)
     args = p.parse_args(argv)
