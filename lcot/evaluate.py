@@ -122,8 +122,7 @@ def majority_rate(records: Sequence[Record]) -> float:
     return max(counts.values()) / len(records)
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcot.evaluate", description=__doc__)
     add_model_args(p)
     p.add_argument("--eval_jsonl", "--test_jsonl", dest="eval_jsonl", required=True,
@@ -138,7 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--difficulty_field", default=None,
                    help="an extra JSONL field to break accuracy down by (e.g. hops)")
     p.add_argument("--output", help="write results as JSON here (default: print only)")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     from lcot.load import load
     from lcot.trainer import read_lcot_config
 

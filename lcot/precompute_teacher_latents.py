@@ -21,8 +21,7 @@ from lcot.errors import LcotInputError, cli_errors
 from lcot.teacher import precompute
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcot.precompute_teacher_latents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", required=True, help="usually the stage1 output folder")
@@ -37,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--benefit_records", type=int, default=200,
                    help="answer this many records with and without thought images and print the teacher's "
                         "thought-image benefit (0: skip)")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
     model_dir, out = Path(args.model_name_or_path).resolve(), Path(args.output_dir).resolve()
