@@ -142,15 +142,30 @@ def load_teachers(teacher_dir: str | Path, records: Sequence[Record], k: int | N
     return torch.stack([t[:k] if k else t for t in lat]).float()
 
 
+def cosine_across(lat: torch.Tensor) -> torch.Tensor:
+    """(N, K, H) -> (K,): mean cosine between different records' latents at each position (near 1: collapsed)."""
+    x = _normed(lat)
+    n = x.shape[0]
+    if n < 2:
+        return torch.full((x.shape[1],), float("nan"))
+    sims = torch.einsum("nkh,mkh->knm", x, x)  # (K, N, N)
+    return sims[:, ~torch.eye(n, dtype=torch.bool)].mean(-1)
+
+
 def teacher_stats(teacher_dir: str | Path, records: Sequence[Record], k: int | None = None) -> TeacherStats:
     lat = load_teachers(teacher_dir, records, k)
     x = _normed(lat)  # (N, K, H)
     within = torch.einsum("nkh,njh->nkj", x, x).mean(0)
-    n = x.shape[0]
-    sims = torch.einsum("nkh,mkh->knm", x, x)  # (K, N, N)
-    off = ~torch.eye(n, dtype=torch.bool)
-    across = sims[:, off].mean(-1) if n > 1 else torch.full((x.shape[1],), float("nan"))
-    return TeacherStats(lat, lat.norm(dim=-1), within, across)
+    return TeacherStats(lat, lat.norm(dim=-1), within, cosine_across(lat))
+
+
+@torch.no_grad()
+def latent_outputs(model, processor, records: Sequence[Record], k: int, thought_images: bool = False,
+                   batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
+    """(N, K, H) float32 outputs of the latent slots, computed as in training and generation."""
+    collate = Collator(processor, model.config, k, thought_images=thought_images)
+    return torch.cat([_run(model, _to(collate(chunk), model.device), feed=feed)[1].float().cpu()
+                      for _, chunk in _batches(records, batch_size)])
 
 
 # -- latent-teacher cosine for several K --------------------------------------------------------------
@@ -179,12 +194,7 @@ def cosine_vs_k(model, processor, records: Sequence[Record], ks: Sequence[int], 
     own: dict[int, list[float]] = {}
     other: dict[int, list[float]] = {}
     for k in ks:
-        collate = Collator(processor, model.config, k, thought_images=thought_images)
-        lats = []
-        for _, chunk in _batches(records, batch_size):
-            _, lat = _run(model, _to(collate(chunk), model.device))
-            lats.append(lat.float().cpu())
-        lat = torch.cat(lats)
+        lat = latent_outputs(model, processor, records, k, thought_images, batch_size)
         t = teachers[:, :k]
         own[k] = per_position_cosine(lat, t).mean(0).tolist()
         other[k] = per_position_cosine(lat, t.roll(1, 0)).mean(0).tolist()

@@ -204,13 +204,18 @@ def _env(gpu: str | None) -> dict:
     return env
 
 
+def _slug(name: str) -> str:
+    """A job's name as a file name (its done marker and log): s0/stage2 -> s0__stage2."""
+    return name.replace("/", "__")
+
+
 def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print) -> dict[str, str]:
     """Run the graph; returns {job: "done" | "skipped (done before)" | "failed (rc N)" | "not run (...)"}."""
     done_dir, log_dir = run / "done", run / "logs"
     done_dir.mkdir(parents=True, exist_ok=True)
     state = {}
     for j in jobs:
-        if (done_dir / f"{j.name.replace('/', '__')}.json").is_file():
+        if (done_dir / f"{_slug(j.name)}.json").is_file():
             state[j.name] = "skipped (done before)"
     names = {j.name for j in jobs}
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
@@ -226,10 +231,10 @@ def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print)
             wall = time.time() - start
             if rc == 0:
                 state[name] = "done"
-                marker = done_dir / f"{name.replace('/', '__')}.json"
+                marker = done_dir / f"{_slug(name)}.json"
                 marker.write_text(json.dumps({"job": name, "wall_s": round(wall, 1)}) + "\n")
             else:
-                state[name] = f"failed (rc {rc}, see {log_dir / (name.replace('/', '__') + '.log')})"
+                state[name] = f"failed (rc {rc}, see {log_dir / (_slug(name) + '.log')})"
             log(f"[{time.time() - t0:7.0f}s] {name}: {state[name]} in {wall:.0f}s")
         finished = {n for n, v in state.items() if v.startswith(("done", "skipped"))}
         for j in jobs:
@@ -244,7 +249,7 @@ def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print)
                 gpu = gpus[launched % len(gpus)] if gpus else None
                 launched += 1
                 log_dir.mkdir(parents=True, exist_ok=True)
-                fh = open(log_dir / f"{j.name.replace('/', '__')}.log", "w")
+                fh = open(log_dir / f"{_slug(j.name)}.log", "w")
                 fh.write("$ python -m " + " ".join(j.argv) + "\n")
                 fh.flush()
                 p = subprocess.Popen([sys.executable, "-m", *j.argv], stdout=fh, stderr=subprocess.STDOUT,
@@ -259,7 +264,7 @@ def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print)
 # -- measuring one model -------------------------------------------------------------------------------------
 def measure(args) -> dict:
     """Accuracy per K (with and without thought images), per difficulty, causal use and the probe; as JSON."""
-    from lcot.analysis import causal_use
+    from lcot.analysis import causal_use, cosine_across, latent_outputs
     from lcot.data import read_records
     from lcot.evaluate import evaluate, majority_rate
     from lcot.generate import trained_feed
@@ -295,33 +300,13 @@ def measure(args) -> dict:
     if args.probe_field and kmax:
         train = read_records(args.train_jsonl)[: args.probe_records]
         thought = args.thought_images  # the teacher is probed where its latents come from: with thought images
-        lat_train = _latents(model, processor, train, kmax, thought, args.batch_size, feed)
-        lat_test = _latents(model, processor, test, kmax, thought, args.batch_size, feed)
+        lat_train = latent_outputs(model, processor, train, kmax, thought, args.batch_size, feed)
+        lat_test = latent_outputs(model, processor, test, kmax, thought, args.batch_size, feed)
         grid = probe_grid(lat_train, [r.extra.get(args.probe_field, []) for r in train],
                           lat_test, [r.extra.get(args.probe_field, []) for r in test])
         out["probe"] = {**grid.to_json(), "thought_images": thought}
-        out["latent_cos_across"] = _across(lat_test)
+        out["latent_cos_across"] = cosine_across(lat_test).tolist()
     return out
-
-
-@torch.no_grad()
-def _latents(model, processor, records, k, thought_images, batch_size, feed) -> torch.Tensor:
-    """(N, K, H) outputs of the latent slots, computed as in training and generation."""
-    from lcot.analysis import _batches, _run, _to
-    from lcot.collate import Collator
-
-    collate = Collator(processor, model.config, k, thought_images=thought_images)
-    return torch.cat([_run(model, _to(collate(c), model.device), feed=feed)[1].float().cpu()
-                      for _, c in _batches(records, batch_size)])
-
-
-def _across(lat: torch.Tensor) -> list[float]:
-    """Mean cosine between different records' latents, per position (near 1: collapsed)."""
-    x = torch.nn.functional.normalize(lat.float(), dim=-1)
-    n = x.shape[0]
-    sims = torch.einsum("nkh,mkh->knm", x, x)
-    off = ~torch.eye(n, dtype=torch.bool)
-    return sims[:, off].mean(-1).tolist()
 
 
 def _by_difficulty(answers: list[str], records, field: str | None) -> dict:

@@ -21,7 +21,6 @@ from transformers import TrainingArguments
 from lcot.collate import Collator
 from lcot.data import read_records
 from lcot.errors import LcotInputError, cli_errors
-from lcot.teacher import read_teacher, teacher_file
 from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.trainer import (
     LatentTrainer,
@@ -163,12 +162,6 @@ def resume_point(args) -> str | None:
     return resume
 
 
-def check_teachers(records, teacher_dir: str, hidden: int, k: int, dtype: torch.dtype) -> None:
-    """Fail before training, not at hour 20: every record has a valid teacher file."""
-    for rec in records:
-        read_teacher(teacher_file(teacher_dir, rec.idx), rec, hidden, k, dtype)
-
-
 def apply_lora(model, args):
     from peft import LoraConfig, get_peft_model
 
@@ -208,19 +201,18 @@ def train(args) -> Path:
     model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,
                             max_pixels=args.max_pixels)
     hidden = model.config.text_config.hidden_size
-    if spec.uses_teacher:
-        check_teachers(records, args.teacher_latent_dir, hidden, args.latent_size, dtype)
+    collator = Collator(processor, model.config, args.latent_size, thought_images=spec.thought_images,
+                        question_images=args.stage != "stage1" or args.question_images, visual_cot=spec.visual_cot,
+                        cache=args.preprocess)
+    data_collator = TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype,
+                                 cache=args.preprocess)
+    data_collator.check_teachers(records)  # fail before training, not at hour 20
     freeze_vision = args.freeze_vision or args.stage == "stage1" and not args.question_images
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     model.config.use_cache = False
     if args.lora:
         model = apply_lora(model, args)
-    collator = Collator(processor, model.config, args.latent_size, thought_images=spec.thought_images,
-                        question_images=args.stage != "stage1" or args.question_images, visual_cot=spec.visual_cot,
-                        cache=args.preprocess)
-    data_collator = TrainCollate(collator, args.teacher_latent_dir if spec.uses_teacher else None, hidden, dtype,
-                                 cache=args.preprocess)
     if args.preprocess:
         data_collator.prepare(records)
     teacher_mean = data_collator.teacher_mean(records) if spec.uses_teacher and args.align == "centered" else None

@@ -110,11 +110,15 @@ class TrainCollate:
             self._teachers[rec.idx] = lat
         return lat
 
-    def prepare(self, records: list[Record]) -> None:
-        self.collator.prepare(records)
+    def check_teachers(self, records: list[Record]) -> None:
+        """Every record has a valid teacher file (read and checked once; kept when caching)."""
         if self.teacher_dir is not None:
             for rec in records:
                 self.teacher(rec)
+
+    def prepare(self, records: list[Record]) -> None:
+        self.collator.prepare(records)
+        self.check_teachers(records)
 
     def teacher_mean(self, records: list[Record]) -> torch.Tensor:
         """(K, H) mean teacher latent per position over `records`, in float32 (for centred alignment)."""
