@@ -16,8 +16,9 @@ U{1..Kmax}, aligned to the teacher's first K latents). Two protocols (`--protoco
 
 Rows: stage3 (the main recipe: --align, --latent_grad), align0 (no alignment), mse / cosine (other
 alignments), grad (the other --latent_grad), pause (K slots fed one learned embedding, nothing fed
-back), nolatent (--stage stage1 --question_images --latent_size 0 for stage2 + stage3 steps). Rows whose
-stage2 would be identical share it.
+back), nolatent (--stage stage1 --question_images --latent_size 0 for stage2 + stage3 steps), curriculum
+(the main row's stage2, then stage3 with --latent_curriculum: K's bound grows 1..Kmax in equal phases, after
+Coconut's stages). Rows whose stage2 would be identical share it.
 
 Every model is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model,
 answer sees the thought images), stage2 with and without thought images (the thought-image benefit),
@@ -48,7 +49,7 @@ import torch
 
 from lcot.errors import LcotInputError, cli_errors
 
-ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent")
+ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
 PROTOCOLS = ("stage2-teacher", "warmup-teacher")
 CAUSAL = ("zero", "shuffle", "mean", "noise")
 COLLAPSE_COS = 0.99  # mean cosine across records above this: the latents do not depend on the record
@@ -122,8 +123,8 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     warm_teacher = teacher("teacher", "warmup") if plan.protocol == "warmup-teacher" else None
     stage2s: dict[tuple, tuple[str, str | None]] = {}  # stage2 flags -> (stage2 folder, its teacher folder)
 
-    def chain(row: str, flags: list[str], row_align: str, weight: str = "1") -> None:
-        """stage2 -> (teacher) -> stage3 of one row; `flags` go to both stages."""
+    def chain(row: str, flags: list[str], row_align: str, weight: str = "1", stage3_flags: tuple = ()) -> None:
+        """stage2 -> (teacher) -> stage3 of one row; `flags` go to both stages, `stage3_flags` to stage3."""
         aligned = ["--align", row_align, "--align_weight", weight]
         if plan.protocol == "warmup-teacher":  # the seed's recipe, the warm-up as its stage1
             key = (*flags, *aligned)
@@ -143,7 +144,7 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
         name2, t = stage2s[key]
         uses = weight != "0"
         train(row, "stage3", name2, plan.stage3_steps,
-              [*flags, *aligned, *(["--teacher_latent_dir", str(d / t)] if uses else [])],
+              [*flags, *stage3_flags, *aligned, *(["--teacher_latent_dir", str(d / t)] if uses else [])],
               [f"{s}/{name2}", *([f"{s}/{t}"] if uses else [])])
 
     chain("stage3", ["--latent_grad", grad], align)
@@ -157,6 +158,8 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
         chain("grad", ["--latent_grad", other], align)
     if "pause" in plan.rows:
         chain("pause", ["--latent_grad", grad, "--latent_feed", "pause"], align)
+    if "curriculum" in plan.rows:  # the main row's stage2, a curriculum over K in stage3
+        chain("curriculum", ["--latent_grad", grad], align, stage3_flags=("--latent_curriculum",))
     if "nolatent" in plan.rows:
         train("nolatent", "stage1", "warmup", plan.stage2_steps + plan.stage3_steps,
               ["--question_images", "--latent_size", "0"], [warm])
@@ -180,7 +183,7 @@ def measure_jobs(plan: Plan, seed: int, run: Path, trained: list[str]) -> list[J
                      *(probe if plan.protocol == "warmup-teacher" else [])]
         elif model.endswith("stage2"):
             flags = ["--ks", str(k), "--thought_images", *(probe if model == "stage2" else [])]
-        elif model == "stage3":
+        elif model in ("stage3", "curriculum"):
             flags = ["--ks", *map(str, range(1, k + 1)), "--causal", *probe]
         elif model == "nolatent":
             flags = ["--ks", "0"]
@@ -339,6 +342,7 @@ def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
     rows += [(f"ablation: {label}", row, "without", k) for row, label in ablations.items() if row != "pause"]
     rows += [(f"stage2 of {label}, with thought images", f"{row}_stage2", "with", k)
              for row, label in ablations.items()]
+    rows += [(f"recipe: stage3 with a curriculum over K (K={j})", "curriculum", "without", j) for j in range(1, k + 1)]
     return rows
 
 
@@ -378,19 +382,23 @@ def aggregate(plan: Plan, run: Path) -> dict:
                                        for d in diffs},
                      "per_seed": {str(s): r["accuracy"] for s, r in per_seed.items()},
                      "constant": consts, "seeds": len(per_seed)})
-    causal_rows = []  # causal use of stage3's latents at Kmax
-    for cond in CAUSAL:
-        per = {seed: ms["stage3"]["causal"][cond] for seed, ms in seeds.items() if "causal" in ms.get("stage3", {})}
+    causal_rows = []  # causal use of the latents at Kmax (stage3, and the curriculum row)
+    for model, cond in ((m, c) for m in ("stage3", "curriculum") for c in CAUSAL):
+        per = {seed: ms[model]["causal"][cond] for seed, ms in seeds.items() if "causal" in ms.get(model, {})}
         if per:
             diffs = sorted({d for r in per.values() for d in r["by_difficulty"]}, key=_num)
-            causal_rows.append({"row": f"stage3 (K={plan.latent_size}), latents {_CAUSAL_LABEL[cond]}",
-                                "condition": cond, "overall": _stats([r["accuracy"] for r in per.values()]),
+            name = "stage3" if model == "stage3" else "curriculum stage3"
+            causal_rows.append({"row": f"{name} (K={plan.latent_size}), latents {_CAUSAL_LABEL[cond]}",
+                                "model": model, "condition": cond,
+                                "overall": _stats([r["accuracy"] for r in per.values()]),
                                 "changed": _stats([r["changed"] for r in per.values()]),
                                 "by_difficulty": {d: _stats([r["by_difficulty"].get(d) for r in per.values()])
                                                   for d in diffs},
                                 "per_seed": {str(s): r["accuracy"] for s, r in per.items()}, "constant": []})
     majority = [m["majority"] for ms in seeds.values() for m in ms.values() if "majority" in m]
+    curriculum = any("curriculum" in ms for ms in seeds.values())
     return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds),
+            **({"gap_recovered_curriculum": _gaps(plan, seeds, "curriculum")} if curriculum else {}),
             "teacher_benefit": _benefits(seeds), "probe": _probes(seeds), "collapse": _collapse(seeds),
             "majority": max(majority) if majority else float("nan"),
             "eval_n": max((m.get("n", 0) for ms in seeds.values() for m in ms.values()), default=0)}
@@ -414,8 +422,8 @@ def _acc(ms: dict, model: str, setting: str, k: int, diff: str | None = None) ->
     return r["accuracy"] if diff is None else r["by_difficulty"].get(diff)
 
 
-def _gaps(plan: Plan, seeds: dict) -> dict:
-    """Gap recovered per seed: (stage3 - nolatent) / (visual CoT - nolatent), overall and per difficulty."""
+def _gaps(plan: Plan, seeds: dict, model: str = "stage3") -> dict:
+    """Gap recovered per seed: (model - nolatent) / (visual CoT - nolatent), overall and per difficulty."""
     k = plan.latent_size
     diffs = sorted({d for ms in seeds.values() for d in
                     ms.get("warmup", {}).get("settings", {}).get("with", {}).get(str(k), {}).get("by_difficulty", {})},
@@ -423,7 +431,7 @@ def _gaps(plan: Plan, seeds: dict) -> dict:
     out = {}
     for diff in [None, *diffs]:
         per = {str(seed): _gap(_acc(ms, "warmup", "with", k, diff), _acc(ms, "nolatent", "without", 0, diff),
-                               _acc(ms, "stage3", "without", k, diff)) for seed, ms in seeds.items()}
+                               _acc(ms, model, "without", k, diff)) for seed, ms in seeds.items()}
         out["overall" if diff is None else diff] = {**_stats(list(per.values())), "per_seed": per}
     return out
 
@@ -447,7 +455,7 @@ def _benefits(seeds: dict) -> dict:
 
 def _probes(seeds: dict) -> dict:
     out = {}
-    for model in ("warmup", "stage2", "stage3"):
+    for model in ("warmup", "stage2", "stage3", "curriculum"):
         grids = [ms[model]["probe"] for ms in seeds.values() if "probe" in ms.get(model, {})]
         if not grids:
             continue
@@ -460,7 +468,7 @@ def _probes(seeds: dict) -> dict:
 
 def _collapse(seeds: dict) -> dict:
     out = {}
-    for model in ("warmup", "stage2", "stage3"):
+    for model in ("warmup", "stage2", "stage3", "curriculum"):
         per = {str(s): sum(ms[model]["latent_cos_across"]) / len(ms[model]["latent_cos_across"])
                for s, ms in seeds.items() if "latent_cos_across" in ms.get(model, {})}
         if per:
@@ -510,6 +518,10 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     lines += ["", "**Gap recovered** = (stage3 at K=Kmax − no-latent) / (visual CoT − no-latent): "
               + ", ".join(f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}" for key, v in g.items())
               + " (`-`: no gap to recover, the visual CoT is not above the no-latent baseline)."]
+    if "gap_recovered_curriculum" in agg:
+        lines += ["", "Gap recovered by stage3 with the curriculum over K: " + ", ".join(
+            f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}"
+            for key, v in agg["gap_recovered_curriculum"].items()) + "."]
     teacher = "warmup" if plan.protocol == "warmup-teacher" else "stage2"
     for model, b in sorted(agg["teacher_benefit"].items(), key=lambda kv: kv[0] != teacher):
         line = f"Thought-image benefit of {model}{' (the teacher)' if model == teacher else ''} (with − without): " \
@@ -557,7 +569,7 @@ def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
                                         or r["model"] == "warmup" and r["setting"] == "with"],
         "stage2: thought images only through the latents": [r for r in agg["rows"] if r["model"].endswith("stage2")],
         "stage3: K and causal use of the latents": [r for r in agg["rows"] if r["model"] == "stage3"]
-        + agg["causal"]}
+        + [r for r in agg["causal"] if r["model"] == "stage3"]}
     if diffs:
         fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), sharey=True)
         for ax, (title, rows) in zip(axes, panels.items()):

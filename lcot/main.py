@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     a("--latent_grad", choices=["full", "truncated"], default="full",
       help="full: backprop through the whole latent chain; truncated: the chain runs without gradients, then one "
            "parallel pass with gradients (much faster on GPU; needed with --gradient_checkpointing)")
+    a("--latent_curriculum", action="store_true",
+      help="stage3 only: a curriculum over K after Coconut's stages; the optimizer steps are cut into latent_size "
+           "equal phases and phase c samples K in 1..c (default: K in 1..latent_size from the first step)")
     a("--question_images", action="store_true", help="stage1 only: include the question images (default: none)")
     a("--skip_missing_thought", action="store_true",
       help="stage2/stage3: skip records without thought images (they have no teacher latents) and say how many, "
@@ -124,6 +127,9 @@ def check_dirs(args) -> None:
     if args.latent_size < least:
         raise LcotInputError("--latent_size", f"must be >= {least} for {args.stage}, got {args.latent_size}",
                              "0 (no latent slots, the answer right after the question) is for stage1 and vcot")
+    if args.latent_curriculum and args.stage != "stage3":
+        raise LcotInputError("--latent_curriculum", f"is a stage3 schedule (K sampled per step), not for {args.stage}",
+                             "drop the flag, or train --stage stage3")
     if args.stage in ("stage2", "stage3") and args.align_weight > 0 and not args.teacher_latent_dir:
         raise LcotInputError("--teacher_latent_dir", f"{args.stage} needs teacher latents",
                              "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir "
@@ -154,7 +160,7 @@ def resume_point(args) -> str | None:
                              "pass a checkpoint-N folder of an earlier run, or the flag alone for the last one in "
                              "--output_dir")
     saved = read_lcot_config(resume)
-    for key in ("stage", "latent_size", "lora", "seed", "align", "latent_grad", "latent_feed"):
+    for key in ("stage", "latent_size", "lora", "seed", "align", "latent_grad", "latent_feed", "latent_curriculum"):
         if key in saved and saved[key] != getattr(args, key):
             raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with --{key} {saved[key]}, "
                                  f"this run has --{key} {getattr(args, key)}",
@@ -193,7 +199,7 @@ def train(args) -> Path:
     check_dirs(args)
     resume = resume_point(args)
     spec = StageSpec(args.stage, args.latent_size, args.align_weight, args.align, args.latent_grad, args.seed,
-                     args.latent_feed)
+                     args.latent_feed, args.latent_curriculum)
     # stage3 shows no thought images, but its teacher files exist only for records that have them
     records = read_records(args.train_jsonl, need_thought_images=spec.uses_teacher or spec.thought_images,
                            skip_missing_thought=args.skip_missing_thought)
@@ -219,7 +225,8 @@ def train(args) -> Path:
     info = {"stage": args.stage, "latent_size": args.latent_size, "base_model": str(args.model_name_or_path),
             "teacher_latent_dir": args.teacher_latent_dir, "align_weight": args.align_weight, "align": args.align,
             "latent_grad": args.latent_grad, "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD},
-            "lora": args.lora, "seed": args.seed, "latent_feed": args.latent_feed}
+            "lora": args.lora, "seed": args.seed, "latent_feed": args.latent_feed,
+            "latent_curriculum": args.latent_curriculum}
     if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
         from accelerate import PartialState
 

@@ -58,8 +58,10 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
             raise ValueError("uint8 pixel_values are the cached collator's codes: pass its pixel_lut too")
         pixel_values = decode_pixels(pixel_values, pixel_lut)
     if pixel_values is not None:
-        extra = vision_kwargs(image_grid_thw, model.config.vision_config, pixel_values.device) if vision_enabled() \
-            else {}
+        if vision_enabled():  # the tower reads the grids only through these: they may stay on the CPU
+            extra = vision_kwargs(image_grid_thw, model.config.vision_config, pixel_values.device)
+        else:
+            extra, image_grid_thw = {}, image_grid_thw.to(pixel_values.device)
         # the tower itself, as get_image_features calls it, without splitting its output per image
         feats = vl.visual(pixel_values.type(vl.visual.dtype), grid_thw=image_grid_thw, **extra).pooler_output
         image_mask, _ = vl.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)

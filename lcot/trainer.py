@@ -65,6 +65,7 @@ class StageSpec:
     latent_grad: str = "full"  # full | truncated (see lcot.patch.latent_hidden_states)
     seed: int = 0
     latent_feed: str = "continuous"  # continuous | pause (see lcot.patch.latent_hidden_states)
+    latent_curriculum: bool = False  # stage3: K's upper bound grows 1..Kmax over the run (see sample_k)
 
     @property
     def thought_images(self) -> bool:
@@ -80,12 +81,16 @@ class StageSpec:
         return self.stage in ("stage2", "stage3") and self.align_weight > 0
 
 
-def sample_k(seed: int, step: int, k_max: int) -> int:
+def sample_k(seed: int, step: int, k_max: int, total_steps: int | None = None) -> int:
     """Stage3's K for optimizer step `step`: uniform in 1..k_max, a pure function of (seed, step).
 
     Micro-batches of one accumulated step share K, and a resumed run draws the same sequence.
+    total_steps (--latent_curriculum, after Coconut's stages): the steps are cut into k_max equal phases and
+    phase c (1-based) draws K uniformly from 1..c, so each latent is trained on the ones before it once they
+    have been learnt.
     """
-    return random.Random(f"lcot-k:{seed}:{step}").randint(1, k_max)
+    hi = k_max if not total_steps else min(k_max, 1 + step * k_max // total_steps)
+    return random.Random(f"lcot-k:{seed}:{step}").randint(1, hi)
 
 
 class TrainCollate:
@@ -146,12 +151,20 @@ class LatentTrainer(Trainer):
         self._count = 0
         self._step_records: list[int] = []  # record idx of the micro-batches of the current optimizer step
 
+    HOST_KEYS = ("idx", "image_grid_thw")  # read on the host (record ids, vision_kwargs): left on the CPU
+
+    def _prepare_inputs(self, inputs: dict) -> dict:
+        """Trainer's move to the device, except HOST_KEYS: reading them back from a GPU is a sync a step."""
+        kept = {k: inputs[k] for k in self.HOST_KEYS if k in inputs}
+        return {**super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept}), **kept}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         spec = self.spec
         records = inputs["idx"].tolist()
         self._step_records += records
         if spec.stage == "stage3":
-            inputs = drop_latents(inputs, sample_k(spec.seed, self.state.global_step, spec.latent_size))
+            total = self.state.max_steps if spec.latent_curriculum else None
+            inputs = drop_latents(inputs, sample_k(spec.seed, self.state.global_step, spec.latent_size, total))
         out = model(input_ids=inputs["input_ids"], attention_mask_4d=inputs["attention_mask_4d"],
                     position_ids=inputs["position_ids"], pixel_values=inputs["pixel_values"],
                     image_grid_thw=inputs["image_grid_thw"], labels=inputs["labels"], latent_mode=True,

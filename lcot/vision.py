@@ -79,26 +79,35 @@ def _one_image(grid: tuple[int, int, int], merge: int, window: int, patch: int) 
     g = torch.tensor([grid])
     pos = get_vision_position_ids(g, merge)
     index, cu_window = get_vision_window_index(g, merge, window, patch)
-    return pos, index, cu_window
+    return pos, index, cu_window[1:]  # the window ends (the leading 0 added once per batch)
 
 
 def vision_kwargs(grid_thw: torch.Tensor, vision_config, device: torch.device) -> dict:
-    """The precomputable vision-tower inputs of a batch of images, equal to what the tower computes itself."""
+    """The precomputable vision-tower inputs of a batch of images, equal to what the tower computes itself.
+
+    Pass `grid_thw` on the CPU where you can (the trainer does): reading it from a GPU is a device sync.
+    """
     merge, window, patch = vision_config.spatial_merge_size, vision_config.window_size, vision_config.patch_size
-    grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
+    grids = tuple(tuple(int(v) for v in g) for g in grid_thw.tolist())
+    cpu = _batch_kwargs(grids, merge, window, patch)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in cpu.items()}
+
+
+@lru_cache(maxsize=64)
+def _batch_kwargs(grids: tuple[tuple[int, int, int], ...], merge: int, window: int, patch: int) -> dict:
+    """vision_kwargs on the CPU, for one tuple of grids (batches of equal-sized images repeat it), built
+    with a constant number of ops: each image's tensors plus its offset, added in one go."""
     parts = [_one_image(g, merge, window, patch) for g in grids]
-    merged = [t * (h // merge) * (w // merge) for t, h, w in grids]
-    patches = [t * h * w for t, h, w in grids]
-    offsets = torch.tensor([0, *merged[:-1]]).cumsum(0)
-    window_index = torch.cat([p[1] + o for p, o in zip(parts, offsets.tolist())])
-    token_offsets = torch.tensor([0, *patches[:-1]]).cumsum(0).tolist()
-    cu_window = torch.cat([torch.zeros(1, dtype=torch.int32)]
-                          + [p[2][1:] + o for p, o in zip(parts, token_offsets)])
-    cu_window = torch.unique_consecutive(cu_window)
+    merged = torch.tensor([t * (h // merge) * (w // merge) for t, h, w in grids])
+    patches = torch.tensor([t * h * w for t, h, w in grids])
+    index = torch.cat([p[1] for p in parts])
+    index = index + torch.repeat_interleave(merged.cumsum(0) - merged, torch.tensor([len(p[1]) for p in parts]))
+    bounds = torch.cat([p[2] for p in parts])
+    bounds = bounds + torch.repeat_interleave(patches.cumsum(0) - patches, torch.tensor([len(p[2]) for p in parts]))
+    cu_window = torch.unique_consecutive(torch.cat([torch.zeros(1, dtype=bounds.dtype), bounds]).to(torch.int32))
     cu = get_vision_cu_seqlens(torch.tensor(grids))
-    return {"position_ids": torch.cat([p[0] for p in parts]).to(device), "cu_seqlens": cu.to(device),
-            "max_seqlen": int((cu[1:] - cu[:-1]).max()), "window_index": window_index.to(device),
-            "cu_window_seqlens": cu_window.to(device),
+    return {"position_ids": torch.cat([p[0] for p in parts]), "cu_seqlens": cu,
+            "max_seqlen": int((cu[1:] - cu[:-1]).max()), "window_index": index, "cu_window_seqlens": cu_window,
             "max_window_seqlen": int((cu_window[1:] - cu_window[:-1]).max())}
 
 

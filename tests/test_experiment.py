@@ -95,3 +95,29 @@ def test_experiment_cli_end_to_end_and_resume(tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     with pytest.raises(Exception, match="other settings"):
         E.run_experiment(E.parser().parse_args([*argv, "--lr", "0.5"]))
+
+
+def test_curriculum_row_shares_stage2_and_adds_its_flag_to_stage3_only(tmp_path):
+    plan = _plan(tmp_path)
+    jobs = {j.name: j for j in E.jobs_for_seed(plan, 0, tmp_path / "run")}
+    cur = jobs["s0/curriculum"]
+    assert "--latent_curriculum" in cur.argv and cur.deps[0] == "s0/stage2"
+    assert cur.argv[cur.argv.index("--model_name_or_path") + 1] == str(tmp_path / "run" / "s0" / "stage2")
+    assert not any("--latent_curriculum" in j.argv for n, j in jobs.items() if n != "s0/curriculum")
+    assert "s0/curriculum_stage2" not in jobs
+    assert "--causal" in jobs["s0/measure_curriculum"].argv
+
+
+def test_curriculum_gap_and_causal_rows_are_aggregated(tmp_path):
+    plan, run = _plan(tmp_path, seeds=(0,)), tmp_path / "run"
+    _write(run, 0, "warmup", {"settings": {"with": {"2": _setting(0.9, {"1": 0.9})},
+                                           "without": {"2": _setting(0.2, {"1": 0.2})}}})
+    _write(run, 0, "nolatent", {"settings": {"without": {"0": _setting(0.3, {"1": 0.3})}}})
+    causal = {c: {"accuracy": 0.3, "changed": 0.5, "by_difficulty": {"1": 0.3}} for c in E.CAUSAL}
+    _write(run, 0, "curriculum", {"settings": {"without": {"1": _setting(0.4, {}), "2": _setting(0.6, {"1": 0.6})}},
+                                  "causal": causal})
+    agg = E.aggregate(plan, run)
+    assert agg["gap_recovered_curriculum"]["overall"]["mean"] == pytest.approx(0.5)
+    assert agg["gap_recovered"]["overall"]["mean"] is None  # no stage3 measured
+    assert [c["model"] for c in agg["causal"]] == ["curriculum"] * len(E.CAUSAL)
+    assert "curriculum over K (K=2)" in E.table_md(plan, agg, {})

@@ -282,3 +282,28 @@ def test_packed_attention_equals_attention_per_segment(lengths):
                                                                       scale=0.3)
                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 2)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=1e-6)
+
+
+def test_trainer_leaves_the_host_keys_on_the_cpu(monkeypatch):
+    """idx and image_grid_thw are read on the host each step; every other tensor goes through Trainer's move."""
+    from transformers import Trainer
+
+    from lcot.trainer import LatentTrainer
+
+    monkeypatch.setattr(Trainer, "_prepare_inputs", lambda self, inputs: {k: v.clone() for k, v in inputs.items()})
+    batch = {"input_ids": torch.ones(2, 3), "idx": torch.tensor([4, 7]), "image_grid_thw": torch.tensor([[1, 4, 8]])}
+    out = LatentTrainer._prepare_inputs(object.__new__(LatentTrainer), batch)
+    assert out.keys() == batch.keys()
+    assert out["idx"] is batch["idx"] and out["image_grid_thw"] is batch["image_grid_thw"]
+    assert out["input_ids"] is not batch["input_ids"] and torch.equal(out["input_ids"], batch["input_ids"])
+
+
+def test_k_curriculum_grows_the_bound_in_equal_phases():
+    from lcot.trainer import sample_k
+
+    total, kmax = 400, 4
+    ks = [sample_k(3, step, kmax, total) for step in range(total)]
+    for phase in range(kmax):  # phase c (1-based) draws from 1..c and reaches c
+        drawn = set(ks[phase * 100:(phase + 1) * 100])
+        assert drawn == set(range(1, phase + 2)), (phase, drawn)
+    assert [sample_k(3, s, kmax) for s in range(50)] != ks[:50]  # without it: 1..Kmax from the first step
