@@ -68,8 +68,8 @@ def losses(args) -> int:
 def teacher(args) -> int:
     import torch
 
-    from lcot.data import read_records
-    from lcot.teacher import FILE_PATTERN, teacher_file
+    from lcot.pipeline.data import read_records
+    from lcot.pipeline.teacher import FILE_PATTERN, teacher_file
 
     folder = Path(args.teacher_dir)
     records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=True)

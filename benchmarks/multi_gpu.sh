@@ -68,8 +68,8 @@ echo "== environment" | tee "$OUT/env.txt"
 torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__, 'peft', peft.__version__)"; } | tee -a "$OUT/env.txt"
 
-step model $PY -m lcot.bench --shape "$SHAPE" --save_model "$W/model" --dtype fp32
-step data $PY -m lcot.synthetic --output_dir "$W/data" --n "$N" --test_fraction 0 --image_size 224
+step model $PY benchmarks/bench.py --shape "$SHAPE" --save_model "$W/model" --dtype fp32
+step data $PY -m lcot.toy.synthetic --output_dir "$W/data" --n "$N" --test_fraction 0 --image_size 224
 TRAIN=$W/data/train.jsonl
 COMMON=(--model_name_or_path "$W/model" --train_jsonl "$TRAIN" --latent_size "$K" --max_steps "$STEPS"
         --logging_steps 1 --seed 0 --lr 1e-4 --warmup_ratio 0 --save_steps 100000 --overwrite_output_dir)
@@ -103,7 +103,7 @@ echo "== stage2 loss, 1 GPU (A) vs DDP on 2 GPUs (B)" | tee -a "$SUMMARY"
 $PY benchmarks/check.py losses "$W/s2_1gpu" "$W/s2_ddp" --tol "$TOL" \
     --log-a "$OUT/stage2_1gpu.log" --log-b "$OUT/stage2_ddp.log" 2>&1 | tee -a "$SUMMARY"
 
-# the path real runs take: --bf16 (Trainer autocast around the captured step), 1 GPU, graphed + prefix reuse
+# the path real runs take: --bf16 (Trainer autocast around the captured step), 1 GPU, graphed
 step teacher_bf16 $LAUNCH -m lcot.precompute_teacher_latents --model_name_or_path "$STUDENT" \
     --train_jsonl "$TRAIN" --output_dir "$W/teacher_bf16" --k_max "$K" --bsz 4 --bf16
 step stage2_1gpu_bf16 $SINGLE $PY -m lcot.main --stage stage2 "${S23[@]}" --output_dir "$W/s2_bf16" \

@@ -27,7 +27,7 @@ export MPLCONFIGDIR=/tmp/lcot_bench_cache/mpl HF_HOME=/tmp/lcot_bench_cache/hf \
     TORCHINDUCTOR_CACHE_DIR=/tmp/lcot_bench_cache/inductor
 mkdir -p "$OUT"
 
-run() {  # run NAME LIMIT ARGS...: lcot.bench under min(LIMIT, time left), log in $OUT/NAME.log
+run() {  # run NAME LIMIT ARGS...: benchmarks/bench.py under min(LIMIT, time left), log in $OUT/NAME.log
     local name=$1 limit=$2; shift 2
     local left=$((DEADLINE - SECONDS))
     [ "$left" -lt "$limit" ] && limit=$left
@@ -35,9 +35,9 @@ run() {  # run NAME LIMIT ARGS...: lcot.bench under min(LIMIT, time left), log i
         echo "=== $name: skipped (${left}s left of the ${DEADLINE}s budget)" | tee -a "$OUT/summary.txt"
         return 0
     fi
-    echo "=== $name (limit ${limit}s): $PY -m lcot.bench $*"
+    echo "=== $name (limit ${limit}s): $PY benchmarks/bench.py $*"
     local t0=$SECONDS
-    timeout --kill-after=15 "$limit" $PY -m lcot.bench "$@" --out "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=15 "$limit" $PY benchmarks/bench.py "$@" --out "$OUT/$name.md" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 40 "$OUT/$name.log"
     echo "=== $name: rc=$rc in $((SECONDS - t0))s$([ "$rc" = 124 ] && echo ' (TIMEOUT: the table holds the rows done)')" \

@@ -8,7 +8,7 @@ the same process environment on the same card, one after the other:
     batch (--num_workers 0), transformers' per-image vision loops (LCOT_VISION=stock);
   * cached: `--preprocess` (every record's tokens, positions and exact uint8 pixel codes built once,
     before training; decoded on the GPU), DataLoader workers, and the vision tower without per-image
-    loops (lcot.vision).
+    loops (lcot.core.vision).
 records/s is the Trainer's train_samples_per_second (the training loop only); the one-off preprocessing
 time is reported beside it. CPU dry run: --shape tiny --steps 4 --n 200.
 """
@@ -51,9 +51,9 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.check_call([sys.executable, "-m", "lcot.tiny", "--shape", args.shape, "--output_dir",
+    subprocess.check_call([sys.executable, "-m", "lcot.toy.tiny", "--shape", args.shape, "--output_dir",
                            str(out / "model")])
-    subprocess.check_call([sys.executable, "-m", "lcot.synthetic", "--task", "hops", "--n", str(args.n),
+    subprocess.check_call([sys.executable, "-m", "lcot.toy.synthetic", "--task", "hops", "--n", str(args.n),
                            "--output_dir", str(out / "data")], stderr=subprocess.DEVNULL)
     common = ["lcot.main", "--stage", "stage2", "--align_weight", "0", "--latent_grad", "truncated",
               "--latent_size", "4", "--model_name_or_path", str(out / "model"), "--train_jsonl",

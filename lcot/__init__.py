@@ -1,11 +1,15 @@
 """lcot: latent visual chain of thought for Qwen2.5-VL.
 
-The pieces, one idea per module: `data` (records), `collate` (the collator), `mask` (the 4D mask),
-`vision` (the vision tower without per-image loops), `patch` (the model with latent mode), `loss`, `trainer`,
-`teacher`, `generate`, `evaluate`, `tiny` (the offline model), `synthetic` and `hops` (the bundled datasets),
-`main` (the CLI), `experiment` (the whole matrix over seeds) and `probe` (linear probes of the latents). The
-notebooks' helpers: `notebook` (parameters -> folders, cached earlier stages), `analysis` (what the notebooks
-measure) and `widgets` (the interactive mask viewer).
+Layers (docs/architecture.md), each importing only from those before it:
+
+    errors, io   leaves: the input error with file/line/field/hint; atomic writes, batch to device
+    core/        the method: tokens, mask, record, vision, collate, latent (the forward primitives and the eager
+                 recurrence), graph (the same step as a CUDA graph), loss, model (latent mode, the model class)
+    pipeline/    records (data), processor, load, teacher files, runs (run-folder metadata), trainer, train
+                 (one stage), generate, evaluate
+    toy/         the offline tiny model and the bundled tasks (synthetic, hops)
+    lab/         what the notebooks measure and draw: analysis, probe, plots, widgets, notebook helpers
+    main, precompute_teacher_latents, experiment, demo: the commands
 """
 
 __version__ = "0.1.0"

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from lcot import plots
-from lcot.collate import Collator
-from lcot.data import read_records
-from lcot.evaluate import benefit_line, describe, evaluate, majority_rate, table
-from lcot.load import load
-from lcot.main import run_stage
+from lcot.core.collate import Collator
+from lcot.lab import plots
+from lcot.pipeline.data import read_records
+from lcot.pipeline.evaluate import benefit_line, describe, evaluate, majority_rate, table
+from lcot.pipeline.load import load
+from lcot.pipeline.runs import read_metrics
+from lcot.pipeline.train import run_stage
 from lcot.precompute_teacher_latents import main as precompute_main
-from lcot.synthetic import generate as make_dataset
-from lcot.tiny import build_tiny
-from lcot.trainer import read_metrics
+from lcot.toy.synthetic import generate as make_dataset
+from lcot.toy.tiny import build_tiny
 
 DEFAULTS = dict(n=600, k=4, warmup_steps=300, stage2_steps=500, stage3_steps=400, bsz=16, lr=1e-3)
 STAGES = ("warmup", "stage2", "stage3")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny = build_tiny(run / "tiny", seed=0)
     data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
-    common = dict(train_jsonl=train, latent_size=args.k, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
+    common = dict(train_jsonl=train, num_latents=args.k, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
                   lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
                   latent_grad="truncated", preprocess=True, overwrite_output_dir=True)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from lcot.errors import LcotInputError, cli_errors
+from lcot.io import write_json
 
 ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
 PROTOCOLS = ("stage2-teacher", "warmup-teacher")
@@ -66,7 +67,7 @@ class Plan:
     state_field: str | None
     model: str  # "tiny", "8m" (built from scratch per seed) or a local checkpoint folder
     seeds: list[int]
-    latent_size: int
+    num_latents: int
     warmup_steps: int
     stage2_steps: int
     stage3_steps: int
@@ -97,7 +98,7 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     Rows whose stage2 would be identical share it (and its teacher).
     """
     s, d = f"s{seed}", run / f"s{seed}"
-    k, grad, align = plan.latent_size, plan.latent_grad, plan.align
+    k, grad, align = plan.num_latents, plan.latent_grad, plan.align
     other = "full" if grad == "truncated" else "truncated"
     common = ["--train_jsonl", plan.train_jsonl, "--bsz", str(plan.bsz), "--grad_accum_steps", "1",
               "--lr", str(plan.lr), "--lr_scheduler", plan.lr_scheduler, "--seed", str(seed),
@@ -168,7 +169,7 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
 
 def measure_jobs(plan: Plan, seed: int, run: Path, trained: list[str]) -> list[Job]:
     """One `measure` job per trained model; what it measures depends on what the model is."""
-    s, d, k = f"s{seed}", run / f"s{seed}", plan.latent_size
+    s, d, k = f"s{seed}", run / f"s{seed}", plan.num_latents
     data = ["--train_jsonl", plan.train_jsonl, "--eval_jsonl", plan.eval_jsonl, "--limit", str(plan.eval_records),
             *(["--difficulty_field", plan.difficulty_field] if plan.difficulty_field else []),
             *(["--bf16"] if plan.bf16 else [])]
@@ -267,13 +268,13 @@ def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print)
 # -- measuring one model -------------------------------------------------------------------------------------
 def measure(args) -> dict:
     """Accuracy per K (with and without thought images), per difficulty, causal use and the probe; as JSON."""
-    from lcot.analysis import causal_use, cosine_across, latent_outputs
-    from lcot.data import read_records
-    from lcot.evaluate import evaluate, majority_rate
-    from lcot.generate import trained_feed
-    from lcot.load import load
-    from lcot.probe import probe_grid
-    from lcot.trainer import read_lcot_config
+    from lcot.lab.analysis import causal_use, cosine_across, latent_outputs
+    from lcot.lab.probe import probe_grid
+    from lcot.pipeline.data import read_records
+    from lcot.pipeline.evaluate import evaluate, majority_rate
+    from lcot.pipeline.generate import trained_feed
+    from lcot.pipeline.load import load
+    from lcot.pipeline.runs import read_lcot_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load(args.model, torch.bfloat16 if args.bf16 else torch.float32, device)
@@ -297,7 +298,7 @@ def measure(args) -> dict:
     if args.causal and kmax:
         use = causal_use(model, processor, test, kmax, batch_size=args.batch_size, conditions=("normal", *CAUSAL),
                          feed=feed)
-        out["causal"] = {c: {"accuracy": use.accuracy[c], "changed": use.changed[c],
+        out["causal"] = {c: {"accuracy": use.accuracy[c], "changed": use.changed.get(c),
                              "by_difficulty": _by_difficulty(use.answers[c], test, args.difficulty_field)}
                          for c in use.accuracy}
     if args.probe_field and kmax:
@@ -313,7 +314,7 @@ def measure(args) -> dict:
 
 
 def _by_difficulty(answers: list[str], records, field: str | None) -> dict:
-    from lcot.evaluate import by_group, normalise
+    from lcot.pipeline.evaluate import by_group, normalise
 
     if not field:
         return {}
@@ -325,7 +326,7 @@ def _by_difficulty(answers: list[str], records, field: str | None) -> dict:
 def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
     """(row label, measured model, setting, K) of the results table, in order (rows never measured are
     left out later)."""
-    k = plan.latent_size
+    k = plan.num_latents
     other = "full" if plan.latent_grad == "truncated" else "truncated"
     warm = plan.protocol == "warmup-teacher"
     ablations = {"align0": "--align_weight 0", "mse": "--align mse", "cosine": "--align cosine",
@@ -388,7 +389,7 @@ def aggregate(plan: Plan, run: Path) -> dict:
         if per:
             diffs = sorted({d for r in per.values() for d in r["by_difficulty"]}, key=_num)
             name = "stage3" if model == "stage3" else "curriculum stage3"
-            causal_rows.append({"row": f"{name} (K={plan.latent_size}), latents {_CAUSAL_LABEL[cond]}",
+            causal_rows.append({"row": f"{name} (K={plan.num_latents}), latents {_CAUSAL_LABEL[cond]}",
                                 "model": model, "condition": cond,
                                 "overall": _stats([r["accuracy"] for r in per.values()]),
                                 "changed": _stats([r["changed"] for r in per.values()]),
@@ -424,7 +425,7 @@ def _acc(ms: dict, model: str, setting: str, k: int, diff: str | None = None) ->
 
 def _gaps(plan: Plan, seeds: dict, model: str = "stage3") -> dict:
     """Gap recovered per seed: (model - nolatent) / (visual CoT - nolatent), overall and per difficulty."""
-    k = plan.latent_size
+    k = plan.num_latents
     diffs = sorted({d for ms in seeds.values() for d in
                     ms.get("warmup", {}).get("settings", {}).get("with", {}).get(str(k), {}).get("by_difficulty", {})},
                    key=_num)
@@ -502,7 +503,7 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     lines = [f"# {plan.name}: does latent visual reasoning work?", "",
              f"{len(plan.seeds)} seeds ({', '.join(map(str, plan.seeds))}); mean ± std over seeds of the exact-match "
              f"accuracy on {agg['eval_n']} eval records (majority-answer rate {agg['majority']:.3f}). "
-             f"Model: {plan.model}; K = {plan.latent_size}; steps: warm-up {plan.warmup_steps}, then "
+             f"Model: {plan.model}; K = {plan.num_latents}; steps: warm-up {plan.warmup_steps}, then "
              f"{plan.stage2_steps + plan.stage3_steps} for every row (stage2 {plan.stage2_steps} + stage3 "
              f"{plan.stage3_steps}); batch {plan.bsz}, lr {plan.lr} ({plan.lr_scheduler}), --latent_grad "
              f"{plan.latent_grad}, --align {plan.align}; protocol {plan.protocol} (the teacher is the "
@@ -558,11 +559,11 @@ def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lcot import plots
+    from lcot.lab import plots
 
     made = []
     diffs = sorted({d for r in agg["rows"] for d in r["by_difficulty"]}, key=_num)
-    k = plan.latent_size
+    k = plan.num_latents
     panels = {  # which rows each panel draws
         "the rows (stage3 at K=Kmax)": [r for r in agg["rows"] if r["setting"] == "without" and r["k"] in (0, k)
                                         and not r["model"].endswith("stage2") and r["model"] != "warmup"
@@ -613,7 +614,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--name", required=True, help="results go to RESULTS_DIR/NAME, runs to RUN_DIR/NAME")
-    a("--task", choices=["hops"], help="generate the bundled task (lcot.synthetic --task hops) instead of "
+    a("--task", choices=["hops"], help="generate the bundled task (lcot.toy.synthetic --task hops) instead of "
       "--train_jsonl/--eval_jsonl")
     a("--n", type=int, default=3000, help="--task: records to generate (a fifth is the eval split)")
     a("--max_hops", type=int, default=4, help="--task hops: hops in 1..max_hops")
@@ -676,16 +677,14 @@ def measure_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+def _renamed(saved: dict) -> dict:
+    """A plan.json written before K's one name (latent_size -> num_latents) reads as today's."""
+    return {("num_latents" if k == "latent_size" else k): v for k, v in saved.items()}
 
 
 def _plan(args) -> Plan:
     if args.task:
-        from lcot.synthetic import generate
+        from lcot.toy.synthetic import generate
 
         data = generate(Path(args.run_dir) / args.name / "data", n=args.n, seed=0, task=args.task,
                         max_hops=args.max_hops)
@@ -699,7 +698,7 @@ def _plan(args) -> Plan:
     return Plan(name=args.name, train_jsonl=str(Path(args.train_jsonl).resolve()),
                 eval_jsonl=str(Path(args.eval_jsonl).resolve()), difficulty_field=args.difficulty_field,
                 state_field=args.state_field, model=args.model, seeds=list(range(args.seeds)),
-                latent_size=args.latent_size, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
+                num_latents=args.latent_size, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
                 stage3_steps=args.stage3_steps, bsz=args.bsz, lr=args.lr, lr_scheduler=args.lr_scheduler,
                 latent_grad=args.latent_grad, rows=list(args.rows), protocol=args.protocol, align=args.align,
                 eval_records=args.eval_records,
@@ -713,24 +712,24 @@ def _device() -> str:
 
 
 def run_experiment(args) -> dict:
-    from lcot.data import read_records
-    from lcot.tiny import build_tiny
+    from lcot.pipeline.data import read_records
+    from lcot.toy.tiny import build_tiny
 
     if args.aggregate_only:
         run = Path(args.run_dir) / args.name
         if not (run / "plan.json").is_file():
             raise LcotInputError(str(run), "no plan.json: not the run folder of an experiment",
                                  "point --run_dir and --name at the folder lcot.experiment wrote")
-        plan = Plan(**json.loads((run / "plan.json").read_text()))
+        plan = Plan(**_renamed(json.loads((run / "plan.json").read_text())))
         return write_results(plan, run, Path(args.results_dir), {})
     plan = _plan(args)
     run = (Path(args.run_dir) / plan.name).resolve()
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "plan.json"
-    if saved.is_file() and json.loads(saved.read_text()) != asdict(plan):
+    if saved.is_file() and _renamed(json.loads(saved.read_text())) != asdict(plan):
         raise LcotInputError(str(saved), "this run folder holds an experiment with other settings",
                              "use another --name, or delete the run folder to start over")
-    _write_json(saved, asdict(plan))
+    write_json(saved, asdict(plan))
     for seed in plan.seeds:
         if plan.model in ("tiny", "8m"):
             build_tiny(_base(plan, seed, run), seed=seed, shape=plan.model)
@@ -756,7 +755,7 @@ def run_experiment(args) -> dict:
         print(line, flush=True)
         spans[-1][1] = time.time()
         info["wall_s"] = sum(b - a for a, b in spans)
-        _write_json(info_file, info)
+        write_json(info_file, info)
 
     progress(f"lcot.experiment {plan.name}: started")
     info["jobs"] = run_jobs(jobs, run, procs, gpus, log=progress)
@@ -769,7 +768,7 @@ def write_results(plan: Plan, run: Path, results_dir: Path, state: dict) -> dict
     info = json.loads((run / "info.json").read_text()) if (run / "info.json").is_file() else {}
     agg = aggregate(plan, run)
     out = results_dir / plan.name
-    _write_json(out / "results.json", {"plan": asdict(plan), "info": info, **agg})
+    write_json(out / "results.json", {"plan": asdict(plan), "info": info, **agg})
     table = table_md(plan, agg, info)
     (out / "table.md").write_text(table)
     made = figures(plan, agg, out)
@@ -786,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["measure"]:
         args = measure_parser().parse_args(argv[1:])
-        _write_json(Path(args.out), measure(args))
+        write_json(Path(args.out), measure(args))
         return
     run_experiment(parser().parse_args(argv))
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lcot.data import read_records
 from lcot.errors import LcotInputError, cli_errors
-from lcot.teacher import precompute
+from lcot.io import inside
+from lcot.pipeline.data import read_records
+from lcot.pipeline.teacher import precompute
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,16 +45,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
-    model_dir, out = Path(args.model_name_or_path).resolve(), Path(args.output_dir).resolve()
-    if out == model_dir or model_dir in out.parents:
-        raise LcotInputError("--output_dir", f"{out} is the model folder (or inside it)",
+    if inside(args.output_dir, args.model_name_or_path):
+        raise LcotInputError("--output_dir", f"{Path(args.output_dir).resolve()} is the model folder (or inside it)",
                              "write teacher latents to a folder of their own")
     from accelerate import PartialState
 
-    from lcot.evaluate import benefit_line, evaluate
-    from lcot.generate import trained_feed
-    from lcot.load import load
-    from lcot.trainer import read_lcot_config
+    from lcot.pipeline.evaluate import benefit_line, evaluate
+    from lcot.pipeline.generate import trained_feed
+    from lcot.pipeline.load import load
+    from lcot.pipeline.runs import read_lcot_config
 
     state = PartialState()
     records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=args.skip_missing_thought)

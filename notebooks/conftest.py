@@ -1,7 +1,7 @@
 """`pytest --nbval-lax notebooks`: run folders, figures and caches go into one temporary folder.
 
 The kernels nbval starts inherit this process's environment, so setting the variables here (before any
-notebook is collected) points `lcot.notebook.setup` at the temporary folder. The notebooks share it for
+notebook is collected) points `lcot.lab.notebook.setup` at the temporary folder. The notebooks share it for
 the whole session: a stage one notebook builds is reused by the next, as in an interactive session.
 Set LCOT_RUN_DIR / LCOT_FIGURES_DIR yourself to keep the results (e.g. LCOT_FIGURES_DIR=figures to
 regenerate the repository's figures while testing).

@@ -14,14 +14,14 @@ torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from lcot.tiny import build_tiny
+    from lcot.toy.tiny import build_tiny
 
     return Path(build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    from lcot.synthetic import generate
+    from lcot.toy.synthetic import generate
 
     paths = generate(tmp_path_factory.mktemp("data") / "shapes", n=30, seed=0)
     return Path(paths["train"]).parent
@@ -29,7 +29,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def records(data_dir):
-    from lcot.data import read_records
+    from lcot.pipeline.data import read_records
 
     return read_records(data_dir / "train.jsonl")
 
@@ -37,7 +37,7 @@ def records(data_dir):
 @pytest.fixture(scope="session")
 def loaded(tiny_dir):
     """(model, processor) in fp32, eval mode; tests must not change the weights."""
-    from lcot.load import load
+    from lcot.pipeline.load import load
 
     model, processor = load(tiny_dir)
     return model.eval(), processor

@@ -1,4 +1,4 @@
-"""lcot.analysis and lcot.notebook against independent computations on the tiny model."""
+"""lcot.lab.analysis and lcot.lab.notebook against independent computations on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcot import analysis as A
-from lcot.collate import Collator
-from lcot.generate import generate_batch
-from lcot.loss import per_position_cosine
-from lcot.mask import Seg
-from lcot.patch import latent_hidden_states
-from lcot.teacher import precompute, save_atomic, teacher_file
+from lcot.core.collate import Collator
+from lcot.core.loss import per_position_cosine
+from lcot.core.mask import Seg
+from lcot.core.model import latent_hidden_states
+from lcot.io import save_torch
+from lcot.lab import analysis as A
+from lcot.pipeline.generate import generate_batch
+from lcot.pipeline.teacher import precompute, teacher_file
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,12 @@ def test_causal_use(loaded, records):
     model, processor = loaded
     recs = records[:4]
     use = A.causal_use(model, processor, recs, 2, batch_size=3, max_new_tokens=5)
-    assert set(use.accuracy) == set(A.CONDITIONS) and use.changed["normal"] == 0.0
-    zeros = generate_batch(model, processor, recs, 2, max_new_tokens=5,
-                           latent_inputs=torch.zeros(4, 2, model.config.text_config.hidden_size))
-    assert use.answers["zero"] == [g.answer for g in zeros]
+    assert set(use.accuracy) == set(A.CONDITIONS) and set(use.changed) == set(A.CONDITIONS) - {"normal"}
+    normal = [g.answer for g in generate_batch(model, processor, recs, 2, max_new_tokens=5)]
+    zeros = [g.answer for g in generate_batch(model, processor, recs, 2, max_new_tokens=5,
+                                              latent_inputs=torch.zeros(4, 2, model.config.text_config.hidden_size))]
+    assert use.answers["normal"] == normal and use.answers["zero"] == zeros  # batches of 3 vs 4: same answers
+    assert use.changed["zero"] == sum(a != b for a, b in zip(zeros, normal)) / 4
     assert all(0 <= v <= 1 for v in [*use.accuracy.values(), *use.changed.values()])
     assert "pad embedding" in use.summary()
     with pytest.raises(ValueError, match="K >= 1"):
@@ -110,8 +113,7 @@ def test_cosine_vs_k_matches_the_teacher_setting_exactly(loaded, records, teache
         assert min(res.own[k]) > 1 - 1e-5
     student = A.cosine_vs_k(model, processor, records[:6], [2], teacher_dir, thought_images=False)
     b = Collator(processor, model.config, 2, thought_images=False)(records[:6])
-    _, lat = latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"],
-                                  b["latent_start"], 2, b["pixel_values"], b["image_grid_thw"])
+    _, lat = latent_hidden_states(model, b)
     ref = per_position_cosine(lat, A.load_teachers(teacher_dir, records[:6], 2)).mean(0)
     torch.testing.assert_close(torch.tensor(student.own[2]), ref, atol=1e-5, rtol=0)
 
@@ -120,11 +122,11 @@ def test_teacher_stats_flags_collapse(records, tmp_path):
     recs = records[:5]
     same = torch.randn(3, 16)
     for r in recs:  # every record gets the same latents: complete collapse
-        save_atomic({"latents": same, "record_digest": r.digest}, teacher_file(tmp_path / "collapsed", r.idx))
+        save_torch(teacher_file(tmp_path / "collapsed", r.idx), {"latents": same, "record_digest": r.digest})
     gen = torch.Generator().manual_seed(0)
     for r in recs:  # independent random latents: no collapse
-        save_atomic({"latents": torch.randn(3, 16, generator=gen), "record_digest": r.digest},
-                    teacher_file(tmp_path / "varied", r.idx))
+        save_torch(teacher_file(tmp_path / "varied", r.idx),
+                   {"latents": torch.randn(3, 16, generator=gen), "record_digest": r.digest})
     collapsed = A.teacher_stats(tmp_path / "collapsed", recs)
     assert collapsed.latents.shape == (5, 3, 16)
     assert collapsed.across_mean == pytest.approx(1.0, abs=1e-6)
@@ -135,21 +137,26 @@ def test_teacher_stats_flags_collapse(records, tmp_path):
     torch.testing.assert_close(torch.diagonal(varied.within), torch.ones(3))
 
 
-def test_accuracy_grid_and_baseline(loaded, records):
-    from lcot.evaluate import evaluate
+def test_accuracy_grid_loads_each_model_once_and_keeps_the_asked_ks(records, monkeypatch):
+    loaded, calls = [], []
 
-    model, processor = loaded
-    recs = records[:4]
-    grid = A.accuracy_grid({"tiny": "unused"}, recs, [0, 2], load=lambda _: loaded, batch_size=4, max_new_tokens=4)
-    ref = evaluate(model, processor, recs, [0, 2], batch_size=4, max_new_tokens=4, progress=False)
-    assert grid == {"tiny": ref["accuracy"]}
-    assert "K=2" in A.grid_table(grid, A.majority_rate(recs))
-    answers = [r.final_answer for r in recs]
-    assert A.majority_rate(recs) == max(answers.count(a) for a in answers) / 4
+    def fake_evaluate(model, processor, recs, ks, thought_images=False, progress=True, **kw):
+        calls.append((model, list(ks), thought_images, kw))
+        return {"accuracy": {k: {"a": 0.25, "b": 0.5}[model] + k / 100 for k in (*ks, 99)}}
+
+    monkeypatch.setattr(A, "evaluate", fake_evaluate)
+    grid = A.accuracy_grid({"first": "dir_a", "second": "dir_b"}, records[:4], [0, 2],
+                           load=lambda path: loaded.append(path) or (path[-1], None), thought_images=True,
+                           max_new_tokens=3)
+    assert loaded == ["dir_a", "dir_b"]
+    assert calls == [("a", [0, 2], True, {"max_new_tokens": 3}), ("b", [0, 2], True, {"max_new_tokens": 3})]
+    assert grid == {"first": {0: 0.25, 2: 0.27}, "second": {0: 0.5, 2: 0.52}}  # K=99 was not asked for
+    text = A.grid_table(grid, 0.4)
+    assert "K=2" in text and "0.520" in text and "majority-answer baseline: 0.400" in text
 
 
 def test_notebook_setup_and_cached_prerequisite(tmp_path):
-    from lcot.notebook import Setup, prerequisite, setup
+    from lcot.lab.notebook import Setup, prerequisite, setup
 
     s = setup("nb", run_root=tmp_path / "runs", figures=tmp_path / "figs", threads=None)
     assert s.run == tmp_path / "runs" / "nb" and s.run.is_dir()
@@ -166,7 +173,7 @@ def test_notebook_setup_and_cached_prerequisite(tmp_path):
     with pytest.raises(ValueError, match="stage must be one of"):
         prerequisite(s, "stage4", k=2, steps=2)
 
-    from lcot.notebook import MARKER
+    from lcot.lab.notebook import MARKER
 
     teacher = prerequisite(s, "teacher", k=2, steps=2)
     one = teacher_file(teacher, 0)

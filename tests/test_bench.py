@@ -1,20 +1,24 @@
-"""`python -m lcot.bench` on the tiny shape (CPU, one iteration) so the GPU benchmark script cannot rot."""
+"""`python benchmarks/bench.py` on the tiny shape (CPU, one iteration) so the GPU benchmark script cannot rot."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from lcot import bench
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 SMALL = ["--shape", "tiny", "--batch", "2", "--k", "3", "--iters", "1", "--warmup", "0", "--decode_tokens", "2",
          "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4", "--dtype", "fp32",
          "--device", "cpu"]
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
-        "latent_truncated_graph_reuse", "forward",
+        "forward",
         "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
         "gen_latent_graph", "numerics_fp32"]
 
@@ -74,7 +78,7 @@ def test_shapes_match_published_sizes():
 
 
 def test_save_model_loads(tmp_path):
-    from lcot.load import load
+    from lcot.pipeline.load import load
 
     bench.main(["--shape", "tiny", "--save_model", str(tmp_path / "m"), "--device", "cpu"])
     model, processor = load(tmp_path / "m")

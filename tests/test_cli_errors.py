@@ -19,17 +19,18 @@ import pytest
 import torch
 from PIL import Image
 
-from lcot import data as data_mod
-from lcot.collate import Collator
-from lcot.data import load_image, read_records
-from lcot.evaluate import main as evaluate_main
-from lcot.load import load
+from lcot.core.collate import Collator
+from lcot.core.mask import Seg
+from lcot.core.record import load_image
+from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START, TokenIds
 from lcot.main import main as train_main
-from lcot.mask import Seg
+from lcot.pipeline import data as data_mod
+from lcot.pipeline.data import read_records
+from lcot.pipeline.evaluate import main as evaluate_main
+from lcot.pipeline.load import load
+from lcot.pipeline.processor import load_processor
+from lcot.pipeline.teacher import teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
-from lcot.processor import load_processor
-from lcot.teacher import teacher_file
-from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START, TokenIds
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--seed", "0", "--warmup_ratio", "0"]

@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from lcot.collate import IGNORE, Collator, drop_latents
-from lcot.mask import Seg, build_mask
-from lcot.patch import embed_inputs, latent_hidden_states, text_forward
-from lcot.processor import load_processor
-from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START, add_latent_tokens
+from lcot.core.collate import Collator, drop_latents
+from lcot.core.latent import embed_inputs, text_forward
+from lcot.core.mask import Seg, build_mask
+from lcot.core.model import latent_hidden_states
+from lcot.core.tokens import IGNORE, LATENT_END, LATENT_PAD, LATENT_START, add_latent_tokens
+from lcot.pipeline.processor import load_processor
 
 
 def collate(loaded, recs, k, thought, question=True):
@@ -21,8 +22,7 @@ def collate(loaded, recs, k, thought, question=True):
 
 
 def run(model, b, grad="full"):
-    return latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"],
-                                b["num_latents"], b["pixel_values"], b["image_grid_thw"], grad=grad)
+    return latent_hidden_states(model, b, grad=grad)
 
 
 def naive_latents(model, b):
@@ -64,7 +64,7 @@ def test_matches_stock_qwen_with_causal_mask(loaded, tiny_dir, records):
 
 
 def test_eager_attention_with_additive_mask_matches_sdpa(loaded, tiny_dir, records):
-    from lcot.load import load
+    from lcot.pipeline.load import load
 
     eager, _ = load(tiny_dir, attn_implementation="eager")
     b = collate(loaded, records[:2], k=3, thought=True)

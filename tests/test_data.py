@@ -7,8 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from lcot.data import final_answer, read_records
+from lcot.core.record import final_answer
 from lcot.errors import LcotInputError
+from lcot.pipeline.data import read_records
 
 
 @pytest.fixture
@@ -90,6 +91,6 @@ def test_empty_jsonl(folder, content):
 
 
 def test_rgba_images_are_converted_not_refused(folder):
-    from lcot.data import load_image
+    from lcot.core.record import load_image
 
     assert load_image(folder / "t.png").mode == "RGB"

@@ -19,7 +19,7 @@ def _plan(tmp_path: Path, seeds=(0, 1)) -> E.Plan:
     data.write_text("".join(json.dumps({"question": "q", "answer": f"#### {a}", "question_image_paths": [],
                                         "thought_image_paths": []}) + "\n" for a in "aab"))
     return E.Plan(name="t", train_jsonl=str(data), eval_jsonl=str(data), difficulty_field="hops", state_field=None,
-                  model="tiny", seeds=list(seeds), latent_size=2, warmup_steps=1, stage2_steps=1, stage3_steps=1,
+                  model="tiny", seeds=list(seeds), num_latents=2, warmup_steps=1, stage2_steps=1, stage3_steps=1,
                   bsz=1, lr=1e-3, lr_scheduler="constant", latent_grad="truncated", rows=list(E.ROWS),
                   protocol="stage2-teacher", align="centered", eval_records=0, probe_records=0)
 

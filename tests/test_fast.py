@@ -1,4 +1,4 @@
-"""The fast latent path (lcot.fast) against the reference dynamic-cache path, in fp32 on CPU.
+"""The fast latent path (lcot.core.graph) against the reference dynamic-cache path, in fp32 on CPU.
 
 CUDA graphs cannot run here: `FakeGraph` stands in for capture/replay with the same contract (the
 capture leaves the cache position where it was, a replay re-runs the captured step on whatever the
@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcot import fast
-from lcot.collate import Collator
-from lcot.generate import generate_batch
-from lcot.loss import align_loss
-from lcot.patch import embed_inputs, latent_hidden_states
+from lcot.core import graph as fast
+from lcot.core.collate import Collator
+from lcot.core.latent import EagerLatents, embed_inputs
+from lcot.core.loss import align_loss
+from lcot.core.model import latent_hidden_states
+from lcot.pipeline.generate import generate_batch
 
 TOL = {"atol": 5e-6, "rtol": 1e-5}  # the static cache attends over more (masked) slots: summation order only
 
@@ -22,11 +23,6 @@ TOL = {"atol": 5e-6, "rtol": 1e-5}  # the static cache attends over more (masked
 def collate(loaded, recs, k, thought=True):
     model, processor = loaded
     return Collator(processor, model.config, k, thought_images=thought)(recs)
-
-
-def args(b):
-    return (b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"], b["num_latents"],
-            b["pixel_values"], b["image_grid_thw"])
 
 
 class FakeGraph:
@@ -85,7 +81,7 @@ def test_static_cache_recurrence_equals_latent_loop(loaded, records, graphed, us
     b = collate(loaded, records[:3], k=5)  # three records of different lengths: left padding is exercised
     length = b["input_ids"].shape[1]
     with torch.no_grad():
-        ref = recurrence(fast.EagerLatents(model), model, b)
+        ref = recurrence(EagerLatents(model), model, b)
         fl = graphed(model, length + 7, 3) if use_graph else fast.FastLatents(model, length + 7, 3)
         got = recurrence(fl, model, b)
         again = recurrence(fl, model, b)  # a second sequence on the same cache (and graph)
@@ -110,7 +106,7 @@ def test_fast_latents_reused_across_batches_of_other_lengths(loaded, records, gr
     with torch.no_grad():
         recurrence(fl, model, long)
         got = recurrence(fl, model, short)
-        ref = recurrence(fast.EagerLatents(model), model, short)
+        ref = recurrence(EagerLatents(model), model, short)
     torch.testing.assert_close(got[2], ref[2], **TOL)
     assert fl.captures == 1  # the same graph serves both: only the buffers and the positions differ
 
@@ -120,9 +116,9 @@ def test_latent_hidden_states_fast_modes_equal_reference(loaded, records, mode):
     model, _ = loaded
     b = collate(loaded, records[:3], k=4)
     with torch.no_grad():
-        h_ref, lat_ref = latent_hidden_states(model, *args(b), fast="off")
-        h, lat = latent_hidden_states(model, *args(b), fast=mode)  # "graph" on CPU runs eager static steps
-        h_t, lat_t = latent_hidden_states(model, *args(b), grad="truncated", fast=mode)
+        h_ref, lat_ref = latent_hidden_states(model, b, fast="off")
+        h, lat = latent_hidden_states(model, b, fast=mode)  # "graph" on CPU runs eager static steps
+        h_t, lat_t = latent_hidden_states(model, b, grad="truncated", fast=mode)
     m = b["attention_mask"].bool()
     torch.testing.assert_close(h[m], h_ref[m], **TOL)
     torch.testing.assert_close(lat, lat_ref, **TOL)
@@ -132,14 +128,14 @@ def test_latent_hidden_states_fast_modes_equal_reference(loaded, records, mode):
 
 def test_eager_attention_static_cache(tiny_dir, records, loaded):
     """Eager attention reads the additive form of the padded mask rows: same values."""
-    from lcot.load import load
+    from lcot.pipeline.load import load
 
     eager, _ = load(tiny_dir, attn_implementation="eager")
     eager.eval()
     b = collate(loaded, records[:2], k=3)
     with torch.no_grad():
-        h_ref, lat_ref = latent_hidden_states(eager, *args(b), fast="off")
-        h, lat = latent_hidden_states(eager, *args(b), fast="static")
+        h_ref, lat_ref = latent_hidden_states(eager, b, fast="off")
+        h, lat = latent_hidden_states(eager, b, fast="static")
     assert torch.isfinite(h).all()
     torch.testing.assert_close(lat, lat_ref, **TOL)
     m = b["attention_mask"].bool()
@@ -178,47 +174,6 @@ def test_truncated_training_step_through_fast_path(loaded, records, graphed, mon
         torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["off", "static"])
-def test_reuse_prefix_equals_recomputing_it(loaded, records, mode):
-    """grad="truncated" with one prefix pass (kept with gradients in a cache) == two prefix passes."""
-    model, _ = loaded
-    b = collate(loaded, records[:3], k=4)
-    params = [p for p in model.parameters() if p.requires_grad]
-    m = b["attention_mask"].bool()
-
-    def run(reuse):
-        model.zero_grad()
-        hidden, lat = latent_hidden_states(model, *args(b), grad="truncated", fast=mode, reuse_prefix=reuse)
-        (hidden[m].pow(2).mean() + lat.sum() * 1e-3).backward()
-        return hidden.detach(), lat.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-                                               for p in params]
-
-    try:
-        h0, l0, g0 = run(False)
-        h1, l1, g1 = run(True)
-    finally:
-        model.zero_grad()
-        fast.clear(model)
-    torch.testing.assert_close(h1[m], h0[m], **TOL)
-    torch.testing.assert_close(l1, l0, **TOL)
-    assert sum(g.abs().sum() for g in g0) > 0
-    for a, c in zip(g1, g0):
-        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
-
-
-def test_reuse_prefix_refused_with_checkpointing(tiny_dir, records, loaded):
-    from lcot.load import load
-
-    model, _ = load(tiny_dir)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    b = collate(loaded, records[:1], k=2)
-    with pytest.raises(ValueError, match="checkpointing"):
-        latent_hidden_states(model, *args(b), grad="truncated", fast="static", reuse_prefix=True)
-    hidden, _ = latent_hidden_states(model, *args(b), grad="truncated", fast="static")  # auto: recompute
-    assert hidden.requires_grad
-
-
 def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):
     model, _ = loaded
     b = collate(loaded, records[:2], k=3)
@@ -234,7 +189,7 @@ def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed"):
         got = recurrence(fl, model, b)
     with torch.no_grad():
-        ref = recurrence(fast.EagerLatents(model), model, b)
+        ref = recurrence(EagerLatents(model), model, b)
     assert not fl.graph and fl._graph is None and len(fast.CAPTURE_ERRORS) == n + 1
     torch.testing.assert_close(got[2], ref[2], **TOL)
 
@@ -246,7 +201,7 @@ def test_fast_path_refuses_gradients(loaded, records):
     embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
     with pytest.raises(RuntimeError, match="without gradients"):
         fl.forward(embeds[:, :4], b["attention_mask_4d"], b["position_ids"], slice(0, 4))
-    assert isinstance(fast.runner(model, 1, 100, "static"), fast.EagerLatents)  # grad enabled: the reference
+    assert isinstance(fast.runner(model, 1, 100, "static"), EagerLatents)  # grad enabled: the reference
 
 
 # -- 3. generation: same latents, same answers -------------------------------------------------------------------
@@ -293,8 +248,9 @@ def test_resolve_modes(loaded, monkeypatch):
     assert fast.resolve(model) == "off"  # CPU: the default path is unchanged
     assert fast.resolve(model, "graph") == "static" and fast.resolve(model, True) == "static"
     assert fast.resolve(model, False) == "off" and fast.resolve(model, "static") == "static"
-    with fast.fast_mode("static"):
-        assert fast.resolve(model) == "static"
+    monkeypatch.setenv(fast.ENV, "static")
+    assert fast.resolve(model) == "static"
+    monkeypatch.delenv(fast.ENV)
     assert fast.resolve(model) == "off"
     monkeypatch.setenv(fast.ENV, "fastest")
     with pytest.raises(ValueError, match="LCOT_FAST"):

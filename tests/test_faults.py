@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lcot import trainer as trainer_mod
-from lcot.data import read_records
-from lcot.load import load
 from lcot.main import main as train_main
+from lcot.pipeline import trainer as trainer_mod
+from lcot.pipeline.data import read_records
+from lcot.pipeline.load import load
+from lcot.pipeline.runs import METRICS_FILE, last_checkpoint, read_metrics
+from lcot.pipeline.teacher import read_teacher, teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
-from lcot.teacher import read_teacher, teacher_file
-from lcot.trainer import last_checkpoint, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LCOT_FAULT_SEED", random.randrange(1 << 30)))
@@ -127,7 +127,7 @@ def test_a_save_that_dies_midway_leaves_no_checkpoint_and_resume_reproduces(tiny
     assert not (out / "checkpoint-4").exists()
     assert last_checkpoint(out) == out / "checkpoint-2"
     assert set(os.listdir(out / "checkpoint-2")) >= CKPT_FILES
-    with (out / trainer_mod.METRICS_FILE).open("a") as f:
+    with (out / METRICS_FILE).open("a") as f:
         f.write('{"step": 5, "lo')  # and the metrics line being written was cut short
     train_main(stage_argv("stage1", tiny_dir, small, out, *argv, "--resume_from_checkpoint"))
     assert losses(out) == ref
@@ -146,7 +146,7 @@ def test_sigkill_during_training_then_resume_reproduces_the_loss_curve(tiny_dir,
     kill_step = random.Random(SEED).randint(1, 5)
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = spawn("lcot.main", stage_argv("stage3", tiny_dir, small, out, *argv), log)
-    metrics = out / trainer_mod.METRICS_FILE
+    metrics = out / METRICS_FILE
     kill_when(proc, lambda: metrics.is_file() and metrics.read_text().count("\n") >= kill_step, log)
     msg = f"killed after logging step {kill_step} (seed {SEED})"
     for ckpt in out.glob("checkpoint-*"):
@@ -225,7 +225,7 @@ def test_non_finite_loss_stops_naming_step_and_records_keeping_the_last_good_che
     assert step == 2
     assert named == seen[step - 1]  # the records of the batch that failed
     assert f"the last good checkpoint is {out / 'checkpoint-1'}" in err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", trainer_mod.METRICS_FILE]  # no final model
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", METRICS_FILE]  # no final model
     model, _ = load(out / "checkpoint-1")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1

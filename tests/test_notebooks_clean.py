@@ -18,7 +18,7 @@ EXPECTED = ["00_quickstart", "01_data_and_format", "02_attention_mask", "03_stag
 PATHS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 # A code cell that matches one of these builds its own mask, collator, loss or training loop: that logic
-# belongs to lcot (lcot.mask, lcot.collate, lcot.loss, lcot.trainer), and notebooks call it.
+# belongs to lcot (lcot.core.mask, lcot.core.collate, lcot.core.loss, lcot.pipeline.trainer), and notebooks call it.
 FORBIDDEN = {
     "defines a mask/collator/loss/training function":
         re.compile(r"\bdef\s+\w*(mask|collat|loss|train|optimi|latent_step|forward)\w*\s*\(", re.I),

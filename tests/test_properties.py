@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lcot.collate import IGNORE, Collator, drop_latents
-from lcot.data import SPECIAL_TOKENS, parse_record
-from lcot.mask import Seg, build_mask
-from lcot.tokens import LATENT_END, LATENT_START
+from lcot.core.collate import Collator, drop_latents
+from lcot.core.mask import Seg, build_mask
+from lcot.core.tokens import IGNORE, LATENT_END, LATENT_START
+from lcot.pipeline.data import CONTROL_TOKENS, parse_record
 
 SIZES_MODES = [((56, 56), "RGB"), ((112, 56), "RGBA"), ((56, 112), "L"), ((84, 84), "P"), ((140, 56), "RGB"),
                ((60, 90), "RGB")]
@@ -44,8 +44,8 @@ def images(tmp_path_factory) -> Path:
 
 def clean(text: str) -> str:
     """Without control tokens (read_records refuses them); removing one may join the halves of another."""
-    while any(tok in text for tok in SPECIAL_TOKENS):
-        for tok in SPECIAL_TOKENS:
+    while any(tok in text for tok in CONTROL_TOKENS):
+        for tok in CONTROL_TOKENS:
             text = text.replace(tok, "")
     return text
 

@@ -53,19 +53,20 @@ def test_the_readme_shows_the_commands_this_test_runs():
 
 
 def test_cpu_commands_run_as_written(tmp_path):
-    for cmd in _block("lcot.tiny --output_dir runs/tiny") + _block("--task hops --output_dir runs/hops"):
+    for cmd in _block("lcot.toy.tiny --output_dir runs/tiny") + _block("--task hops --output_dir runs/hops"):
         _run(cmd, tmp_path)
     for cmd in inline_commands():
-        if cmd.startswith("python -m lcot.synthetic"):
+        if cmd.startswith("python -m lcot.toy.synthetic"):
             _run(cmd, tmp_path)
     assert (tmp_path / "runs" / "h_s3" / "lcot.json").is_file() and (tmp_path / "runs" / "eval.json").is_file()
 
 
 def test_gpu_and_real_model_commands_parse():
-    from lcot import evaluate, experiment, main, precompute_teacher_latents
+    from lcot import experiment, main, precompute_teacher_latents
+    from lcot.pipeline import evaluate
 
     parsers = {"lcot.main": main.parser, "lcot.precompute_teacher_latents": precompute_teacher_latents.parser,
-               "lcot.evaluate": evaluate.parser, "lcot.experiment": experiment.parser}
+               "lcot.pipeline.evaluate": evaluate.parser, "lcot.experiment": experiment.parser}
     checked = 0
     for cmd in _block("python -m lcot.experiment --name") + _block("M=/path/to/Qwen2.5-VL-7B-Instruct"):
         if cmd.startswith("M="):

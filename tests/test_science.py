@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from lcot import hops
-from lcot.collate import Collator
-from lcot.data import read_records
-from lcot.loss import align_loss
-from lcot.mask import Seg, build_mask
-from lcot.patch import latent_hidden_states
-from lcot.probe import probe_accuracy, probe_grid
-from lcot.synthetic import generate
+from lcot.core.collate import Collator
+from lcot.core.loss import align_loss
+from lcot.core.mask import Seg, build_mask
+from lcot.core.model import latent_hidden_states
+from lcot.lab.probe import probe_accuracy, probe_grid
+from lcot.pipeline.data import read_records
+from lcot.toy import hops
+from lcot.toy.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def hops_records(hops_dir):
 
 
 def run(model, b, **kw):
-    return latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"],
-                                b["num_latents"], b["pixel_values"], b["image_grid_thw"], **kw)
+    return latent_hidden_states(model, b, **kw)
 
 
 # -- the hops task ------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def test_hops_records_follow_the_pointers_drawn_in_the_images(hops_dir):
 
 
 def test_hops_cli_and_difficulty_field(tmp_path, capsys):
-    from lcot.synthetic import main
+    from lcot.toy.synthetic import main
 
     main(["--task", "hops", "--output_dir", str(tmp_path / "h"), "--n", "10", "--max_hops", "2"])
     assert "train: 8 records" in capsys.readouterr().out
@@ -88,7 +87,7 @@ def test_cached_collator_gives_identical_batches(loaded, hops_records, thought):
     cached = Collator(processor, model.config, 3, thought_images=thought, cache=True)
     cached.prepare(hops_records[:6], progress=False)
     assert all(e.pixels.dtype == torch.uint8 for e in cached.cache.values())  # exact codes, a quarter of fp32
-    from lcot.vision import decode_pixels
+    from lcot.core.vision import decode_pixels
 
     for recs in (hops_records[:5], hops_records[2:6]):
         a, b = plain(recs), cached(recs)
@@ -99,7 +98,7 @@ def test_cached_collator_gives_identical_batches(loaded, hops_records, thought):
             assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
     model_in = cached(hops_records[:3])
     with torch.no_grad():
-        h_codes, _ = run(model, model_in, pixel_lut=model_in["pixel_lut"])
+        h_codes, _ = run(model, model_in)
         h_plain, _ = run(model, plain(hops_records[:3]))
     assert torch.equal(h_codes, h_plain)
 
@@ -257,7 +256,7 @@ def test_probe_recovers_a_planted_linear_signal_and_not_noise():
 def test_precomputed_vision_tensors_equal_transformers_on_mixed_grids(loaded):
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-    from lcot.vision import vision_kwargs
+    from lcot.core.vision import vision_kwargs
 
     vc = loaded[0].config.vision_config
     grids = torch.tensor([[1, 4, 8], [1, 8, 8], [1, 4, 8], [1, 2, 4], [2, 8, 4], [1, 12, 6]])
@@ -271,7 +270,7 @@ def test_precomputed_vision_tensors_equal_transformers_on_mixed_grids(loaded):
 
 @pytest.mark.parametrize("lengths", [[16, 16, 16], [16, 64, 16, 4, 64]])
 def test_packed_attention_equals_attention_per_segment(lengths):
-    from lcot.vision import packed_sdpa
+    from lcot.core.vision import packed_sdpa
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, sum(lengths), 8, generator=gen) for _ in range(3))
@@ -288,7 +287,7 @@ def test_trainer_leaves_the_host_keys_on_the_cpu(monkeypatch):
     """idx and image_grid_thw are read on the host each step; every other tensor goes through Trainer's move."""
     from transformers import Trainer
 
-    from lcot.trainer import LatentTrainer
+    from lcot.pipeline.trainer import LatentTrainer
 
     monkeypatch.setattr(Trainer, "_prepare_inputs", lambda self, inputs: {k: v.clone() for k, v in inputs.items()})
     batch = {"input_ids": torch.ones(2, 3), "idx": torch.tensor([4, 7]), "image_grid_thw": torch.tensor([[1, 4, 8]])}
@@ -299,7 +298,7 @@ def test_trainer_leaves_the_host_keys_on_the_cpu(monkeypatch):
 
 
 def test_k_curriculum_grows_the_bound_in_equal_phases():
-    from lcot.trainer import sample_k
+    from lcot.pipeline.trainer import sample_k
 
     total, kmax = 400, 4
     ks = [sample_k(3, step, kmax, total) for step in range(total)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lcot.synthetic import COLORS, KINDS, generate, main, make_scene, render
+from lcot.toy.synthetic import COLORS, KINDS, generate, main, make_scene, render
 
 
 def _records(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The tiny offline checkpoint (lcot.tiny) and the processor loader (lcot.processor)."""
+"""The tiny offline checkpoint (lcot.toy.tiny) and the processor loader (lcot.pipeline.processor)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-from lcot.processor import LatentVLProcessor, load_processor
-from lcot.tiny import CHAT_TEMPLATE, MARKER, SPECIAL_TOKENS, build_tiny
+from lcot.pipeline.processor import LatentVLProcessor, load_processor
+from lcot.toy.tiny import CHAT_TEMPLATE, MARKER, SPECIAL_TOKENS, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "How many red circles are in the image?"
@@ -57,7 +57,7 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
 def test_cli_in_another_process_writes_the_same_bytes(tiny, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "lcot.tiny", "--output_dir", str(out), "--seed", "0"],
+    res = subprocess.run([sys.executable, "-m", "lcot.toy.tiny", "--output_dir", str(out), "--seed", "0"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert str(out) in res.stdout

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcot.collate import IGNORE, Collator
-from lcot.mask import Seg, build_mask
-from lcot.widgets import STAGES, MaskViewer, sequence_html, stage_collator
+from lcot.core.collate import Collator
+from lcot.core.mask import Seg, build_mask
+from lcot.core.tokens import IGNORE
+from lcot.lab.widgets import STAGES, MaskViewer, sequence_html, stage_collator
 
 
 @pytest.fixture()

@@ -2,7 +2,7 @@
 
 Batched, with a KV cache, greedy by default. The latent steps are the same `latent_step` training
 and teacher precompute use, on a batch from the same collator, so the latents equal training's (on a
-GPU it is replayed as a CUDA graph on a static cache, decoding steps too: see lcot.fast).
+GPU it is replayed as a CUDA graph on a static cache, decoding steps too: see lcot.core.graph).
 <abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them), and
 the answer may not contain latent tokens: their logits are masked while decoding it.
 """
@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from lcot.collate import Collator
-from lcot.data import Record, question_record, read_records
+from lcot.core.collate import Collator
+from lcot.core.latent import embed_inputs
+from lcot.core.record import Record
+from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import cli_errors
-from lcot.patch import embed_inputs
-from lcot.tokens import LATENT_END, LATENT_PAD, LATENT_START
+from lcot.io import to_device
+from lcot.pipeline.data import question_record, read_records
 
 
 @dataclass
@@ -82,15 +84,15 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
     feed: "continuous" (the method) or "pause" (the control: slots take the <abs_vis_token_pad> embedding);
     visual_cot: with thought images, show them to the answer too (the visual-CoT upper bound).
 
-    fast: the cache and steps (see lcot.fast): None = $LCOT_FAST or "auto" (static cache + CUDA graphs on
+    fast: the cache and steps (see lcot.core.graph): None = $LCOT_FAST or "auto" (static cache + CUDA graphs on
     CUDA, latent and decoding steps alike; the dynamic cache on CPU). `timings`, if a dict, receives the
     seconds of the phases (prefix_s, latents_s, decode_s) and their step counts.
     """
-    from lcot.fast import runner
+    from lcot.core.graph import runner
 
     collate = Collator(processor, model.config, k, thought_images=thought_images, question_images=question_images,
                        with_answer=False, reserve=max_new_tokens, visual_cot=visual_cot)
-    b = {key: v.to(model.device) if torch.is_tensor(v) else v for key, v in collate(records).items()}
+    b = to_device(collate(records), model.device)
     mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
     clock = _Phases(timings, model.device)
     embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
@@ -150,21 +152,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def default_k(model_path: str) -> int:
-    from lcot.trainer import read_lcot_config
+    from lcot.pipeline.runs import read_lcot_config
 
-    return int(read_lcot_config(model_path).get("latent_size", 32))
+    saved = read_lcot_config(model_path)  # "latent_size": lcot.json of runs before the rename
+    return int(saved.get("num_latents", saved.get("latent_size", 32)))
 
 
 def trained_feed(model_path: str) -> str:
     """How the model's latent slots were fed in training ("continuous" unless lcot.json says "pause")."""
-    from lcot.trainer import read_lcot_config
+    from lcot.pipeline.runs import read_lcot_config
 
     return read_lcot_config(model_path).get("latent_feed", "continuous")
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lcot.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lcot.pipeline.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--jsonl", help="records to answer (their answers are ignored); or use --question")
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--output", help="write the generations as JSONL here")
     args = p.parse_args(argv)
-    from lcot.load import load
+    from lcot.pipeline.load import load
 
     if bool(args.jsonl) == bool(args.question):
         p.error("give exactly one of --jsonl and --question")

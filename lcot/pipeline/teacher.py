@@ -10,39 +10,25 @@ the valid ones (same record, k_max, dtype and weights) and recomputes the rest.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lcot.collate import Collator
-from lcot.data import Record
+from lcot.core.collate import Collator
+from lcot.core.model import latent_hidden_states
+from lcot.core.record import Record
 from lcot.errors import LcotInputError
-from lcot.patch import latent_hidden_states
+from lcot.io import save_torch, to_device
 
 FILE_PATTERN = "latent_last_layer_jsonl_{idx:06d}.pt"
-_TMP_RE = re.compile(r"^\.latent_last_layer_jsonl_(\d+)\.pt\..*\.tmp$")  # save_atomic's temporary names
+_TMP_RE = re.compile(r"^\.latent_last_layer_jsonl_(\d+)\.pt\..*\.tmp$")  # lcot.io.write_atomic's temporary names
 
 
 def teacher_file(teacher_dir: str | Path, idx: int) -> Path:
     return Path(teacher_dir) / FILE_PATTERN.format(idx=idx)
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def remove_partial_files(out_dir: Path, idxs: set[int]) -> int:
@@ -121,7 +107,7 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     """Write the teacher files of `records` (this process's share: every world_size-th record).
 
     Same collator, mask and positions as stage2 (thought images visible, latent mode; `feed` as the model
-    was trained, see lcot.patch.latent_hidden_states). Returns counts.
+    was trained, see lcot.core.model.latent_hidden_states). Returns counts.
     """
     out_dir = Path(out_dir)
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
@@ -136,15 +122,13 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         batch = collate(chunk)
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        _, latents = latent_hidden_states(model, batch["input_ids"], batch["attention_mask_4d"],
-                                          batch["position_ids"], batch["latent_start"], k_max,
-                                          batch["pixel_values"], batch["image_grid_thw"], feed=feed)
+        batch = to_device(batch, model.device)
+        _, latents = latent_hidden_states(model, batch, feed=feed)
         for rec, lat in zip(chunk, latents):
-            save_atomic({"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
-                         "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,
-                         "record_digest": rec.digest, "idx": rec.idx},
-                        teacher_file(out_dir, rec.idx))
+            save_torch(teacher_file(out_dir, rec.idx),
+                       {"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
+                        "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,
+                        "record_digest": rec.digest, "idx": rec.idx})
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)

@@ -1,6 +1,6 @@
-"""Deterministic synthetic datasets with visual thought steps: "count" (below) and "hops" (lcot.hops).
+"""Deterministic synthetic datasets with visual thought steps: "count" (below) and "hops" (lcot.toy.hops).
 
-`python -m lcot.synthetic --task hops` writes the multi-hop pointer task, whose difficulty (the
+`python -m lcot.toy.synthetic --task hops` writes the multi-hop pointer task, whose difficulty (the
 number of hops) is stored in each record's extra `hops` field.
 
 The count task:
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from lcot import hops
+from lcot.io import build_folder
+from lcot.toy import hops
 
 FORMAT_VERSION = 1
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (235, 180, 10)}
@@ -207,7 +206,7 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
              max_hops: int = 4) -> dict[str, Path]:
     """Write ``train.jsonl``, ``test.jsonl``, ``images/`` and ``dataset.json`` atomically into ``output_dir``.
 
-    task "count" (this module's shapes; ``image_size``) or "hops" (``lcot.hops``; a ``cols`` x ``rows``
+    task "count" (this module's shapes; ``image_size``) or "hops" (``lcot.toy.hops``; a ``cols`` x ``rows``
     grid, 1..``max_hops`` hops). An existing complete dataset with the same parameters is reused as is;
     one with other parameters (or any other non-empty folder) raises unless ``overwrite`` is set.
     """
@@ -233,32 +232,20 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
         if found is not None or any(out.iterdir()):
             raise FileExistsError(f"{out} holds a different dataset (params {found}, wanted {params}); "
                                   "pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        n_test = round(n * test_fraction)
+    n_test = round(n * test_fraction)
+
+    def build(tmp: Path) -> None:
         _write_dataset(tmp, n, n_test, record)
         info = {"params": params, "num_train": n - n_test, "num_test": n_test}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        try:
-            tmp.rename(out)  # atomic; also replaces an empty folder
-        except OSError:
-            if not overwrite and _manifest_params(out) == params:
-                return paths  # a concurrent run finished the same dataset first
-            if not overwrite:
-                raise
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / "old")
-            tmp.rename(out)
-            shutil.rmtree(trash)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    # a concurrent run that finished the same dataset first is as good as ours
+    build_folder(out, build, lambda found: _manifest_params(found) == params)
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lcot.synthetic",
+    parser = argparse.ArgumentParser(prog="python -m lcot.toy.synthetic",
                                      description="Generate a synthetic dataset (JSONL + PNGs): shape counting "
                                                  "or the multi-hop pointer task.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

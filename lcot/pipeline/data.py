@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from lcot.core.record import Record, final_answer
+from lcot.core.tokens import LATENT_TOKENS
 from lcot.errors import LcotInputError
-from lcot.tokens import LATENT_TOKENS
 
 FIELDS = {"question": str, "answer": str, "question_image_paths": list, "thought_image_paths": list}
 _HINT_FORMAT = ('each line must be one JSON object like {"question": "...", "answer": "... #### 7", '
@@ -29,7 +29,7 @@ _JSON_TYPES = {"NoneType": "null", "bool": "boolean", "int": "number", "float": 
                "dict": "object"}
 # Control tokens of Qwen2.5-VL and of this kit: text holding one would be read as that token (an image
 # placeholder without an image, an early end of turn, a latent slot), so such text is refused.
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", *LATENT_TOKENS)
 MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images more than 200 times wider than high (or higher)
 
@@ -37,31 +37,6 @@ MAX_ASPECT = 200  # Qwen2.5-VL's image processor refuses images more than 200 ti
 def _json_type(value: object) -> str:
     name = type(value).__name__
     return _JSON_TYPES.get(name, name)
-
-
-@dataclass(frozen=True)
-class Record:
-    idx: int
-    question: str
-    answer: str
-    final_answer: str
-    question_images: tuple[Path, ...]
-    thought_images: tuple[Path, ...]
-    where: str  # "file:line", for messages
-    digest: str  # hash of the raw line's content, stored with teacher latents
-    extra: dict = field(default_factory=dict, compare=False, hash=False)  # the line's other fields (e.g. "hops")
-
-
-def final_answer(answer: str, where: str = "") -> str:
-    """GSM8K style: the stripped text after the last '####'."""
-    if "####" not in answer:
-        raise LcotInputError(where, "field 'answer' has no '####'",
-                             "write the final answer after '####', e.g. \"3 + 4 = 7 #### 7\"")
-    final = answer.rsplit("####", 1)[1].strip()
-    if not final:
-        raise LcotInputError(where, "field 'answer' has an empty final answer after '####'",
-                             "put the final answer after '####', e.g. \"#### 7\"")
-    return final
 
 
 def _check_image(path: Path, where: str, field: str) -> None:
@@ -90,18 +65,6 @@ def _check_image(path: Path, where: str, field: str) -> None:
                              "that Qwen2.5-VL's image processor refuses", "crop or pad the image")
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB (RGBA, L, P and other modes are converted, not refused)."""
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P" and "transparency" in im.info:
-                return im.convert("RGBA").convert("RGB")  # as PIL advises for palette transparency
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        # read_records checked it; it changed since (e.g. replaced or removed while training ran)
-        raise LcotInputError(str(path), f"cannot read the image ({err})", "restore the file and resume") from None
-
-
 def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bool = True) -> Record:
     if not isinstance(obj, dict):
         raise LcotInputError(where, f"expected a JSON object, got {_json_type(obj)}", _HINT_FORMAT)
@@ -112,7 +75,7 @@ def parse_record(obj: object, idx: int, where: str, root: Path, check_images: bo
             raise LcotInputError(where, f"field '{name}' must be a {'string' if kind is str else kind.__name__}, "
                                  f"got {_json_type(obj[name])}", _HINT_FORMAT)
     for name in ("question", "answer"):
-        found = [t for t in SPECIAL_TOKENS if t in obj[name]]
+        found = [t for t in CONTROL_TOKENS if t in obj[name]]
         if found:
             raise LcotInputError(where, f"field '{name}' contains the control token {found[0]}",
                                  "the tokenizer would read it as that token, not as text: remove or rewrite it")

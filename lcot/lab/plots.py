@@ -11,7 +11,7 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.ticker import MaxNLocator
 
-from lcot.mask import SEGMENT_NAMES, Seg
+from lcot.core.mask import SEGMENT_NAMES, Seg
 
 SEG_COLORS = {Seg.PAD: "#dddddd", Seg.PROMPT: "#4c72b0", Seg.QUESTION_IMAGE: "#55a868", Seg.THOUGHT_IMAGE: "#c44e52",
               Seg.LATENT: "#8172b2", Seg.ANSWER: "#ccb974"}

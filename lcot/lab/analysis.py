@@ -13,25 +13,22 @@ from pathlib import Path
 
 import torch
 
-from lcot.collate import Collator
-from lcot.data import Record
-from lcot.evaluate import accuracy, describe, evaluate, majority_rate, normalise, table  # noqa: F401 (re-exported)
-from lcot.generate import generate_batch
-from lcot.loss import per_position_cosine
-from lcot.mask import SEGMENT_NAMES, Seg
-from lcot.patch import latent_hidden_states
-from lcot.teacher import read_teacher, teacher_file
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+from lcot.core.collate import Collator
+from lcot.core.loss import per_position_cosine
+from lcot.core.mask import SEGMENT_NAMES, Seg
+from lcot.core.model import latent_hidden_states
+from lcot.core.record import Record
+from lcot.io import to_device
+from lcot.pipeline.evaluate import accuracy, describe, evaluate, table
+from lcot.pipeline.generate import generate_batch
+from lcot.pipeline.teacher import read_teacher, teacher_file
 
 
 def _run(model, b: dict, pixel_values: torch.Tensor | None = None, feed: str = "continuous"
          ) -> tuple[torch.Tensor, torch.Tensor]:
-    pv = b["pixel_values"] if pixel_values is None else pixel_values
-    return latent_hidden_states(model, b["input_ids"], b["attention_mask_4d"], b["position_ids"], b["latent_start"],
-                                b["num_latents"], pv, b["image_grid_thw"], feed=feed)
+    if pixel_values is not None:  # e.g. thought images blanked
+        b = {**b, "pixel_values": pixel_values, "pixel_lut": None}
+    return latent_hidden_states(model, b, feed=feed)
 
 
 def _batches(items: Sequence, size: int):
@@ -90,7 +87,7 @@ def bottleneck_check(model, processor, records: Sequence[Record], k: int, seed: 
     question image and answer states do not move at K=0 (no latent slot can carry the images'
     content), the latents move at K>0 (they see the images), and through them so does the answer.
     """
-    b = _to(Collator(processor, model.config, k, thought_images=True)(records), model.device)
+    b = to_device(Collator(processor, model.config, k, thought_images=True)(records), model.device)
     rows = thought_pixel_rows(records, b["image_grid_thw"].cpu()).to(model.device)
     noisy = b["pixel_values"].clone()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -164,7 +161,7 @@ def latent_outputs(model, processor, records: Sequence[Record], k: int, thought_
                    batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
     """(N, K, H) float32 outputs of the latent slots, computed as in training and generation."""
     collate = Collator(processor, model.config, k, thought_images=thought_images)
-    return torch.cat([_run(model, _to(collate(chunk), model.device), feed=feed)[1].float().cpu()
+    return torch.cat([_run(model, to_device(collate(chunk), model.device), feed=feed)[1].float().cpu()
                       for _, chunk in _batches(records, batch_size)])
 
 
@@ -232,7 +229,7 @@ def latent_inputs(model, processor, records: Sequence[Record], k: int, thought_i
     collate = Collator(processor, model.config, k, thought_images=thought_images)
     out = []
     for _, chunk in _batches(records, batch_size):
-        b = _to(collate(chunk), model.device)
+        b = to_device(collate(chunk), model.device)
         if feed == "pause":
             out.append(model.get_input_embeddings()(b["input_ids"][:, b["latent_start"]:][:, :k]).cpu())
             continue
@@ -287,11 +284,11 @@ def intervene(own: torch.Tensor, condition: str, seed: int = 0, pad: torch.Tenso
 class CausalUse:
     k: int
     accuracy: dict[str, float]  # condition -> accuracy
-    changed: dict[str, float]  # condition -> share of answers that differ from the normal answer
+    changed: dict[str, float]  # replaced condition -> share of answers that differ from the normal answer
     answers: dict[str, list[str]]
 
     def summary(self) -> str:
-        rows = [[c, describe(self.accuracy[c], self.answers[c]), self.changed[c]] for c in self.accuracy]
+        rows = [[c, describe(self.accuracy[c], self.answers[c]), self.changed.get(c)] for c in self.accuracy]
         return table(["latent inputs", "accuracy", "answers changed"], rows)
 
 
@@ -325,5 +322,5 @@ def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: 
         acc[cond] = accuracy(gens, records)
     base = answers.get("normal")
     changed = {c: (sum(a != b for a, b in zip(ans, base)) / len(ans) if base else float("nan"))
-               for c, ans in answers.items()}
+               for c, ans in answers.items() if c != "normal"}  # the normal answers are the reference
     return CausalUse(k, acc, changed, answers)

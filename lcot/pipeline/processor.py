@@ -65,7 +65,7 @@ def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise FileNotFoundError(
             f"{path}: not a directory. Pass a local Qwen2.5-VL checkpoint folder (with preprocessor_config.json "
-            "and tokenizer files), e.g. one written by `python -m lcot.tiny --output_dir DIR`; nothing is "
+            "and tokenizer files), e.g. one written by `python -m lcot.toy.tiny --output_dir DIR`; nothing is "
             "downloaded from a hub.")
     missing = []
     if not ((path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()):

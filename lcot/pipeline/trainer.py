@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lcot.collate import Collator, drop_latents
-from lcot.data import Record
-from lcot.loss import AlignKind, align_loss
-from lcot.patch import LatentQwen2_5_VL
-from lcot.teacher import read_teacher, teacher_file
+from lcot.config import option
+from lcot.core.collate import Collator, drop_latents
+from lcot.core.loss import ALIGNS, align_loss
+from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
+from lcot.core.record import Record
+from lcot.pipeline.runs import METRICS_FILE, checkpoints, last_checkpoint, write_lcot_config
+from lcot.pipeline.teacher import read_teacher, teacher_file
 
-METRICS_FILE = "latent_metrics.jsonl"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".tmp-"  # a checkpoint being written: .tmp-checkpoint-N, renamed to checkpoint-N when complete
 TRASH_PREFIX = ".old-"  # a checkpoint being deleted (renamed first, so no half-deleted checkpoint-N stays)
 
@@ -37,35 +36,78 @@ class NonFiniteLossError(RuntimeError):
     """A NaN or inf loss: the run stops, the last good checkpoint stays."""
 
 
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoint-N folders of a run, oldest (lowest N) first.
-
-    Only complete ones exist under that name: LatentTrainer writes each checkpoint into a staging
-    folder and renames it when everything is written.
-    """
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+STAGES = ("stage1", "vcot", "stage2", "stage3")
 
 
-def last_checkpoint(output_dir: str | Path) -> Path | None:
-    found = checkpoints(output_dir)
-    return found[-1] if found else None
+@dataclass
+class TrainConfig:
+    """One training stage: the flags of `python -m lcot.main` (the seed's spelling), what lcot.json records
+    (saved) and what a resumed run must share with its checkpoint (resume). Notebooks build it directly."""
 
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    stage: str  # stage1 | vcot | stage2 | stage3
-    latent_size: int  # K (stage1, vcot, stage2) or Kmax (stage3)
-    align_weight: float = 1.0
-    align: AlignKind = "cosine"
-    latent_grad: str = "full"  # full | truncated (see lcot.patch.latent_hidden_states)
-    seed: int = 0
-    latent_feed: str = "continuous"  # continuous | pause (see lcot.patch.latent_hidden_states)
-    latent_curriculum: bool = False  # stage3: K's upper bound grows 1..Kmax over the run (see sample_k)
+    stage: str = option(help="stage1: format warm-up without images; vcot: visual-CoT warm-up, question + thought "
+                        "images visible to every later token (the answer too), CE only (for models trained from "
+                        "scratch, see README); stage2: question + thought images, 4D mask, CE + align; stage3: no "
+                        "thought images, K sampled in 1..latent_size each step, CE + align",
+                        choices=STAGES, saved=True, resume=True)
+    model_name_or_path: str = option(help="local checkpoint folder (a real Qwen2.5-VL, the tiny model, or the "
+                                     "previous stage's output); never written to")
+    train_jsonl: str = option(help="training records (JSONL, see README)")
+    output_dir: str = option(help="where checkpoints and the final model go")
+    teacher_latent_dir: str | None = option(None, "teacher latents from lcot.precompute_teacher_latents (stage2, "
+                                            "stage3; not needed with --align_weight 0)", saved=True)
+    num_latents: int = option(32, "K latent slots (stage1, vcot, stage2; 0 = no latent slots, the answer right "
+                              "after the question) or Kmax (stage3)", flag="latent_size", saved=True, resume=True)
+    latent_feed: str = option("continuous", "continuous: each latent slot's input is the previous position's last "
+                              "hidden state (the method); pause: the control, every slot's input is one learned "
+                              "embedding and nothing is fed back", choices=FEEDS, saved=True, resume=True)
+    align_weight: float = option(1.0, "weight of the alignment loss (stage2, stage3)", saved=True)
+    align: str = option("cosine", "alignment: 1 - cosine along hidden, MSE, or centered: 1 - cosine after "
+                        "subtracting the teacher's mean latent per position (over the training records) from both; "
+                        "see lcot.core.loss.align_loss", choices=ALIGNS, saved=True, resume=True)
+    latent_grad: str = option("full", "full: backprop through the whole latent chain; truncated: the chain runs "
+                              "without gradients, then one parallel pass with gradients (much faster on GPU; "
+                              "needed with --gradient_checkpointing)", choices=("full", "truncated"), saved=True,
+                              resume=True)
+    latent_curriculum: bool = option(False, "stage3 only: a curriculum over K after Coconut's stages; the "
+                                     "optimizer steps are cut into latent_size equal phases and phase c samples K "
+                                     "in 1..c (default: K in 1..latent_size from the first step)", saved=True,
+                                     resume=True)
+    question_images: bool = option(False, "stage1 only: include the question images (default: none)")
+    skip_missing_thought: bool = option(False, "stage2/stage3: skip records without thought images (they have no "
+                                        "teacher latents) and say how many, instead of stopping")
+    epochs: float = option(1.0, "passes over the training JSONL")
+    max_steps: int = option(-1, "optimizer steps; overrides --epochs when > 0")
+    bsz: int = option(1, "records per device per micro-batch (padded; K is shared in a batch)")
+    grad_accum_steps: int = option(8, "micro-batches per optimizer step")
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    lr_scheduler: str = option("linear", "learning-rate schedule after the warm-up",
+                               choices=("linear", "cosine", "constant"))
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.03, "fraction of steps for LR warm-up")
+    seed: int = option(42, "seed of init, data order and stage3's K draws", saved=True, resume=True)
+    logging_steps: int = option(10, "log CE, alignment, cosine per position every N steps")
+    save_steps: int = option(500, "write a checkpoint every N optimizer steps")
+    save_total_limit: int = option(2, "keep only the newest N checkpoints")
+    bf16: bool = option(False, "load and train in bfloat16 (GPU)")
+    gradient_checkpointing: bool = option(False, "recompute activations (needs --latent_grad truncated)")
+    freeze_vision: bool = option(False, "freeze the vision tower (frozen anyway in stage1 without --question_images)")
+    lora: bool = option(False, "train LoRA adapters (peft) on the language model; merged at the end", saved=True,
+                        resume=True)
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str = option(LORA_TARGETS, "comma-separated module names in the language model")
+    max_pixels: int | None = option(None, "image processor max_pixels (None: the checkpoint's)")
+    preprocess: bool = option(False, "read and process every record's images (and teacher latents) once, before "
+                              "training, and keep them in memory (exact uint8 pixel codes): much faster for small "
+                              "images, memory-hungry for large datasets")
+    num_workers: int = option(0, "DataLoader worker processes that build batches")
+    attn_implementation: str = option("sdpa", "attention kernel of the language model (the 4D mask works with both)",
+                                      choices=("sdpa", "eager"))
+    resume_from_checkpoint: str | None = option(None, "resume from a checkpoint folder, or from the last one in "
+                                                "--output_dir when given without a value", const="last")
+    overwrite_output_dir: bool = option(False, "allow a non-empty --output_dir (its content is replaced)")
 
     @property
     def thought_images(self) -> bool:
@@ -109,8 +151,8 @@ class TrainCollate:
     def teacher(self, rec: Record) -> torch.Tensor:
         if self._teachers is not None and rec.idx in self._teachers:
             return self._teachers[rec.idx]
-        lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, self.collator.k, self.dtype)
-        lat = lat[: self.collator.k].clone()
+        k = self.collator.num_latents
+        lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, k, self.dtype)[:k].clone()
         if self._teachers is not None:
             self._teachers[rec.idx] = lat
         return lat
@@ -143,9 +185,9 @@ class TrainCollate:
 class LatentTrainer(Trainer):
     """Trainer whose loss is CE over labelled tokens + align_weight x (1 - cos) to the teacher."""
 
-    def __init__(self, *args, spec: StageSpec, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
+    def __init__(self, *args, config: TrainConfig, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.spec, self.teacher_mean = spec, teacher_mean
+        self.config, self.teacher_mean = config, teacher_mean
         self._sums: dict[str, float] = {}
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
@@ -159,25 +201,22 @@ class LatentTrainer(Trainer):
         return {**super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept}), **kept}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        spec = self.spec
+        cfg = self.config
         records = inputs["idx"].tolist()
         self._step_records += records
-        if spec.stage == "stage3":
-            total = self.state.max_steps if spec.latent_curriculum else None
-            inputs = drop_latents(inputs, sample_k(spec.seed, self.state.global_step, spec.latent_size, total))
-        out = model(input_ids=inputs["input_ids"], attention_mask_4d=inputs["attention_mask_4d"],
-                    position_ids=inputs["position_ids"], pixel_values=inputs["pixel_values"],
-                    image_grid_thw=inputs["image_grid_thw"], labels=inputs["labels"], latent_mode=True,
-                    latent_start=inputs["latent_start"], num_latents=inputs["num_latents"], grad=spec.latent_grad,
-                    feed=spec.latent_feed, pixel_lut=inputs.get("pixel_lut"), return_logits=False)
+        if cfg.stage == "stage3":
+            total = self.state.max_steps if cfg.latent_curriculum else None
+            inputs = drop_latents(inputs, sample_k(cfg.seed, self.state.global_step, cfg.num_latents, total))
+        out = model(**{k: inputs.get(k) for k in BATCH_KEYS}, labels=inputs["labels"], latent_mode=True,
+                    grad=cfg.latent_grad, feed=cfg.latent_feed, return_logits=False)
         loss = out.loss
         metrics = {"ce": out.loss.detach()}
         latents, cos = out.latent_hidden, None
         if latents.shape[1]:
             metrics["latent_norm"] = latents.detach().float().norm(dim=-1).mean()
-        if spec.uses_teacher and latents.shape[1]:
-            align, cos = align_loss(latents, inputs["teacher"], spec.align, self.teacher_mean)
-            loss = loss + spec.align_weight * align
+        if cfg.uses_teacher and latents.shape[1]:
+            align, cos = align_loss(latents, inputs["teacher"], cfg.align, self.teacher_mean)
+            loss = loss + cfg.align_weight * align
             metrics.update(align=align.detach(), cos=cos.mean())
         # one device-to-host copy a micro-batch for all metrics, the finiteness check and the cosines
         values = torch.cat([torch.stack([v.float() for v in metrics.values()] + [loss.detach().float()]),
@@ -259,7 +298,7 @@ class LatentTrainer(Trainer):
     def _add_cos(self, cos: list[float]) -> None:
         """Per-position cosine summed over micro-batches; stage3's shorter K adds to the first K slots."""
         if self._cos_sum is None:
-            self._cos_sum, self._cos_n = torch.zeros(self.spec.latent_size), torch.zeros(self.spec.latent_size)
+            self._cos_sum, self._cos_n = torch.zeros(self.config.num_latents), torch.zeros(self.config.num_latents)
         self._cos_sum[: len(cos)] += torch.tensor(cos)
         self._cos_n[: len(cos)] += 1
 
@@ -314,29 +353,3 @@ class LcotConfigCallback(TrainerCallback):
             write_lcot_config(ckpt, self.info)
 
 
-def write_lcot_config(folder: Path, info: dict) -> None:
-    path = Path(folder) / "lcot.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: no two writers share it
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)  # never a half-written lcot.json
-
-
-def read_lcot_config(folder: str | Path) -> dict:
-    path = Path(folder) / "lcot.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    by_step = {r["step"]: r for r in rows}  # a resumed run logs steps again: the later row wins
-    return [by_step[s] for s in sorted(by_step)]

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from lcot.core.model import LatentQwen2_5_VL
+from lcot.core.tokens import TokenIds, add_latent_tokens
+from lcot.core.vision import use_packed_attention
 from lcot.errors import LcotInputError
-from lcot.patch import LatentQwen2_5_VL
-from lcot.processor import LatentVLProcessor, load_processor
-from lcot.tokens import TokenIds, add_latent_tokens
-from lcot.vision import use_packed_attention
+from lcot.pipeline.processor import LatentVLProcessor, load_processor
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -23,14 +23,14 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LcotInputError(str(path), "not a model folder (no config.json)",
-                             "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.tiny`")
+                             "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.toy.tiny`")
     try:
         processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
     except (FileNotFoundError, ValueError) as err:  # a folder without tokenizer files, bad pixel bounds
         raise LcotInputError(str(path), str(err).removeprefix(f"{path}: ")) from None
     model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                              local_files_only=True)
-    use_packed_attention(model)  # the vision tower's attention without a per-image loop (lcot.vision)
+    use_packed_attention(model)  # the vision tower's attention without a per-image loop (lcot.core.vision)
     add_latent_tokens(processor.tokenizer, model)
     rows = model.get_input_embeddings().weight.shape[0]
     ids = TokenIds.from_tokenizer(processor.tokenizer)  # by string: any ids work if the model has their rows

@@ -10,6 +10,7 @@ LATENT_START = "<abs_vis_token>"
 LATENT_END = "</abs_vis_token>"
 LATENT_PAD = "<abs_vis_token_pad>"
 LATENT_TOKENS = (LATENT_START, LATENT_END, LATENT_PAD)
+IGNORE = -100  # the label of positions without a loss (transformers' and torch's ignore_index)
 
 
 @dataclass(frozen=True)

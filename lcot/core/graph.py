@@ -2,7 +2,7 @@
 
 The K latent steps are single-token passes, launch-bound on a GPU (tens of kernels per layer for one
 token). `FastLatents` keeps the KV cache in a `transformers.StaticCache` of a fixed number of slots,
-so that one call of `lcot.patch.latent_step` (the one implementation of a step, not a copy of it)
+so that one call of `lcot.core.latent.latent_step` (the one implementation of a step, not a copy of it)
 can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step:
 
 - the step reads its input, its mask row (over all slots of the cache, slots not written yet masked)
@@ -11,21 +11,20 @@ can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step:
   step advances in place, so replays write the next slot without any host-side change; `_seek` sets
   it (in place) to the column a pass starts at.
 
-Mask rows are cut from the batch's own 4D mask (the collator's, built by `lcot.mask.build_mask`):
+Mask rows are cut from the batch's own 4D mask (the collator's, built by `lcot.core.mask.build_mask`):
 the row of column c is `mask4d[:, :, c, :c+1]`, exactly what the dynamic-cache path uses, padded with
 False up to the cache size. No second mask builder.
 
 On a CPU (or with graphs off) the same buffers feed eager calls of `latent_step` on the static
-cache: that is what the CPU tests compare with the dynamic-cache `latent_loop`.
+cache: that is what the CPU tests compare with the dynamic-cache `EagerLatents`.
 
-Which path runs (`fast=` of `lcot.patch.latent_hidden_states` and `lcot.generate.generate_batch`;
+Which path runs (`fast=` of `lcot.core.model.latent_hidden_states` and `lcot.pipeline.generate.generate_batch`;
 None means the environment variable LCOT_FAST, else "auto"):
 - "auto": the CUDA-graph path on a CUDA model (not sharded by FSDP), the dynamic-cache path otherwise;
 - "off": the dynamic-cache path (the reference); "static": static cache, eager steps;
 - "graph": static cache with a CUDA graph (eager static steps on a CPU).
 The fast path only ever runs without gradients (teacher precompute, generation, and the no-gradient
-recurrence of grad="truncated"). `load_prefix` starts a recurrence from the keys and values of a prefix
-computed elsewhere (grad="truncated" with reuse_prefix: the prefix pass with gradients is not repeated).
+recurrence of grad="truncated").
 
 A captured graph bakes in addresses and Python control flow. `FastLatents` therefore remembers the
 tensors it captured (and keeps them alive) and is replaced when they change (new tensors, `.to()`,
@@ -39,14 +38,14 @@ import os
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from transformers import Cache, StaticCache
+from transformers import StaticCache
 
-from lcot.patch import latent_loop, latent_step, new_cache, text_forward
+from lcot.core.latent import EagerLatents, latent_loop, latent_step, text_forward
 
 FastMode = Literal["auto", "off", "static", "graph"]
 MODES = ("auto", "off", "static", "graph")
@@ -85,22 +84,6 @@ def resolve(model, fast: FastMode | bool | None = None) -> Literal["off", "stati
     return mode
 
 
-@contextmanager
-def fast_mode(mode: FastMode) -> Iterator[None]:
-    """Set $LCOT_FAST for a block (the default of every `fast=None`)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    old = os.environ.get(ENV)
-    os.environ[ENV] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
-
-
 # -- mask rows -----------------------------------------------------------------------------------------------
 def pad_rows(mask4d: torch.Tensor, cols: slice, width: int) -> torch.Tensor:
     """Rows `cols` of the 4D mask as the dynamic-cache pass sees them (keys before cols.stop), padded with
@@ -120,36 +103,6 @@ def step_rows(mask4d: torch.Tensor, start: int, k: int, width: int) -> torch.Ten
     keys = torch.arange(width, device=rows.device)
     cols = torch.arange(start, start + k, device=rows.device)
     return rows & (keys[None, :] <= cols[:, None])
-
-
-def copy_cache(src: Cache, dst: Cache) -> None:
-    """Write the keys and values of every layer of `src` (detached) into `dst`, at its current positions."""
-    for i, layer in enumerate(src.layers):
-        if layer.is_initialized and layer.keys.numel():
-            dst.update(layer.keys.detach(), layer.values.detach(), i)
-
-
-# -- the reference path, behind the same interface ----------------------------------------------------------
-class EagerLatents:
-    """A DynamicCache and eager steps: exactly what lcot.patch does without the fast path."""
-
-    def __init__(self, model) -> None:
-        self.model, self.cache = model, new_cache(model)
-
-    def load_prefix(self, cache: Cache) -> None:
-        """Start from a copy of the (detached) keys and values of an already computed prefix."""
-        self.cache = new_cache(self.model)
-        copy_cache(cache, self.cache)
-
-    def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
-        return text_forward(self.model, x, mask4d, position_ids, cols, self.cache)
-
-    def run(self, h: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int, k: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        return latent_loop(self.model, h, self.cache, mask4d, position_ids, start, k)
-
-    def step(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, col: int) -> torch.Tensor:
-        return latent_step(self.model, x, self.cache, mask4d, position_ids, col)
 
 
 # -- the fast path ------------------------------------------------------------------------------------------
@@ -252,13 +205,6 @@ class FastLatents:
             raise ValueError(f"a batch of {x.shape[0]} rows, this FastLatents holds {self.batch_size}")
 
     # -- passes ---------------------------------------------------------------------------------------------
-    def load_prefix(self, cache: Cache) -> None:
-        """Write the (detached) keys and values of an already computed prefix, columns 0.., into the cache."""
-        self._seek(0)
-        self._col = None  # unknown until the pass completes (an exception midway leaves it so)
-        copy_cache(cache, self.cache)
-        self._col = cache.get_seq_length()
-
     def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
         """Columns `cols` in one eager pass, written into the cache; returns their outputs."""
         self._check(x)
@@ -305,7 +251,7 @@ class FastLatents:
             self.graph, self._graph, self._out = False, None, None
             msg = f"{type(err).__name__}: {err}"
             CAPTURE_ERRORS.append(msg)
-            warnings.warn(f"lcot.fast: CUDA graph capture failed ({msg}); running eager static-cache steps",
+            warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache steps",
                           RuntimeWarning, stacklevel=3)
             rewind()
             return
@@ -318,18 +264,13 @@ class FastLatents:
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """K latent steps from h (B, 1, H), the output of column start-1: (inputs, outputs), each (B, K, H)."""
         self._check(h)
-        if not k:
-            empty = h[:, :0]
-            return empty, empty
         rows = step_rows(mask4d, start, k, self.max_len)
         self._seek(start)
-        b, _, hidden = h.shape
-        inputs, outputs = h.new_empty(b, k, hidden), h.new_empty(b, k, hidden)
-        for j in range(k):
-            inputs[:, j:j + 1] = h
-            h = self._step(h, rows[:, :, j:j + 1], position_ids[:, :, start + j:start + j + 1])
-            outputs[:, j:j + 1] = h
-        return inputs, outputs
+
+        def step(x: torch.Tensor, j: int) -> torch.Tensor:  # a copy: the next replay overwrites the buffer
+            return self._step(x, rows[:, :, j:j + 1], position_ids[:, :, start + j:start + j + 1]).clone()
+
+        return latent_loop(step, h, k)
 
     def step(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, col: int) -> torch.Tensor:
         """One single-token step at column `col` with input x (B, 1, H); returns its output (a new tensor)."""

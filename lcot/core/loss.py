@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from lcot.collate import IGNORE
+from lcot.core.tokens import IGNORE
 
 AlignKind = Literal["cosine", "mse", "centered"]
 ALIGNS = ("cosine", "mse", "centered")

@@ -16,7 +16,7 @@ or $LCOT_RUN_DIR when set (the notebook tests point it into a temporary folder);
 A real model (MODEL = a Qwen2.5-VL-7B-Instruct folder, DEVICE = "cuda") trains with bf16, LoRA,
 gradient checkpointing and the truncated latent gradient (`Setup.train_flags`), which fits one
 80 GB card; the tiny model trains in full precision with a large learning rate, in seconds.
-Training (`lcot.main.run_stage`, i.e. transformers' Trainer) uses the GPU whenever one is visible.
+Training (`lcot.pipeline.train.run_stage`, i.e. transformers' Trainer) uses the GPU whenever one is visible.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Setup:
         return torch.bfloat16 if self.real and self.device.startswith("cuda") else torch.float32
 
     def train_flags(self, steps: int) -> dict:
-        """Keyword arguments of `lcot.main.run_stage` (the CLI flags) besides stage, model, data, K and steps."""
+        """Keyword arguments of `lcot.pipeline.train.run_stage` (CLI flags) besides stage, model, data, K, steps."""
         common = dict(seed=0, logging_steps=max(1, steps // 10), save_steps=100_000)
         if not self.real:  # 1M random parameters: a large learning rate, full fine-tuning, fp32
             return dict(common, bsz=4, grad_accum_steps=1, lr=2e-3, warmup_ratio=0.05)
@@ -82,20 +82,20 @@ class Setup:
 
     def load(self, path: str | Path | None = None):
         """(model, processor) of a checkpoint folder (default: the base model), on DEVICE, in eval mode."""
-        from lcot.load import load
+        from lcot.pipeline.load import load
 
         model, processor = load(path or self.model, self.dtype, self.device)
         return model.eval(), processor
 
     def records(self, split: str = "train", need_thought_images: bool = False):
-        from lcot.data import read_records
+        from lcot.pipeline.data import read_records
 
         return read_records(self.train_jsonl if split == "train" else self.test_jsonl,
                             need_thought_images=need_thought_images)
 
     def save(self, fig_or_ax, filename: str) -> Path:
         """Save a figure as figures/<filename> (PNG, stable name) and say where it went."""
-        from lcot.plots import save
+        from lcot.lab.plots import save
 
         path = save(fig_or_ax, self.figures / filename)
         print(f"saved {path}")
@@ -110,7 +110,7 @@ class Setup:
 
 def _data(data: str | Path, shared: Path) -> tuple[Path, Path]:
     from lcot.errors import LcotInputError
-    from lcot.synthetic import generate
+    from lcot.toy.synthetic import generate
 
     if str(data) == SHAPES:
         paths = generate(shared / f"shapes-n{SHAPES_N}", n=SHAPES_N, seed=0)
@@ -133,7 +133,7 @@ def setup(name: str, model: str | Path = TINY, data: str | Path = SHAPES, device
     threads: torch CPU threads. One is the default: the tiny model is launch-bound, and on shared
     cores several threads per process spin against each other (10x slower measured on 2 busy cores).
     """
-    from lcot.tiny import build_tiny
+    from lcot.toy.tiny import build_tiny
 
     root = repo_root()
     run_root = Path(run_root or os.environ.get(RUN_DIR_ENV) or root / "runs" / "notebooks").absolute()
@@ -158,8 +158,8 @@ def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
     use, every missing stage before `stage` included, under `s.shared`, in a folder named by a hash of
     the settings, and reused by every notebook that asks for the same settings.
     """
-    from lcot.main import run_stage
-    from lcot.teacher import precompute
+    from lcot.pipeline.teacher import precompute
+    from lcot.pipeline.train import run_stage
 
     if stage not in CHAIN:
         raise ValueError(f"stage must be one of {CHAIN}, got {stage!r}")
@@ -186,7 +186,7 @@ def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
             source = {"stage1": s.model, "stage2": out.get("stage1"), "stage3": out.get("stage2")}[name]
             teacher = out["teacher"] if name != "stage1" else None
             run_stage(stage=name, model_name_or_path=source, train_jsonl=s.train_jsonl, output_dir=out[name],
-                      latent_size=k, max_steps=steps, teacher_latent_dir=teacher, overwrite_output_dir=True,
+                      num_latents=k, max_steps=steps, teacher_latent_dir=teacher, overwrite_output_dir=True,
                       **s.train_flags(steps))
         marker.write_text(json.dumps(key, indent=1))
     return out[stage]

@@ -25,7 +25,7 @@ Numbers chosen:
   latent tokens needs no resize. eos = <|im_end|>, pad = <|endoftext|>, no bos or unk (as Qwen).
   Every id in the model config is looked up from the tokenizer by string.
 
-The latent tokens (<abs_vis_token> ...) are deliberately absent: `lcot.tokens.add_latent_tokens`
+The latent tokens (<abs_vis_token> ...) are deliberately absent: `lcot.core.tokens.add_latent_tokens`
 adds them, as it does for a real checkpoint.
 """
 
@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lcot.io import build_folder
 
 # Bump when anything written changes, so folders built by an older version are rebuilt.
 TINY_VERSION = 1
@@ -207,7 +206,7 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-    from lcot.processor import LatentVLProcessor
+    from lcot.pipeline.processor import LatentVLProcessor
 
     tok = build_tokenizer()
     vocab_size = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
@@ -220,10 +219,10 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     model.generation_config = GenerationConfig(bos_token_id=pad, pad_token_id=pad, eos_token_id=[eos, pad],
                                                do_sample=False)
     model.save_pretrained(out)
-    # An explicit size: see lcot.processor (the min_pixels keyword alone mutates a class default).
+    # An explicit size: see lcot.pipeline.processor (the min_pixels keyword alone mutates a class default).
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     LatentVLProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE).save_pretrained(out)
-    marker = {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed}
+    marker = {"builder": "lcot.toy.tiny", "version": TINY_VERSION, "seed": seed}
     if shape != "tiny":
         marker["shape"] = shape
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -242,7 +241,7 @@ def _built_with(path: Path) -> dict | None:
 
 def _is_complete(path: Path, seed: int, shape: str = "tiny") -> bool:
     found = _built_with(path)
-    return isinstance(found, dict) and found == {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed,
+    return isinstance(found, dict) and found == {"builder": "lcot.toy.tiny", "version": TINY_VERSION, "seed": seed,
                                                  **({"shape": shape} if shape != "tiny" else {})}
 
 
@@ -265,30 +264,16 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False, s
         what = (f"a tiny model built with seed {found.get('seed')} (version {found.get('version')})"
                 if isinstance(found, dict) else "something else")
         raise FileExistsError(f"{out} already holds {what}; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write(tmp, seed, shape)
-        if out.exists():  # empty, or overwrite: move the old one aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not _is_complete(out, seed, shape):  # a concurrent build of the same seed is as good as ours
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    # a concurrent build of the same seed is as good as ours
+    return build_folder(out, lambda tmp: _write(tmp, seed, shape), lambda found: _is_complete(found, seed, shape))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lcot.tiny",
+        prog="python -m lcot.toy.tiny",
         description="Write a tiny randomly initialised Qwen2.5-VL (about 1M parameters, fp32) with its "
                     "tokenizer and processor, offline and deterministically, in Hugging Face format. "
-                    "Load it like a real checkpoint, e.g. with lcot.load.load(DIR).")
+                    "Load it like a real checkpoint, e.g. with lcot.pipeline.load.load(DIR).")
     parser.add_argument("--output_dir", required=True, type=Path, help="folder to write (created atomically)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weight init (default 0); same seed, same bytes")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lcot.data import Record, read_records
+from lcot.core.record import Record
 from lcot.errors import cli_errors
-from lcot.generate import Generation, add_model_args, default_k, generate, trained_feed
+from lcot.pipeline.data import read_records
+from lcot.pipeline.generate import Generation, add_model_args, default_k, generate, trained_feed
 
 BENEFIT_NEAR_ZERO = 0.05  # a thought-image benefit below this is reported as "near zero"
 
@@ -123,7 +124,7 @@ def majority_rate(records: Sequence[Record]) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.evaluate", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lcot.pipeline.evaluate", description=__doc__)
     add_model_args(p)
     p.add_argument("--eval_jsonl", "--test_jsonl", dest="eval_jsonl", required=True,
                    help="JSONL with ground-truth answers")
@@ -143,8 +144,8 @@ def parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from lcot.load import load
-    from lcot.trainer import read_lcot_config
+    from lcot.pipeline.load import load
+    from lcot.pipeline.runs import read_lcot_config
 
     ks = args.latent_sizes or [default_k(args.model_name_or_path)]
     records = read_records(args.eval_jsonl, need_thought_images=args.with_thought_images)

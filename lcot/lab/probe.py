@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lcot.evaluate import table
+from lcot.pipeline.evaluate import table
 
 RIDGE = 1.0  # ridge penalty on standardised features
 

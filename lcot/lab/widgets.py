@@ -6,7 +6,7 @@
 Choose the sample, the stage and K, toggle the thought images, and click a query token in the list:
 the figure shows the whole mask (the query's row marked) and the row alone, and the sequence below
 shows which keys the query may attend (coloured) and which it may not (struck through). Every batch
-comes from `lcot.collate.Collator`, so the mask is `lcot.mask.build_mask`'s, as in training.
+comes from `lcot.core.collate.Collator`, so the mask is `lcot.core.mask.build_mask`'s, as in training.
 
 Without a browser (tests), drive it through its widgets (`viewer.k.value = 2`, `viewer.query.value = 17`)
 and read `viewer.batch`, `viewer.row` and `viewer.visible_by_segment()`.
@@ -22,11 +22,11 @@ import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import torch
 
-from lcot.collate import IGNORE, Collator
-from lcot.data import Record
-from lcot.mask import SEGMENT_NAMES, Seg
-from lcot.plots import SEG_COLORS, plot_mask, plot_mask_row, segment_runs
-from lcot.tokens import TokenIds
+from lcot.core.collate import Collator
+from lcot.core.mask import SEGMENT_NAMES, Seg
+from lcot.core.record import Record
+from lcot.core.tokens import IGNORE, TokenIds
+from lcot.lab.plots import SEG_COLORS, plot_mask, plot_mask_row, segment_runs
 
 # What each stage's batches hold (stage3 and inference differ in the answer: given vs. to be generated).
 STAGES: dict[str, dict] = {
@@ -247,8 +247,3 @@ class MaskViewer(widgets.VBox):
                 f"<b>{int(self.row.sum())}</b> of {q + 1} keys at or before it")
         return (f"<div>{head}</div><table style='font-size:12px'><tr><th>key segment</th><th>visible</th>"
                 f"<th>at or before</th><th></th></tr>{cells}</table>")
-
-
-def mask_viewer(processor, config, records: Sequence[Record], **kwargs) -> MaskViewer:
-    """The viewer as a widget (see MaskViewer for the arguments)."""
-    return MaskViewer(processor, config, records, **kwargs)

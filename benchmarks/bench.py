@@ -1,11 +1,11 @@
 """Benchmark of the latent recurrence against its baselines, on a random model of a named shape.
 
-    python -m lcot.bench --shape 3b --batch 2 --k 32 --iters 3 --dtype bf16 --out runs/bench/3b.md
-    python -m lcot.bench --shape 7b --lora --gradient_checkpointing --stages stage2,stage3 ...
-    python -m lcot.bench --shape tiny --dtype fp32 --iters 2          # CPU: the same rows, wall time only
+    python benchmarks/bench.py --shape 3b --batch 2 --k 32 --iters 3 --dtype bf16 --out runs/bench/3b.md
+    python benchmarks/bench.py --shape 7b --lora --gradient_checkpointing --stages stage2,stage3 ...
+    python benchmarks/bench.py --shape tiny --dtype fp32 --iters 2          # CPU: the same rows, wall time only
 
 Nothing is downloaded: the model is randomly initialised from a config of the named shape (tiny: the
-lcot.tiny model; small: a 0.5B-class text model with a small vision tower; 3b, 7b: Qwen2.5-VL-3B/7B's
+lcot.toy.tiny model; small: a 0.5B-class text model with a small vision tower; 3b, 7b: Qwen2.5-VL-3B/7B's
 published sizes), with the tiny model's tokenizer (its special-token ids are written into the config).
 The batch is built by the real collator from real PNG files (random pixels): per record 2 question
 images and, for stage2, 1 thought image (448x448 -> 256 tokens each for 3b/7b), a question of about
@@ -16,12 +16,11 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
   baseline of every training row. latent_full: the latent step with gradients through the dynamic-cache
   recurrence. latent_truncated: grad="truncated", recurrence on the dynamic cache, prefix computed twice
   (no-gradient pass for the cache, then the full pass with gradients); _static, _graph: the recurrence on the
-  static cache, eager or as a CUDA graph, and the prefix pass reused (run once with gradients into a cache;
-  not with gradient checkpointing); _graph_recompute: the graph with the prefix recomputed. Training rows:
+  static cache, eager or as a CUDA graph. Training rows:
   CE + cosine alignment to a random teacher, backward; no optimizer step unless --optim.
 - forward: one no-gradient forward of the batch with its 4D mask (baseline of the teacher rows);
   teacher{,_static,_graph}: teacher precompute (latent mode, no gradients) on each path.
-- gen_latent_* / gen_decode_*: generation (lcot.generate.generate_batch, question images only): mean time
+- gen_latent_* / gen_decode_*: generation (lcot.pipeline.generate.generate_batch, question images only): mean time
   per latent step and per decoding step, eager and graphed; each latent row's baseline is the decoding row
   of the same path.
 - numerics: max |graphed - eager| of the teacher latents, first 8 steps in the run's dtype (bf16 drifts after
@@ -46,6 +45,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from lcot.io import to_device
 
 SHAPES = ("tiny", "small", "3b", "7b")
 IMAGE_SIDE = {"tiny": 112, "small": 224, "3b": 448, "7b": 448}  # 448 -> a 32x32 patch grid -> 256 tokens
@@ -77,9 +78,9 @@ def make_processor(image_side: int, latent_tokens: bool = True):
     """The tiny tokenizer (Qwen's special tokens, a small BPE) with an image processor keeping image_side^2."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from lcot.processor import LatentVLProcessor
-    from lcot.tiny import CHAT_TEMPLATE, MIN_PIXELS, build_tokenizer
-    from lcot.tokens import add_latent_tokens
+    from lcot.core.tokens import add_latent_tokens
+    from lcot.pipeline.processor import LatentVLProcessor
+    from lcot.toy.tiny import CHAT_TEMPLATE, MIN_PIXELS, build_tokenizer
 
     tok = build_tokenizer()
     if latent_tokens:
@@ -92,7 +93,7 @@ def make_config(shape: str, tok):
     """A Qwen2_5_VLConfig of the named shape whose token ids are the tokenizer's."""
     from transformers import Qwen2_5_VLConfig
 
-    from lcot.tiny import VOCAB_MULTIPLE, _config
+    from lcot.toy.tiny import VOCAB_MULTIPLE, _config
 
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
@@ -120,7 +121,7 @@ def make_config(shape: str, tok):
 
 def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """Random init directly on `device` in `dtype` (on a GPU: seconds even for 7B)."""
-    from lcot.patch import LatentQwen2_5_VL
+    from lcot.core.model import LatentQwen2_5_VL
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -135,7 +136,7 @@ def n_params(model) -> int:
 
 def _text(tok, target: int, start: str = "") -> str:
     """Words of the tiny corpus until the text encodes to at least `target` tokens."""
-    from lcot.tiny import CORPUS
+    from lcot.toy.tiny import CORPUS
 
     words = [w for w in CORPUS.split() if w.isalpha()]
     text, i = start, 0
@@ -150,7 +151,7 @@ def make_records(folder: Path, n: int, image_side: int, tok, question_images: in
     """n records of identical token length, with PNGs of random pixels written to `folder`."""
     from PIL import Image
 
-    from lcot.data import Record
+    from lcot.core.record import Record
 
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,10 +171,6 @@ def make_records(folder: Path, n: int, image_side: int, tok, question_images: in
     return records
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # -- timing ------------------------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -182,7 +179,7 @@ def _sync(device: torch.device) -> None:
 
 def _fresh(model, device: torch.device) -> None:
     """Between rows: no kept graphs or caches, no gradients, allocator emptied, peak reset."""
-    from lcot import fast
+    from lcot.core import graph as fast
 
     fast.clear(model)
     model.zero_grad(set_to_none=True)
@@ -230,7 +227,7 @@ class Bench:
     # -- output ----------------------------------------------------------------------------------------------
     def add(self, name: str, what: str, *, time_s: float | None = None, baseline: str | None = None,
             peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s") -> dict:
-        from lcot import fast
+        from lcot.core import graph as fast
 
         if len(fast.CAPTURE_ERRORS) > self._captures_seen:  # a graph row that silently ran eager steps
             note = (note + "; " if note else "") + f"GRAPH CAPTURE FAILED, eager steps: {fast.CAPTURE_ERRORS[-1][:160]}"
@@ -274,7 +271,7 @@ class Bench:
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from lcot import __version__
-        from lcot.collate import Collator
+        from lcot.core.collate import Collator
 
         a = self.args
         side = a.image_side or IMAGE_SIDE[a.shape]
@@ -324,7 +321,7 @@ class Bench:
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
             "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
-            "init_s": round(init_s, 2), "command": "python -m lcot.bench " + " ".join(a.argv),
+            "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
         }
         print(json.dumps(self.env), file=sys.stderr, flush=True)
         self.write()
@@ -339,7 +336,7 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
 
     def sft_step(self, b: dict) -> None:
-        from lcot.loss import ce_loss
+        from lcot.core.loss import ce_loss
 
         m = self.model
         out = m.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
@@ -347,34 +344,32 @@ class Bench:
         ce_loss(m.lm_head, out.last_hidden_state, b["labels"]).backward()
         self._optim_step()
 
-    def latent_train_step(self, b: dict, grad: str, fast: str, reuse_prefix: bool | None = None) -> None:
-        from lcot.loss import align_loss
+    def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
+        from lcot.core.loss import align_loss
 
         out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
                          position_ids=b["position_ids"], pixel_values=b["pixel_values"],
                          image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
                          latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
-                         reuse_prefix=reuse_prefix, return_logits=False)
+                         return_logits=False)
         (out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]).backward()
         self._optim_step()
 
     @torch.no_grad()
     def forward_nograd(self, b: dict) -> None:
-        from lcot.patch import embed_inputs, text_forward
+        from lcot.core.latent import embed_inputs, text_forward
 
         embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
         text_forward(self.model, embeds, b["attention_mask_4d"], b["position_ids"], slice(0, embeds.shape[1]))
 
     @torch.no_grad()
     def teacher_latents(self, b: dict, fast: str) -> torch.Tensor:
-        from lcot.patch import latent_hidden_states
+        from lcot.core.model import latent_hidden_states
 
-        return latent_hidden_states(self.model, b["input_ids"], b["attention_mask_4d"], b["position_ids"],
-                                    b["latent_start"], b["num_latents"], b["pixel_values"], b["image_grid_thw"],
-                                    fast=fast)[1]
+        return latent_hidden_states(self.model, b, fast=fast)[1]
 
     def generate(self, fast: str) -> dict:
-        from lcot.generate import generate_batch
+        from lcot.pipeline.generate import generate_batch
 
         timings: dict = {}
         generate_batch(self.model, self.processor, self.records, self.args.k, max_new_tokens=self.args.decode_tokens,
@@ -416,16 +411,12 @@ class Bench:
                      note="n/a: needs the KV cache that gradient checkpointing drops")
         elif not self.args.gradient_checkpointing:
             self.row(f"{p}latent_full", full, lambda: self.latent_train_step(b, "full", "off"), f"{p}sft")
-        gc_on = self.args.gradient_checkpointing
-        for fast, suffix, reuse_prefix, label in (
-                ("off", "", False, "dynamic-cache recurrence, eager, prefix recomputed"),
-                ("static", "_static", False, "static-cache recurrence, eager, prefix recomputed"),
-                ("graph", "_graph", False, "static cache + CUDA graph, prefix recomputed (the default)"),
-                ("graph", "_graph_reuse", True, "static cache + CUDA graph, prefix pass reused")):
-            if gc_on and suffix == "_graph_reuse":
-                continue  # checkpointing drops the cache a reused prefix needs
+        for fast, suffix, label in (
+                ("off", "", "dynamic-cache recurrence, eager"),
+                ("static", "_static", "static-cache recurrence, eager"),
+                ("graph", "_graph", "static cache + CUDA graph (the default)")):
             self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
-                     lambda fast=fast, r=reuse_prefix: self.latent_train_step(b, "truncated", fast, r), f"{p}sft",
+                     lambda fast=fast: self.latent_train_step(b, "truncated", fast), f"{p}sft",
                      note=graph_note if fast == "graph" else "")
 
     def generation_rows(self, fast: str, suffix: str, note: str) -> None:
@@ -458,7 +449,7 @@ class Bench:
     @torch.no_grad()
     def _recurrence(self, b: dict, embeds: torch.Tensor, fast: str) -> torch.Tensor:
         """The teacher's latents from given input embeddings (prefix pass, K steps) on one path."""
-        from lcot.fast import runner
+        from lcot.core.graph import runner
 
         s, k = b["latent_start"], b["num_latents"]
         steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
@@ -468,7 +459,7 @@ class Bench:
     def numerics(self, b: dict, dtype_name: str) -> None:
         """Teacher latents, same input embeddings, three paths: graphed vs the dynamic cache (first 8 steps,
         all K), and graphed vs static eager (same kernels: the capture/replay alone; expect 0)."""
-        from lcot.patch import embed_inputs
+        from lcot.core.latent import embed_inputs
 
         name = f"numerics_{dtype_name}"
         if not self.wanted(name):
@@ -537,7 +528,7 @@ def write_results(out: Path, env: dict, rows: list[dict]) -> None:
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="tiny")
     p.add_argument("--batch", type=int, default=2)
@@ -568,7 +559,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def save_model(shape: str, out: str | Path, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Path:
-    """A random checkpoint of `shape` (tokenizer without latent tokens: lcot.load adds them, as for Qwen)."""
+    """A random checkpoint of `shape` (tokenizer without latent tokens: lcot.pipeline.load adds them, as for Qwen)."""
     out = Path(out)
     processor = make_processor(IMAGE_SIDE[shape], latent_tokens=False)
     model = build_model(make_config(shape, processor.tokenizer), device, dtype, seed)

@@ -29,12 +29,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-from lcot.data import Record, load_image
-from lcot.mask import Seg, build_mask
-from lcot.tokens import TokenIds
-from lcot.vision import decode_pixels
-
-IGNORE = -100
+from lcot.core.mask import Seg, build_mask
+from lcot.core.record import Record, load_image
+from lcot.core.tokens import IGNORE, TokenIds
+from lcot.core.vision import decode_pixels
 
 
 class RopeIndex:
@@ -95,12 +93,12 @@ class Encoded:
 class Collator:
     """Build batches for one setting: K latent slots, with or without question/thought images.
 
-    visual_cot=True shows the thought images to the answer too (see lcot.mask).
+    visual_cot=True shows the thought images to the answer too (see lcot.core.mask).
     with_answer=False builds a generation prompt instead: the prefix, K slots, </abs_vis_token> and
     `reserve` answer columns to be filled by decoding (their mask rows and positions are ready).
     cache=True keeps every record's encoding (tokens, positions, exact pixel codes) in memory, so images
     are read and processed once per run (`prepare` fills it up front). Its batches carry pixel_values as the
-    uint8 codes plus their table `pixel_lut`; the model decodes them (lcot.vision.decode_pixels) to exactly
+    uint8 codes plus their table `pixel_lut`; the model decodes them (lcot.core.vision.decode_pixels) to exactly
     the pixel values of an uncached batch.
     """
 
@@ -111,7 +109,7 @@ class Collator:
             raise ValueError(f"num_latents must be >= 0, got {num_latents}")
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.ids = TokenIds.from_tokenizer(self.tokenizer)
-        self.k, self.thought_images, self.question_images = num_latents, thought_images, question_images
+        self.num_latents, self.thought_images, self.question_images = num_latents, thought_images, question_images
         self.with_answer, self.reserve, self.visual_cot = with_answer, reserve, visual_cot
         self.merge = config.vision_config.spatial_merge_size
         self.rope = RopeIndex(config)
@@ -150,12 +148,12 @@ class Collator:
             segs += im_segs
         ids.append(self.ids.latent_start)
         segs.append(Seg.ANSWER)
-        suffix = [self.ids.latent_pad] * self.k + [self.ids.latent_end]
+        suffix = [self.ids.latent_pad] * self.num_latents + [self.ids.latent_end]
         if self.with_answer:
             suffix += self._encode_text("\n" + rec.final_answer) + [self.ids.im_end]
         else:
             suffix += [self.ids.pad] * self.reserve
-        return ids, segs, suffix, [Seg.LATENT] * self.k + [Seg.ANSWER] * (len(suffix) - self.k)
+        return ids, segs, suffix, [Seg.LATENT] * self.num_latents + [Seg.ANSWER] * (len(suffix) - self.num_latents)
 
     def _image_paths(self, rec: Record) -> tuple[list, list[bool]]:
         paths = list(rec.question_images) if self.question_images else []
@@ -215,7 +213,7 @@ class Collator:
             "input_ids": input_ids, "attention_mask": (segments != Seg.PAD).long(), "segments": segments,
             "attention_mask_4d": build_mask(segments, self.visual_cot), "position_ids": position_ids,
             "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
-            "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.k,
+            "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.num_latents,
             "idx": torch.tensor([r.idx for r in records]),
             **({"pixel_lut": self.codec.lut} if pixel_values is not None and pixel_values.dtype == torch.uint8
                else {}),

@@ -1,0 +1,75 @@
+"""One dataclass per command: its fields are the command's flags, with their help, defaults and choices.
+
+`parser(Config)` builds the argparse parser (defaults shown in --help), `parse(Config, argv)` gives the
+config, and Python callers (the notebooks) build the same dataclass directly. A field's CLI spelling may
+differ from its name (`option(flag="latent_size")` for `num_latents`: the seed's flag, one name in the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, Field, field, fields
+from typing import Any
+
+
+def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
+           const: Any = None, saved: bool = False, resume: bool = False) -> Any:
+    """A config field. saved: recorded in the run's lcot.json; resume: must match to resume a checkpoint."""
+    meta = {"help": help, "flag": flag, "choices": choices, "const": const, "saved": saved, "resume": resume}
+    return field(default=default, metadata=meta)
+
+
+def flag(f: Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name)
+
+
+def _base_type(hint: Any) -> type:
+    """int for `int`, `int | None` and `Optional[int]`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta, kind = f.metadata, _base_type(hints[f.name])
+        required = f.default is MISSING and f.default_factory is MISSING
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
+        if meta.get("flag") and kind is not bool:
+            kw["metavar"] = meta["flag"].upper()
+        if kind is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = kind
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+            if meta.get("const") is not None:
+                kw.update(nargs="?", const=meta["const"])
+            if not required:
+                kw["help"] += f" (default: {f.default})"
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default if f.default is not MISSING else f.default_factory()
+        p.add_argument(flag(f), **kw)
+    return p
+
+
+def parse(cls: type, argv: list[str] | None, prog: str, description: str | None = None):
+    ns = parser(cls, prog, description).parse_args(argv)
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def saved(cfg) -> dict:
+    """The fields marked saved=True, by name (what a run records about itself)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("saved")}
+
+
+def resume_keys(cls: type) -> list[Field]:
+    return [f for f in fields(cls) if f.metadata.get("resume")]

@@ -1,0 +1,1 @@
+"""The toy world: the offline tiny model and the bundled synthetic tasks."""
