@@ -1,6 +1,6 @@
 """Benchmark of the latent recurrence against its baselines, on a random model of a named shape.
 
-    python benchmarks/bench.py --shape 3b --batch 2 --k 32 --iters 3 --dtype bf16 --out runs/bench/3b.md
+    python benchmarks/bench.py --shape 3b --batch 2 --latent_size 32 --iters 3 --dtype bf16 --out runs/bench/3b.md
     python benchmarks/bench.py --shape 7b --lora --gradient_checkpointing --stages stage2,stage3 ...
     python benchmarks/bench.py --shape tiny --dtype fp32 --iters 2          # CPU: the same rows, wall time only
 
@@ -297,11 +297,11 @@ class Bench:
         self.records = records
         self.batches = {}
         for stage in dict.fromkeys([*a.stages, "stage2"]):  # stage2's batch also serves the teacher rows
-            coll = Collator(self.processor, config, a.k, thought_images=stage == "stage2")
+            coll = Collator(self.processor, config, a.num_latents, thought_images=stage == "stage2")
             self.batches[stage] = to_device(coll(records), self.device)
         b = self.batches["stage2"]
         hidden = config.text_config.hidden_size
-        self.teacher = torch.randn(a.batch, a.k, hidden, generator=torch.Generator().manual_seed(1)).to(
+        self.teacher = torch.randn(a.batch, a.num_latents, hidden, generator=torch.Generator().manual_seed(1)).to(
             self.device, self.dtype)
         dev = self.device
         import transformers
@@ -317,7 +317,7 @@ class Bench:
             "peft": peft_version, "lcot": __version__, "python": platform.python_version(),
             "shape": a.shape, "params": total, "trainable": sum(p.numel() for p in self.model.parameters()
                                                                   if p.requires_grad),
-            "dtype": a.dtype, "batch": a.batch, "k": a.k, "stages": a.stages,
+            "dtype": a.dtype, "batch": a.batch, "num_latents": a.num_latents, "stages": a.stages,
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
             "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
@@ -372,7 +372,8 @@ class Bench:
         from lcot.pipeline.generate import generate_batch
 
         timings: dict = {}
-        generate_batch(self.model, self.processor, self.records, self.args.k, max_new_tokens=self.args.decode_tokens,
+        generate_batch(self.model, self.processor, self.records, self.args.num_latents,
+                       max_new_tokens=self.args.decode_tokens,
                        fast=fast, timings=timings)
         return timings
 
@@ -443,7 +444,8 @@ class Bench:
         steps = runs[0]["decode_steps"]
         self.add(decode, f"generation: one decoding step (mean of {steps}), fast={fast}", time_s=per_decode,
                  peak=peak, unit="s/step", note=note)
-        self.add(latent, f"generation: one latent step (mean of {self.args.k}), fast={fast}", time_s=per_latent,
+        self.add(latent, f"generation: one latent step (mean of {self.args.num_latents}), fast={fast}",
+                 time_s=per_latent,
                  baseline=decode, peak=peak, unit="s/step", note=note)
 
     @torch.no_grad()
@@ -532,7 +534,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="tiny")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--k", type=int, default=32, help="latent steps")
+    p.add_argument("--latent_size", dest="num_latents", type=int, default=32, help="K latent steps")
     p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per row first (graph capture happens here)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")

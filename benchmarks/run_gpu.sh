@@ -54,7 +54,7 @@ print('transformers', transformers.__version__, 'accelerate', accelerate.__versi
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo n/a) $(git status --porcelain 2>/dev/null | wc -l) changed files"
 } 2>&1 | tee "$OUT/env.txt"
 
-COMMON=(--batch 2 --k "$K" --iters "$ITERS" --warmup 1 --dtype "$DTYPE")
+COMMON=(--batch 2 --latent_size "$K" --iters "$ITERS" --warmup 1 --dtype "$DTYPE")
 run "bench_$BIG" 280 --shape "$BIG" "${COMMON[@]}"
 run "bench_${LORA}_lora_gc" 200 --shape "$LORA" "${COMMON[@]}" --lora --gradient_checkpointing --freeze_vision \
     --stages stage2,stage3 --no-fp32_check

@@ -14,9 +14,9 @@ _spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
-SMALL = ["--shape", "tiny", "--batch", "2", "--k", "3", "--iters", "1", "--warmup", "0", "--decode_tokens", "2",
-         "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4", "--dtype", "fp32",
-         "--device", "cpu"]
+SMALL = ["--shape", "tiny", "--batch", "2", "--latent_size", "3", "--iters", "1", "--warmup", "0",
+         "--decode_tokens", "2", "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4",
+         "--dtype", "fp32", "--device", "cpu"]
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
         "forward",
         "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
@@ -49,7 +49,7 @@ def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
     assert out.read_text().count("\n| ") == len(ROWS) + 1  # header + one line per row
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["name"] for r in data["rows"]] == ROWS
-    assert data["env"]["k"] == 3 and data["env"]["device"].startswith("cpu")
+    assert data["env"]["num_latents"] == 3 and data["env"]["device"].startswith("cpu")
 
 
 def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
