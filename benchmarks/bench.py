@@ -51,24 +51,6 @@ from lcot.io import to_device
 SHAPES = ("tiny", "small", "3b", "7b")
 IMAGE_SIDE = {"tiny": 112, "small": 224, "3b": 448, "7b": 448}  # 448 -> a 32x32 patch grid -> 256 tokens
 
-# Qwen2.5-VL-3B/7B-Instruct's published sizes (config.json of the checkpoints); the vision tower is the
-# same for both but for its output width. small: Qwen2.5-0.5B's text sizes with a small vision tower and
-# the tiny tokenizer's vocabulary (no 150k-row embedding).
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
-               fullatt_block_indexes=[7, 15, 23, 31])
-_SIZES = {
-    "small": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                            num_key_value_heads=2, mrope_section=[8, 12, 12]),
-                  vision=dict(depth=8, hidden_size=640, intermediate_size=1710, num_heads=10, window_size=112,
-                              fullatt_block_indexes=[3, 7]),
-                  vocab_size=None, tie_word_embeddings=True),
-    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, mrope_section=[16, 24, 24]),
-               vision=_VISION, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, mrope_section=[16, 24, 24]),
-               vision=_VISION, vocab_size=152064, tie_word_embeddings=False),
-}
 LORA_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"  # as lcot.main's default
 NUMERICS_STEPS = 8
 
@@ -90,33 +72,12 @@ def make_processor(image_side: int, latent_tokens: bool = True):
 
 
 def make_config(shape: str, tok):
-    """A Qwen2_5_VLConfig of the named shape whose token ids are the tokenizer's."""
-    from transformers import Qwen2_5_VLConfig
-
-    from lcot.toy.tiny import VOCAB_MULTIPLE, _config
+    """A Qwen2_5_VLConfig of the named shape whose token ids are the tokenizer's (lcot.toy.tiny.random_config)."""
+    from lcot.toy.tiny import random_config
 
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
-    rounded = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    if shape == "tiny":
-        return _config(tok, rounded)
-    size = _SIZES[shape]
-    tid = tok.convert_tokens_to_ids
-    text = dict(size["text"])
-    mrope = text.pop("mrope_section")
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=size["vocab_size"] or rounded, max_position_embeddings=128000, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-            max_window_layers=text["num_hidden_layers"], hidden_act="silu",
-            bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tid("<|endoftext|>"),
-            tie_word_embeddings=size["tie_word_embeddings"], **text),
-        vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           out_hidden_size=text["hidden_size"], tokens_per_second=2, hidden_act="silu",
-                           **size["vision"]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-        tie_word_embeddings=size["tie_word_embeddings"])
+    return random_config(shape, tok)
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0):

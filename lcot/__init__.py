@@ -2,7 +2,8 @@
 
 Layers (docs/architecture.md), each importing only from those before it:
 
-    errors, io   leaves: the input error with file/line/field/hint; atomic writes, batch to device
+    errors, io, config   leaves: the input error with file/line/field/hint; atomic writes, batch to device;
+                 one dataclass per command -> its argparse parser
     core/        the method: tokens, mask, record, vision, collate, latent (the forward primitives and the eager
                  recurrence), graph (the same step as a CUDA graph), loss, model (latent mode, the model class)
     pipeline/    records (data), processor, load, teacher files, runs (run-folder metadata), trainer, train

@@ -14,10 +14,19 @@ from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
 
-def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, choices: tuple | None = None,
-           const: Any = None, saved: bool = False, resume: bool = False) -> Any:
-    """A config field. saved: recorded in the run's lcot.json; resume: must match to resume a checkpoint."""
-    meta = {"help": help, "flag": flag, "choices": choices, "const": const, "saved": saved, "resume": resume}
+def option(default: Any = MISSING, help: str = "", *, flag: str | None = None, aliases: tuple[str, ...] = (),
+           choices: tuple | None = None, const: Any = None, saved: bool = False, resume: bool = False,
+           required: bool = False) -> Any:
+    """A config field. saved: recorded in the run's lcot.json; resume: must match to resume a checkpoint.
+
+    A list field takes one or more values (`--ks 1 2 4`), or repeats (`--image a --image b`) when its default
+    is an empty list. required: a flag the command needs although the dataclass has a default (a subclass's
+    fields must all have one).
+    """
+    meta = {"help": help, "flag": flag, "aliases": aliases, "choices": choices, "const": const, "saved": saved,
+            "resume": resume, "required": required}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -26,7 +35,7 @@ def flag(f: Field) -> str:
 
 
 def _base_type(hint: Any) -> type:
-    """int for `int`, `int | None` and `Optional[int]`."""
+    """int for `int`, `int | None` and `Optional[int]`; list[int] for `list[int] | None`."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0]
@@ -39,12 +48,20 @@ def parser(cls: type, prog: str, description: str | None = None) -> argparse.Arg
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         meta, kind = f.metadata, _base_type(hints[f.name])
-        required = f.default is MISSING and f.default_factory is MISSING
+        required = f.metadata.get("required") or f.default is MISSING and f.default_factory is MISSING
         kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
         if meta.get("flag") and kind is not bool:
             kw["metavar"] = meta["flag"].upper()
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
         if kind is bool:
             kw["action"] = "store_true"
+        elif typing.get_origin(kind) is list:
+            kw["type"] = typing.get_args(kind)[0]
+            if default == []:
+                kw["action"] = "append"
+            else:
+                kw["nargs"] = "+"
         else:
             kw["type"] = kind
             if meta.get("choices"):
@@ -52,12 +69,12 @@ def parser(cls: type, prog: str, description: str | None = None) -> argparse.Arg
             if meta.get("const") is not None:
                 kw.update(nargs="?", const=meta["const"])
             if not required:
-                kw["help"] += f" (default: {f.default})"
+                kw["help"] += f" (default: {default})"
         if required:
             kw["required"] = True
         else:
-            kw["default"] = f.default if f.default is not MISSING else f.default_factory()
-        p.add_argument(flag(f), **kw)
+            kw["default"] = default
+        p.add_argument(flag(f), *meta.get("aliases", ()), **kw)
     return p
 
 

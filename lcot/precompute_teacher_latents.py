@@ -12,37 +12,46 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lcot import config
+from lcot.config import option
 from lcot.errors import LcotInputError, cli_errors
 from lcot.io import inside
 from lcot.pipeline.data import read_records
 from lcot.pipeline.teacher import precompute
 
 
+@dataclass
+class PrecomputeConfig:
+    """The flags of `python -m lcot.precompute_teacher_latents` (the seed's spelling)."""
+
+    model_name_or_path: str = option(help="usually the stage1 output folder")
+    train_jsonl: str = option(help="the records whose teacher latents to write")
+    output_dir: str = option(help="the teacher latent folder (--teacher_latent_dir later)")
+    k_max: int = option(32, "latents stored per record (>= every later --latent_size)")
+    bsz: int = option(4, "records per forward")
+    bf16: bool = option(False, "compute in bfloat16 (then train stage2/3 with --bf16 too)")
+    max_pixels: int | None = option(None, "image processor max_pixels (match training; None: the checkpoint's)")
+    skip_missing_thought: bool = option(False, "skip records without thought images (and report how many) instead "
+                                        "of stopping")
+    benefit_records: int = option(200, "answer this many records with and without thought images and print the "
+                                  "teacher's thought-image benefit (0: skip)")
+
+
+PROG = "python -m lcot.precompute_teacher_latents"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.precompute_teacher_latents", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="usually the stage1 output folder")
-    p.add_argument("--train_jsonl", required=True)
-    p.add_argument("--output_dir", required=True, help="the teacher latent folder (--teacher_latent_dir later)")
-    p.add_argument("--k_max", type=int, default=32, help="latents stored per record (>= every later --latent_size)")
-    p.add_argument("--bsz", type=int, default=4, help="records per forward")
-    p.add_argument("--bf16", action="store_true", help="compute in bfloat16 (then train stage2/3 with --bf16 too)")
-    p.add_argument("--max_pixels", type=int, default=None, help="image processor max_pixels (match training)")
-    p.add_argument("--skip_missing_thought", action="store_true",
-                   help="skip records without thought images (and report how many) instead of stopping")
-    p.add_argument("--benefit_records", type=int, default=200,
-                   help="answer this many records with and without thought images and print the teacher's "
-                        "thought-image benefit (0: skip)")
-    return p
+    return config.parser(PrecomputeConfig, PROG, __doc__)
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = config.parse(PrecomputeConfig, argv, PROG, __doc__)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
     if inside(args.output_dir, args.model_name_or_path):

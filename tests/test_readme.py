@@ -62,10 +62,10 @@ def test_cpu_commands_run_as_written(tmp_path):
 
 
 def test_gpu_and_real_model_commands_parse():
-    from lcot import experiment, main, precompute_teacher_latents
-    from lcot.pipeline import evaluate
+    from lcot import experiment, precompute_teacher_latents
+    from lcot.pipeline import evaluate, train
 
-    parsers = {"lcot.main": main.parser, "lcot.precompute_teacher_latents": precompute_teacher_latents.parser,
+    parsers = {"lcot.main": train.parser, "lcot.precompute_teacher_latents": precompute_teacher_latents.parser,
                "lcot.pipeline.evaluate": evaluate.parser, "lcot.experiment": experiment.parser}
     checked = 0
     for cmd in _block("python -m lcot.experiment --name") + _block("M=/path/to/Qwen2.5-VL-7B-Instruct"):

@@ -8,18 +8,18 @@ without) near zero is flagged, since alignment to such a teacher teaches nothing
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
-import torch
-
+from lcot import config
+from lcot.config import option
 from lcot.core.record import Record
 from lcot.errors import cli_errors
+from lcot.io import write_json
 from lcot.pipeline.data import read_records
-from lcot.pipeline.generate import Generation, add_model_args, default_k, generate, trained_feed
+from lcot.pipeline.generate import Generation, ModelOptions, default_k, generate, trained_feed
 
 BENEFIT_NEAR_ZERO = 0.05  # a thought-image benefit below this is reported as "near zero"
 
@@ -123,34 +123,34 @@ def majority_rate(records: Sequence[Record]) -> float:
     return max(counts.values()) / len(records)
 
 
+@dataclass
+class EvaluateConfig(ModelOptions):
+    """The flags of `python -m lcot.pipeline.evaluate`."""
+
+    eval_jsonl: str = option("", "JSONL with ground-truth answers", aliases=("--test_jsonl",), required=True)
+    latent_sizes: list[int] | None = option(None, "K values to sweep (None: the trained Kmax)")
+    with_thought_images: bool = option(False, "also report the teacher setting (thought images shown to the latents)")
+    visual_cot: bool = option(False, "with thought images, show them to the answer too (the visual-CoT upper "
+                              "bound; the default for a model trained with --stage vcot)")
+    difficulty_field: str | None = option(None, "an extra JSONL field to break accuracy down by (e.g. hops)")
+    output: str | None = option(None, "write results as JSON here (None: print only)")
+
+
+PROG = "python -m lcot.pipeline.evaluate"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.pipeline.evaluate", description=__doc__)
-    add_model_args(p)
-    p.add_argument("--eval_jsonl", "--test_jsonl", dest="eval_jsonl", required=True,
-                   help="JSONL with ground-truth answers")
-    p.add_argument("--latent_sizes", type=int, nargs="+", default=None,
-                   help="K values to sweep (default: the trained Kmax)")
-    p.add_argument("--with_thought_images", action="store_true",
-                   help="also report the teacher setting (thought images shown to the latents)")
-    p.add_argument("--visual_cot", action="store_true",
-                   help="with thought images, show them to the answer too (the visual-CoT upper bound; the default "
-                        "for a model trained with --stage vcot)")
-    p.add_argument("--difficulty_field", default=None,
-                   help="an extra JSONL field to break accuracy down by (e.g. hops)")
-    p.add_argument("--output", help="write results as JSON here (default: print only)")
-    return p
+    return config.parser(EvaluateConfig, PROG, __doc__)
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    from lcot.pipeline.load import load
+    args = config.parse(EvaluateConfig, argv, PROG, __doc__)
     from lcot.pipeline.runs import read_lcot_config
 
     ks = args.latent_sizes or [default_k(args.model_name_or_path)]
     records = read_records(args.eval_jsonl, need_thought_images=args.with_thought_images)
-    model, processor = load(args.model_name_or_path, torch.bfloat16 if args.bf16 else torch.float32, args.device,
-                            max_pixels=args.max_pixels)
+    model, processor = args.load()
     model.eval()
     visual_cot = args.visual_cot or read_lcot_config(args.model_name_or_path).get("stage") == "vcot"
     settings = [False, True] if args.with_thought_images else [False]
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             print(benefit_line(results["with thought images"]["accuracy"][k],
                                results["without thought images"]["accuracy"][k], f"K={k}:"))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
+        write_json(args.output, results, indent=1)
         print(f"wrote {args.output}", file=sys.stderr)
 
 

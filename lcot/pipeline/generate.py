@@ -9,7 +9,6 @@ the answer may not contain latent tokens: their logits are masked while decoding
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,12 +18,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from lcot import config
+from lcot.config import option
 from lcot.core.collate import Collator
 from lcot.core.latent import embed_inputs
 from lcot.core.record import Record
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import cli_errors
-from lcot.io import to_device
+from lcot.io import to_device, write_atomic
 from lcot.pipeline.data import question_record, read_records
 
 
@@ -141,14 +142,34 @@ def generate(model, processor, records: Sequence[Record], k: int, batch_size: in
     return results
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_name_or_path", required=True, help="a local checkpoint folder (from lcot.main or a real "
-                   "Qwen2.5-VL)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
-    p.add_argument("--max_pixels", type=int, default=None, help="image processor max_pixels (default: the model's)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+@dataclass
+class ModelOptions:
+    """How generate and evaluate load and run a model (their shared flags)."""
+
+    model_name_or_path: str = option(help="a local checkpoint folder (from lcot.main or a real Qwen2.5-VL)")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "where the model runs")
+    bf16: bool = option(False, "load the model in bfloat16")
+    max_pixels: int | None = option(None, "image processor max_pixels (None: the model's)")
+    batch_size: int = option(8, "records per generate call")
+    max_new_tokens: int = option(32, "answer tokens at most")
+
+    def load(self):
+        from lcot.pipeline.load import load
+
+        return load(self.model_name_or_path, torch.bfloat16 if self.bf16 else torch.float32, self.device,
+                    max_pixels=self.max_pixels)
+
+
+@dataclass
+class GenerateConfig(ModelOptions):
+    """The flags of `python -m lcot.pipeline.generate`."""
+
+    jsonl: str | None = option(None, "records to answer (their answers are ignored); or use --question")
+    question: str | None = option(None, "one question, answered without images unless --image is given")
+    image: list[str] = option([], "a question image (repeatable, in order)")
+    num_latents: int | None = option(None, "K latent steps (None: the trained Kmax)", flag="latent_size")
+    temperature: float = option(0.0, "0 = greedy")
+    output: str | None = option(None, "write the generations as JSONL here")
 
 
 def default_k(model_path: str) -> int:
@@ -167,24 +188,13 @@ def trained_feed(model_path: str) -> str:
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lcot.pipeline.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--jsonl", help="records to answer (their answers are ignored); or use --question")
-    p.add_argument("--question", help="one question, answered without images unless --image is given")
-    p.add_argument("--image", action="append", default=[], help="a question image (repeatable, in order)")
-    p.add_argument("--latent_size", "-k", type=int, default=None, help="K latent steps (default: the trained Kmax)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--output", help="write the generations as JSONL here")
-    args = p.parse_args(argv)
-    from lcot.pipeline.load import load
-
+    prog = "python -m lcot.pipeline.generate"
+    args = config.parse(GenerateConfig, argv, prog, __doc__)
     if bool(args.jsonl) == bool(args.question):
-        p.error("give exactly one of --jsonl and --question")
+        config.parser(GenerateConfig, prog).error("give exactly one of --jsonl and --question")
     records = read_records(args.jsonl) if args.jsonl else [question_record(args.question, args.image)]
-    k = args.latent_size if args.latent_size is not None else default_k(args.model_name_or_path)
-    model, processor = load(args.model_name_or_path, torch.bfloat16 if args.bf16 else torch.float32, args.device,
-                            max_pixels=args.max_pixels)
+    k = args.num_latents if args.num_latents is not None else default_k(args.model_name_or_path)
+    model, processor = args.load()
     gens = generate(model.eval(), processor, records, k, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     feed=trained_feed(args.model_name_or_path))
@@ -192,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"[{row['idx']}] {row['output']}")
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomic(args.output, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
         print(f"wrote {args.output}", file=sys.stderr)
 
 

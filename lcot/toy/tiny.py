@@ -156,21 +156,41 @@ def build_tokenizer():
     return tok
 
 
-# Random model shapes for offline work. "tiny" (~1M parameters) is the default of tests, notebooks and the
-# demo; "8m" (~8M: 6 text layers, hidden 256; vision depth 4) is the small from-scratch testbed of
-# lcot.experiment on a GPU. Both keep head_dim 32 (M-RoPE sections [4, 6, 6]) and the tiny tokenizer.
-SHAPES = {
+# Random model shapes for offline work, all with the tiny tokenizer. "tiny" (~1M parameters) is the default of
+# tests, notebooks and the demo; "8m" (~8M: 6 text layers, hidden 256; vision depth 4) is the small
+# from-scratch testbed of lcot.experiment on a GPU (both: head_dim 32, M-RoPE sections [4, 6, 6]).
+_QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31])
+SHAPES = {  # text and vision sizes; vocab_size None: the tiny tokenizer's, rounded up to VOCAB_MULTIPLE
     "tiny": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2),
-                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1])),
+                           num_key_value_heads=2, mrope_section=[4, 6, 6]),
+                 vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, fullatt_block_indexes=[1],
+                             window_size=56),
+                 vocab_size=None, tie_word_embeddings=False, max_position_embeddings=32768),
     "8m": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-                         num_key_value_heads=4),
-               vision=dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4,
-                           fullatt_block_indexes=[1, 3])),
+                         num_key_value_heads=4, mrope_section=[4, 6, 6]),
+               vision=dict(depth=4, hidden_size=128, intermediate_size=512, num_heads=4, fullatt_block_indexes=[1, 3],
+                           window_size=56),
+               vocab_size=None, tie_word_embeddings=False, max_position_embeddings=32768),
+    # benchmark shapes (benchmarks/bench.py): Qwen2.5-0.5B's text sizes with a small vision tower, and
+    # Qwen2.5-VL-3B/7B-Instruct's published sizes (their config.json)
+    "small": dict(text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                  vision=dict(depth=8, hidden_size=640, intermediate_size=1710, num_heads=10, window_size=112,
+                              fullatt_block_indexes=[3, 7]),
+                  vocab_size=None, tie_word_embeddings=True, max_position_embeddings=128000),
+    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, mrope_section=[16, 24, 24]),
+               vision=_QWEN_VISION, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=128000),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, mrope_section=[16, 24, 24]),
+               vision=_QWEN_VISION, vocab_size=152064, tie_word_embeddings=False, max_position_embeddings=128000),
 }
+BUILT = ("tiny", "8m")  # the shapes `python -m lcot.toy.tiny` writes to disk (the others: benchmarks/bench.py)
 
 
-def _config(tok, vocab_size: int, shape: str = "tiny"):
+def random_config(shape: str, tok):
+    """A Qwen2_5_VLConfig of the named shape whose special-token ids are the tokenizer's."""
     from transformers import Qwen2_5_VLConfig
 
     def tid(token: str) -> int:
@@ -181,24 +201,24 @@ def _config(tok, vocab_size: int, shape: str = "tiny"):
 
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
-    text, vision = SHAPES[shape]["text"], SHAPES[shape]["vision"]
-    bos = pad = tid("<|endoftext|>")
-    eos = tid("<|im_end|>")
+    size = SHAPES[shape]
+    text = dict(size["text"])
+    mrope = text.pop("mrope_section")
+    vocab = size["vocab_size"] or -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    pad, eos = tid("<|endoftext|>"), tid("<|im_end|>")
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab_size, max_position_embeddings=32768, rms_norm_eps=1e-6,
-            max_window_layers=text["num_hidden_layers"],
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, **text,
-        ),
-        vision_config=dict(
-            in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-            out_hidden_size=text["hidden_size"], tokens_per_second=2, **vision,
-        ),
+            vocab_size=vocab, max_position_embeddings=size["max_position_embeddings"], rms_norm_eps=1e-6,
+            max_window_layers=text["num_hidden_layers"], hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+            bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=size["tie_word_embeddings"],
+            **text),
+        vision_config=dict(in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           out_hidden_size=text["hidden_size"], tokens_per_second=2, hidden_act="silu",
+                           **size["vision"]),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
+        tie_word_embeddings=size["tie_word_embeddings"])
 
 
 def _write(out: Path, seed: int, shape: str = "tiny") -> None:
@@ -209,8 +229,7 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     from lcot.pipeline.processor import LatentVLProcessor
 
     tok = build_tokenizer()
-    vocab_size = -(-len(tok) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    config = _config(tok, vocab_size, shape)
+    config = random_config(shape, tok)
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
@@ -255,8 +274,8 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False, s
     `overwrite` is set, which replaces it.
     """
     out = Path(output_dir).absolute()
-    if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    if shape not in BUILT:
+        raise ValueError(f"shape must be one of {BUILT}, got {shape!r}")
     if _is_complete(out, seed, shape):
         return out
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the weight init (default 0); same seed, same bytes")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something else")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+    parser.add_argument("--shape", choices=BUILT, default="tiny",
                         help="tiny: ~1M parameters (tests, demo); 8m: ~8M, 6 text layers (the GPU testbed)")
     args = parser.parse_args(argv)
     try:
