@@ -28,20 +28,20 @@ from lcot.precompute_teacher_latents import main as precompute_main
 from lcot.toy.synthetic import generate as make_dataset
 from lcot.toy.tiny import build_tiny
 
-DEFAULTS = dict(n=600, k=4, warmup_steps=300, stage2_steps=500, stage3_steps=400, bsz=16, lr=1e-3)
+DEFAULTS = dict(n=600, latent_size=4, warmup_steps=300, stage2_steps=500, stage3_steps=400, bsz=16, lr=1e-3)
 STAGES = ("warmup", "stage2", "stage3")
 
 
-def figure_mask(model_dir: Path, jsonl: Path, k: int, out: Path) -> Path:
+def figure_mask(model_dir: Path, jsonl: Path, num_latents: int, out: Path) -> Path:
     model, processor = load(model_dir)
-    batch = Collator(processor, model.config, k, thought_images=True)(read_records(jsonl)[:1])
+    batch = Collator(processor, model.config, num_latents, thought_images=True)(read_records(jsonl)[:1])
     ax = plots.plot_mask(batch["attention_mask_4d"][0, 0], batch["segments"][0],
-                         title=f"stage2 mask of record 0 (K={k}): only latents see the thought images")
+                         title=f"stage2 mask of record 0 (K={num_latents}): only latents see the thought images")
     return plots.save(ax, out)
 
 
-def figures(run: Path, fig_dir: Path, k: int, jsonl: Path) -> list[Path]:
-    made = [figure_mask(run / "warmup", jsonl, k, fig_dir / "mask_stage2.png")]
+def figures(run: Path, fig_dir: Path, num_latents: int, jsonl: Path) -> list[Path]:
+    made = [figure_mask(run / "warmup", jsonl, num_latents, fig_dir / "mask_stage2.png")]
     for stage in STAGES:
         rows = read_metrics(run / stage)
         made.append(plots.save(plots.plot_losses(rows, f"{stage} loss"), fig_dir / f"loss_{stage}.png"))
@@ -51,14 +51,15 @@ def figures(run: Path, fig_dir: Path, k: int, jsonl: Path) -> list[Path]:
     return made
 
 
-def measure(run: Path, stage: str, records, k: int) -> dict:
+def measure(run: Path, stage: str, records, num_latents: int) -> dict:
     """{setting: (accuracy, answers)} of one stage's model, without and (warm-up, stage2) with thought images."""
     model, processor = load(run / stage)
     out = {}
     for thought in (False, True) if stage != "stage3" else (False,):
-        res = evaluate(model.eval(), processor, records, [k], thought_images=thought, visual_cot=thought and
+        res = evaluate(model.eval(), processor, records, [num_latents], thought_images=thought, visual_cot=thought and
                        stage == "warmup", batch_size=32, max_new_tokens=6, progress=False)
-        out["with" if thought else "without"] = (res["accuracy"][k], [p["answer"] for p in res["predictions"][k]])
+        out["with" if thought else "without"] = (res["accuracy"][num_latents],
+                                                 [p["answer"] for p in res["predictions"][num_latents]])
     return out
 
 
@@ -76,12 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     tiny = build_tiny(run / "tiny", seed=0)
     data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
-    common = dict(train_jsonl=train, num_latents=args.k, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
+    common = dict(train_jsonl=train, num_latents=args.latent_size, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
                   lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
                   latent_grad="truncated", preprocess=True, overwrite_output_dir=True)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
     precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),
-                     "--output_dir", str(run / "teacher"), "--k_max", str(args.k), "--bsz", "32",
+                     "--output_dir", str(run / "teacher"), "--k_max", str(args.latent_size), "--bsz", "32",
                      "--benefit_records", "100"])
     teacher = dict(teacher_latent_dir=run / "teacher", align_weight=1.0, align="centered")
     run_stage(stage="stage2", model_name_or_path=run / "warmup", output_dir=run / "stage2",
@@ -89,14 +90,14 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(stage="stage3", model_name_or_path=run / "stage2", output_dir=run / "stage3",
               max_steps=args.stage3_steps, **common, **teacher)
     test_records = read_records(test)
-    results = {stage: measure(run, stage, test_records, args.k) for stage in STAGES}
-    made = figures(run, Path(args.figures), args.k, train)
+    results = {stage: measure(run, stage, test_records, args.latent_size) for stage in STAGES}
+    made = figures(run, Path(args.figures), args.latent_size, train)
     (run / "results.json").write_text(json.dumps({s: {t: a for t, (a, _) in r.items()} for s, r in results.items()},
                                                  indent=1))
     majority = majority_rate(test_records)
     names = {"warmup": "visual-CoT warm-up (the teacher)", "stage2": "stage2 (centred alignment)",
              "stage3": "stage3 (no thought images)"}
-    header = ["model", f"accuracy without thought images (K={args.k})", "with thought images"]
+    header = ["model", f"accuracy without thought images (K={args.latent_size})", "with thought images"]
     rows = [[names[s], describe(*r["without"], majority), describe(*r["with"], majority) if "with" in r else None]
             for s, r in results.items()]
     print("\n" + table(header, rows))

@@ -165,21 +165,21 @@ def test_notebook_setup_and_cached_prerequisite(tmp_path):
     again = setup("nb2", run_root=tmp_path / "runs", figures=tmp_path / "figs", threads=None)
     assert again.model == s.model and again.train_jsonl == s.train_jsonl  # shared, built once
 
-    stage1 = prerequisite(s, "stage1", k=2, steps=2)
+    stage1 = prerequisite(s, "stage1", num_latents=2, steps=2)
     weights = stage1 / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert prerequisite(again, "stage1", k=2, steps=2) == stage1  # reused by another notebook
+    assert prerequisite(again, "stage1", num_latents=2, steps=2) == stage1  # reused by another notebook
     assert weights.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="stage must be one of"):
-        prerequisite(s, "stage4", k=2, steps=2)
+        prerequisite(s, "stage4", num_latents=2, steps=2)
 
     from lcot.lab.notebook import MARKER
 
-    teacher = prerequisite(s, "teacher", k=2, steps=2)
+    teacher = prerequisite(s, "teacher", num_latents=2, steps=2)
     one = teacher_file(teacher, 0)
     t_stamp = one.stat().st_mtime_ns
     (stage1 / MARKER).unlink()  # e.g. a stage1 build killed before it finished: stage1 and what follows rebuild
-    assert prerequisite(s, "teacher", k=2, steps=2) == teacher
+    assert prerequisite(s, "teacher", num_latents=2, steps=2) == teacher
     assert weights.stat().st_mtime_ns != stamp and one.stat().st_mtime_ns != t_stamp
 
     real = Setup("x", s.model, s.train_jsonl, s.test_jsonl, "cuda", s.run, s.shared, s.figures, real=True)

@@ -208,10 +208,10 @@ def test_fast_path_refuses_gradients(loaded, records):
 def test_generation_equal_through_fast_path(loaded, records, graphed, monkeypatch):
     model, processor = loaded
     recs = records[:3]
-    ref = generate_batch(model, processor, recs, k=4, max_new_tokens=6, fast="off")
+    ref = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, fast="off")
     monkeypatch.setattr(fast, "FastLatents", graphed)
     timings = {}
-    got = generate_batch(model, processor, recs, k=4, max_new_tokens=6, fast="graph", timings=timings)
+    got = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, fast="graph", timings=timings)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.latents, r.latents, **TOL)
         assert g.answer == r.answer
@@ -219,8 +219,8 @@ def test_generation_equal_through_fast_path(loaded, records, graphed, monkeypatc
     assert all(timings[f"{p}_s"] >= 0 for p in ("prefix", "latents", "decode"))
     # fixed latent inputs (causal-use checks) go through the static cache in one pass
     fixed = torch.randn(3, 4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
-    a = generate_batch(model, processor, recs, k=4, max_new_tokens=4, latent_inputs=fixed, fast="off")
-    c = generate_batch(model, processor, recs, k=4, max_new_tokens=4, latent_inputs=fixed, fast="static")
+    a = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed, fast="off")
+    c = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed, fast="static")
     for x, y in zip(a, c):
         torch.testing.assert_close(y.latents, x.latents, **TOL)
         assert x.answer == y.answer

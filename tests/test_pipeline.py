@@ -79,7 +79,7 @@ def test_teacher_files_have_the_contract_names_and_shapes(chain, records):
 def test_generation_answers_in_the_latent_format(chain, data_dir, capsys):
     model, processor = load(chain / "s3")
     test = read_records(data_dir / "test.jsonl")
-    gens = generate(model.eval(), processor, test, k=KMAX, batch_size=4, max_new_tokens=6, progress=False)
+    gens = generate(model.eval(), processor, test, num_latents=KMAX, batch_size=4, max_new_tokens=6, progress=False)
     assert len(gens) == len(test)
     hidden = model.config.text_config.hidden_size
     for g in gens:

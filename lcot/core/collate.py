@@ -232,26 +232,26 @@ class Collator:
         return pos
 
 
-def drop_latents(batch: dict, k: int) -> dict:
+def drop_latents(batch: dict, num_latents: int) -> dict:
     """Keep the first k latent slots of a batch built with more (stage3 samples K per step).
 
     The slots are column-aligned, so dropping columns gives exactly the batch the collator builds
     for k: the mask rule is per segment, and the text after the slots moves k' - k positions back.
     """
     k_old, s = batch["num_latents"], batch["latent_start"]
-    if not 0 <= k <= k_old:
-        raise ValueError(f"k must be in 0..{k_old}, got {k}")
-    if k == k_old:
+    if not 0 <= num_latents <= k_old:
+        raise ValueError(f"k must be in 0..{k_old}, got {num_latents}")
+    if num_latents == k_old:
         return batch
     dev = batch["input_ids"].device
     length = batch["input_ids"].shape[1]
-    keep = torch.cat([torch.arange(s + k, device=dev), torch.arange(s + k_old, length, device=dev)])
-    out = dict(batch, num_latents=k)
+    keep = torch.cat([torch.arange(s + num_latents, device=dev), torch.arange(s + k_old, length, device=dev)])
+    out = dict(batch, num_latents=num_latents)
     for key in ("input_ids", "attention_mask", "segments", "mm_token_type_ids", "labels"):
         out[key] = batch[key][:, keep]
     out["attention_mask_4d"] = batch["attention_mask_4d"][:, :, keep][:, :, :, keep]
     pos = batch["position_ids"][:, :, keep].clone()
-    moved = out["segments"][:, s + k:] != Seg.PAD  # padding keeps the position the collator gives it
-    pos[:, :, s + k:] -= (k_old - k) * moved
+    moved = out["segments"][:, s + num_latents:] != Seg.PAD  # padding keeps the position the collator gives it
+    pos[:, :, s + num_latents:] -= (k_old - num_latents) * moved
     out["position_ids"] = pos
     return out

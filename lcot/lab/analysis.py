@@ -80,14 +80,15 @@ def thought_pixel_rows(records: Sequence[Record], image_grid_thw: torch.Tensor, 
 
 
 @torch.no_grad()
-def bottleneck_check(model, processor, records: Sequence[Record], k: int, seed: int = 0) -> dict[str, float | None]:
+def bottleneck_check(model, processor, records: Sequence[Record], num_latents: int, seed: int = 0
+                     ) -> dict[str, float | None]:
     """Replace the thought images' pixels by noise; {segment name: max |change| of any hidden state}.
 
     With thought images shown (stage2 / teacher setting) and the 4D mask, the rule predicts: prompt,
     question image and answer states do not move at K=0 (no latent slot can carry the images'
     content), the latents move at K>0 (they see the images), and through them so does the answer.
     """
-    b = to_device(Collator(processor, model.config, k, thought_images=True)(records), model.device)
+    b = to_device(Collator(processor, model.config, num_latents, thought_images=True)(records), model.device)
     rows = thought_pixel_rows(records, b["image_grid_thw"].cpu()).to(model.device)
     noisy = b["pixel_values"].clone()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -133,10 +134,10 @@ def _normed(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-def load_teachers(teacher_dir: str | Path, records: Sequence[Record], k: int | None = None) -> torch.Tensor:
+def load_teachers(teacher_dir: str | Path, records: Sequence[Record], num_latents: int | None = None) -> torch.Tensor:
     """(N, K, H) teacher latents of the records (checked against each record by `read_teacher`)."""
-    lat = [read_teacher(teacher_file(teacher_dir, r.idx), r, k=k) for r in records]
-    return torch.stack([t[:k] if k else t for t in lat]).float()
+    lat = [read_teacher(teacher_file(teacher_dir, r.idx), r, num_latents=num_latents) for r in records]
+    return torch.stack([t[:num_latents] if num_latents else t for t in lat]).float()
 
 
 def cosine_across(lat: torch.Tensor) -> torch.Tensor:
@@ -149,18 +150,18 @@ def cosine_across(lat: torch.Tensor) -> torch.Tensor:
     return sims[:, ~torch.eye(n, dtype=torch.bool)].mean(-1)
 
 
-def teacher_stats(teacher_dir: str | Path, records: Sequence[Record], k: int | None = None) -> TeacherStats:
-    lat = load_teachers(teacher_dir, records, k)
+def teacher_stats(teacher_dir: str | Path, records: Sequence[Record], num_latents: int | None = None) -> TeacherStats:
+    lat = load_teachers(teacher_dir, records, num_latents)
     x = _normed(lat)  # (N, K, H)
     within = torch.einsum("nkh,njh->nkj", x, x).mean(0)
     return TeacherStats(lat, lat.norm(dim=-1), within, cosine_across(lat))
 
 
 @torch.no_grad()
-def latent_outputs(model, processor, records: Sequence[Record], k: int, thought_images: bool = False,
+def latent_outputs(model, processor, records: Sequence[Record], num_latents: int, thought_images: bool = False,
                    batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
     """(N, K, H) float32 outputs of the latent slots, computed as in training and generation."""
-    collate = Collator(processor, model.config, k, thought_images=thought_images)
+    collate = Collator(processor, model.config, num_latents, thought_images=thought_images)
     return torch.cat([_run(model, to_device(collate(chunk), model.device), feed=feed)[1].float().cpu()
                       for _, chunk in _batches(records, batch_size)])
 
@@ -219,19 +220,19 @@ def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None)
 
 
 @torch.no_grad()
-def latent_inputs(model, processor, records: Sequence[Record], k: int, thought_images: bool = False,
+def latent_inputs(model, processor, records: Sequence[Record], num_latents: int, thought_images: bool = False,
                   batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
     """(N, K, H): what each record feeds its own latent slots: [h(<abs_vis_token>), out_1 .. out_{K-1}]
     (with feed="pause": the <abs_vis_token_pad> embedding at every slot).
 
     The same recurrence as generation (`latent_hidden_states` on the collator's batch).
     """
-    collate = Collator(processor, model.config, k, thought_images=thought_images)
+    collate = Collator(processor, model.config, num_latents, thought_images=thought_images)
     out = []
     for _, chunk in _batches(records, batch_size):
         b = to_device(collate(chunk), model.device)
         if feed == "pause":
-            out.append(model.get_input_embeddings()(b["input_ids"][:, b["latent_start"]:][:, :k]).cpu())
+            out.append(model.get_input_embeddings()(b["input_ids"][:, b["latent_start"]:][:, :num_latents]).cpu())
             continue
         hidden, lat = _run(model, b)
         s = b["latent_start"]
@@ -293,20 +294,21 @@ class CausalUse:
 
 
 @torch.no_grad()
-def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: int = 16, max_new_tokens: int = 8,
+def causal_use(model, processor, records: Sequence[Record], num_latents: int, batch_size: int = 16,
+               max_new_tokens: int = 8,
                conditions: Sequence[str] = CONDITIONS, seed: int = 0, feed: str = "continuous") -> CausalUse:
     """Answer accuracy when the latent inputs are the model's own (normal) or replaced (see `intervene`).
 
     Inference setting: no thought images. If the answers never change, the answer does not use the latents.
     """
-    if k < 1:
+    if num_latents < 1:
         raise ValueError("the causal-use check needs K >= 1 latent slots")
     if len(records) < 2:
         raise ValueError("the causal-use check needs at least 2 records (one feeds another's latents)")
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {CONDITIONS}")
-    own = latent_inputs(model, processor, records, k, batch_size=batch_size, feed=feed)
+    own = latent_inputs(model, processor, records, num_latents, batch_size=batch_size, feed=feed)
     pad_id = processor.tokenizer.convert_tokens_to_ids("<abs_vis_token_pad>")
     pad = model.get_input_embeddings().weight[pad_id].detach().float().cpu()
     answers: dict[str, list[str]] = {}
@@ -316,11 +318,11 @@ def causal_use(model, processor, records: Sequence[Record], k: int, batch_size: 
         gens = []
         for start, chunk in _batches(records, batch_size):
             feed_in = feeds[start:start + len(chunk)].to(model.device, model.dtype) if feeds is not None else None
-            gens += generate_batch(model, processor, chunk, k, max_new_tokens=max_new_tokens, latent_inputs=feed_in,
-                                   feed=feed)
+            gens += generate_batch(model, processor, chunk, num_latents, max_new_tokens=max_new_tokens,
+                                   latent_inputs=feed_in, feed=feed)
         answers[cond] = [g.answer for g in gens]
         acc[cond] = accuracy(gens, records)
     base = answers.get("normal")
     changed = {c: (sum(a != b for a, b in zip(ans, base)) / len(ans) if base else float("nan"))
                for c, ans in answers.items() if c != "normal"}  # the normal answers are the reference
-    return CausalUse(k, acc, changed, answers)
+    return CausalUse(num_latents, acc, changed, answers)

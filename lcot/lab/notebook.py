@@ -150,7 +150,7 @@ def setup(name: str, model: str | Path = TINY, data: str | Path = SHAPES, device
     return Setup(name, Path(model_dir), train, test, device, run, shared, figures, real)
 
 
-def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
+def prerequisite(s: Setup, stage: str, num_latents: int, steps: int) -> Path:
     """The folder of `stage` ("stage1", "teacher", "stage2" or "stage3") of the notebooks' standard chain.
 
     The chain is base model -> stage1 -> teacher latents -> stage2 -> stage3, each stage trained for
@@ -163,7 +163,7 @@ def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
 
     if stage not in CHAIN:
         raise ValueError(f"stage must be one of {CHAIN}, got {stage!r}")
-    key = {"model": str(s.model), "train": str(s.train_jsonl), "k": k, "steps": steps, "dtype": str(s.dtype),
+    key = {"model": str(s.model), "train": str(s.train_jsonl), "k": num_latents, "steps": steps, "dtype": str(s.dtype),
            "flags": s.train_flags(steps)}
     folder = s.shared / f"chain-{_digest(key)}"
     out = {}
@@ -179,14 +179,14 @@ def prerequisite(s: Setup, stage: str, k: int, steps: int) -> Path:
         if name == "teacher":
             shutil.rmtree(out[name], ignore_errors=True)  # precompute keeps files per record, not per model
             model, processor = s.load(out["stage1"])
-            precompute(model, processor, s.records(need_thought_images=True), out[name], k, batch_size=16,
+            precompute(model, processor, s.records(need_thought_images=True), out[name], num_latents, batch_size=16,
                        model_name=str(out["stage1"]), progress=False)
             del model
         else:
             source = {"stage1": s.model, "stage2": out.get("stage1"), "stage3": out.get("stage2")}[name]
             teacher = out["teacher"] if name != "stage1" else None
             run_stage(stage=name, model_name_or_path=source, train_jsonl=s.train_jsonl, output_dir=out[name],
-                      num_latents=k, max_steps=steps, teacher_latent_dir=teacher, overwrite_output_dir=True,
+                      num_latents=num_latents, max_steps=steps, teacher_latent_dir=teacher, overwrite_output_dir=True,
                       **s.train_flags(steps))
         marker.write_text(json.dumps(key, indent=1))
     return out[stage]

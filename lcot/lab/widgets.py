@@ -38,12 +38,12 @@ STAGES: dict[str, dict] = {
 IMAGE_SEGMENTS = (Seg.QUESTION_IMAGE, Seg.THOUGHT_IMAGE)
 
 
-def stage_collator(processor, config, stage: str, k: int, thought_images: bool | None = None,
+def stage_collator(processor, config, stage: str, num_latents: int, thought_images: bool | None = None,
                    reserve: int = 4) -> Collator:
     """The collator of a stage of `STAGES` (thought_images=None: the stage's own setting)."""
     st = STAGES[stage]
     thought = st["thought_images"] if thought_images is None else thought_images
-    return Collator(processor, config, k, thought_images=thought, question_images=st["question_images"],
+    return Collator(processor, config, num_latents, thought_images=thought, question_images=st["question_images"],
                     with_answer=st["with_answer"], reserve=reserve)
 
 

@@ -75,7 +75,7 @@ class _Phases:
 
 
 @torch.no_grad()
-def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_tokens: int = 32,
+def generate_batch(model, processor, records: Sequence[Record], num_latents: int, max_new_tokens: int = 32,
                    question_images: bool = True, thought_images: bool = False, temperature: float = 0.0,
                    latent_inputs: torch.Tensor | None = None, seed: int = 0, fast: str | bool | None = None,
                    timings: dict | None = None, feed: str = "continuous", visual_cot: bool = False
@@ -91,8 +91,9 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
     """
     from lcot.core.graph import runner
 
-    collate = Collator(processor, model.config, k, thought_images=thought_images, question_images=question_images,
-                       with_answer=False, reserve=max_new_tokens, visual_cot=visual_cot)
+    collate = Collator(processor, model.config, num_latents, thought_images=thought_images,
+                       question_images=question_images, with_answer=False, reserve=max_new_tokens,
+                       visual_cot=visual_cot)
     b = to_device(collate(records), model.device)
     mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
     clock = _Phases(timings, model.device)
@@ -101,22 +102,22 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
     h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))[:, -1:]
     clock("prefix")
     if latent_inputs is None and feed == "pause":
-        latent_inputs = embeds[:, s:s + k]
+        latent_inputs = embeds[:, s:s + num_latents]
     if latent_inputs is None:
-        _, latents = steps.run(h, mask, pos, s, k)
+        _, latents = steps.run(h, mask, pos, s, num_latents)
     else:
-        latents = steps.forward(latent_inputs.to(embeds.dtype), mask, pos, slice(s, s + k))
-    clock("latents", k)
+        latents = steps.forward(latent_inputs.to(embeds.dtype), mask, pos, slice(s, s + num_latents))
+    clock("latents", num_latents)
     embed = model.get_input_embeddings()
     gen = torch.Generator(device=model.device).manual_seed(seed) if temperature > 0 else None
-    tok = b["input_ids"][:, s + k]  # </abs_vis_token>
+    tok = b["input_ids"][:, s + num_latents]  # </abs_vis_token>
     im_end, ids = collate.ids.im_end, collate.ids
     banned = torch.tensor([ids.latent_start, ids.latent_end, ids.latent_pad], device=model.device)
     out = torch.full((len(records), max_new_tokens), collate.ids.pad, dtype=torch.long, device=model.device)
     done = torch.zeros(len(records), dtype=torch.bool, device=model.device)
     t = 0
     for t in range(max_new_tokens):
-        h = steps.step(embed(tok[:, None]), mask, pos, s + k + t)
+        h = steps.step(embed(tok[:, None]), mask, pos, s + num_latents + t)
         logits = model.lm_head(h[:, -1]).index_fill(-1, banned, float("-inf"))
         tok = torch.where(done, collate.ids.pad, _next_token(logits, temperature, gen))
         out[:, t] = tok
@@ -129,16 +130,16 @@ def generate_batch(model, processor, records: Sequence[Record], k: int, max_new_
         ids = out[i].tolist()
         ids = ids[: ids.index(im_end)] if im_end in ids else ids
         text = processor.tokenizer.decode(ids, skip_special_tokens=True)
-        results.append(Generation(rec.idx, k, text, latents[i].float().cpu()))
+        results.append(Generation(rec.idx, num_latents, text, latents[i].float().cpu()))
     return results
 
 
-def generate(model, processor, records: Sequence[Record], k: int, batch_size: int = 8, progress: bool = True,
+def generate(model, processor, records: Sequence[Record], num_latents: int, batch_size: int = 8, progress: bool = True,
              **kwargs) -> list[Generation]:
     """All records, in batches, with a progress bar. kwargs go to generate_batch."""
     results: list[Generation] = []
-    for start in tqdm(range(0, len(records), batch_size), desc=f"generate K={k}", disable=not progress):
-        results += generate_batch(model, processor, records[start:start + batch_size], k, **kwargs)
+    for start in tqdm(range(0, len(records), batch_size), desc=f"generate K={num_latents}", disable=not progress):
+        results += generate_batch(model, processor, records[start:start + batch_size], num_latents, **kwargs)
     return results
 
 

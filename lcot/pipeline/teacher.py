@@ -58,7 +58,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: int | None = None,
+def read_teacher(path: Path, record: Record, hidden_size: int | None = None, num_latents: int | None = None,
                  dtype: torch.dtype | None = None, fingerprint: str | None = None) -> torch.Tensor:
     """Load and check one teacher file against its record and the model; returns latents [k_max, H].
 
@@ -82,9 +82,9 @@ def read_teacher(path: Path, record: Record, hidden_size: int | None = None, k: 
     if hidden_size is not None and latents.shape[-1] != hidden_size:
         raise LcotInputError(where, f"teacher hidden size {latents.shape[-1]} != model hidden size {hidden_size}",
                              "the teacher was computed with another model; " + hint)
-    if k is not None and latents.shape[0] < k:
-        raise LcotInputError(where, f"--latent_size {k} is above the teacher's k_max {latents.shape[0]}",
-                             f"use --latent_size <= {latents.shape[0]}, or precompute with --k_max {k}")
+    if num_latents is not None and latents.shape[0] < num_latents:
+        raise LcotInputError(where, f"--latent_size {num_latents} is above the teacher's k_max {latents.shape[0]}",
+                             f"use --latent_size <= {latents.shape[0]}, or precompute with --k_max {num_latents}")
     if dtype is not None and latents.dtype != dtype:
         raise LcotInputError(where, f"teacher dtype {latents.dtype} != training dtype {dtype}",
                              "precompute and train with the same precision (both with or both without --bf16)")
