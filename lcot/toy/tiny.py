@@ -241,7 +241,7 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     # An explicit size: see lcot.pipeline.processor (the min_pixels keyword alone mutates a class default).
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
     LatentVLProcessor(image_processor, tok, chat_template=CHAT_TEMPLATE).save_pretrained(out)
-    marker = {"builder": "lcot.toy.tiny", "version": TINY_VERSION, "seed": seed}
+    marker = {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed}
     if shape != "tiny":
         marker["shape"] = shape
     (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -260,7 +260,7 @@ def _built_with(path: Path) -> dict | None:
 
 def _is_complete(path: Path, seed: int, shape: str = "tiny") -> bool:
     found = _built_with(path)
-    return isinstance(found, dict) and found == {"builder": "lcot.toy.tiny", "version": TINY_VERSION, "seed": seed,
+    return isinstance(found, dict) and found == {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed,
                                                  **({"shape": shape} if shape != "tiny" else {})}
 
 
