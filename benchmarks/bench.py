@@ -48,7 +48,7 @@ import torch
 
 from lcot.io import to_device
 
-SHAPES = ("tiny", "small", "3b", "7b")
+BENCH_SHAPES = ("tiny", "small", "3b", "7b")
 IMAGE_SIDE = {"tiny": 112, "small": 224, "3b": 448, "7b": 448}  # 448 -> a 32x32 patch grid -> 256 tokens
 
 LORA_TARGETS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"  # as lcot.main's default
@@ -75,8 +75,8 @@ def make_config(shape: str, tok):
     """A Qwen2_5_VLConfig of the named shape whose token ids are the tokenizer's (lcot.toy.tiny.random_config)."""
     from lcot.toy.tiny import random_config
 
-    if shape not in SHAPES:
-        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if shape not in BENCH_SHAPES:
+        raise ValueError(f"shape must be one of {BENCH_SHAPES}, got {shape!r}")
     return random_config(shape, tok)
 
 
@@ -493,7 +493,7 @@ def write_results(out: Path, env: dict, rows: list[dict]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--shape", choices=BENCH_SHAPES, default="tiny")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent_size", dest="num_latents", type=int, default=32, help="K latent steps")
     p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")

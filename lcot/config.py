@@ -58,6 +58,8 @@ def parser(cls: type, prog: str, description: str | None = None) -> argparse.Arg
             kw["action"] = "store_true"
         elif typing.get_origin(kind) is list:
             kw["type"] = typing.get_args(kind)[0]
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
             if default == []:
                 kw["action"] = "append"
             else:

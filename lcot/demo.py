@@ -10,13 +10,15 @@ get only a few hundred steps here; `python -m lcot.experiment` runs the full mat
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lcot import config
+from lcot.config import option
 from lcot.core.collate import Collator
 from lcot.lab import plots
 from lcot.pipeline.data import read_records
@@ -28,7 +30,20 @@ from lcot.precompute_teacher_latents import main as precompute_main
 from lcot.toy.synthetic import generate as make_dataset
 from lcot.toy.tiny import build_tiny
 
-DEFAULTS = dict(n=600, latent_size=4, warmup_steps=300, stage2_steps=500, stage3_steps=400, bsz=16, lr=1e-3)
+
+@dataclass
+class DemoConfig:
+    """The flags of `python -m lcot.demo` (`make demo`)."""
+
+    run_dir: str = option("runs/demo", "where the model, data, checkpoints and teacher go")
+    figures: str = option("figures/demo", "where the PNG figures go")
+    n: int = option(600, "hops records (a fifth held out)")
+    num_latents: int = option(4, "K", flag="latent_size")
+    warmup_steps: int = option(300, "optimizer steps of the visual-CoT warm-up (the teacher)")
+    stage2_steps: int = option(500, "optimizer steps of stage2")
+    stage3_steps: int = option(400, "optimizer steps of stage3")
+    bsz: int = option(16, "records per optimizer step")
+    lr: float = option(1e-3, "learning rate")
 STAGES = ("warmup", "stage2", "stage3")
 
 
@@ -64,25 +79,19 @@ def measure(run: Path, stage: str, records, num_latents: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m lcot.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run_dir", default="runs/demo", help="where the model, data, checkpoints and teacher go")
-    p.add_argument("--figures", default="figures/demo", help="where the PNG figures go")
-    for key, val in DEFAULTS.items():
-        p.add_argument(f"--{key}", type=type(val), default=val)
-    args = p.parse_args(argv)
+    args = config.parse(DemoConfig, argv, "python -m lcot.demo", __doc__)
     torch.manual_seed(0)
     t0 = time.time()
     run = Path(args.run_dir)
     tiny = build_tiny(run / "tiny", seed=0)
     data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
-    common = dict(train_jsonl=train, num_latents=args.latent_size, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
+    common = dict(train_jsonl=train, num_latents=args.num_latents, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
                   lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
                   latent_grad="truncated", preprocess=True, overwrite_output_dir=True)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
     precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),
-                     "--output_dir", str(run / "teacher"), "--k_max", str(args.latent_size), "--bsz", "32",
+                     "--output_dir", str(run / "teacher"), "--k_max", str(args.num_latents), "--bsz", "32",
                      "--benefit_records", "100"])
     teacher = dict(teacher_latent_dir=run / "teacher", align_weight=1.0, align="centered")
     run_stage(stage="stage2", model_name_or_path=run / "warmup", output_dir=run / "stage2",
@@ -90,14 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(stage="stage3", model_name_or_path=run / "stage2", output_dir=run / "stage3",
               max_steps=args.stage3_steps, **common, **teacher)
     test_records = read_records(test)
-    results = {stage: measure(run, stage, test_records, args.latent_size) for stage in STAGES}
-    made = figures(run, Path(args.figures), args.latent_size, train)
+    results = {stage: measure(run, stage, test_records, args.num_latents) for stage in STAGES}
+    made = figures(run, Path(args.figures), args.num_latents, train)
     (run / "results.json").write_text(json.dumps({s: {t: a for t, (a, _) in r.items()} for s, r in results.items()},
                                                  indent=1))
     majority = majority_rate(test_records)
     names = {"warmup": "visual-CoT warm-up (the teacher)", "stage2": "stage2 (centred alignment)",
              "stage3": "stage3 (no thought images)"}
-    header = ["model", f"accuracy without thought images (K={args.latent_size})", "with thought images"]
+    header = ["model", f"accuracy without thought images (K={args.num_latents})", "with thought images"]
     rows = [[names[s], describe(*r["without"], majority), describe(*r["with"], majority) if "with" in r else None]
             for s, r in results.items()]
     print("\n" + table(header, rows))

@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from lcot import config
+from lcot.config import option
 from lcot.errors import LcotInputError, cli_errors
 from lcot.io import write_json
 
@@ -609,72 +611,76 @@ def figures(plan: Plan, agg: dict, out: Path) -> list[Path]:
 
 
 # -- the command ---------------------------------------------------------------------------------------------
+@dataclass
+class ExperimentConfig:
+    """The flags of `python -m lcot.experiment` (the Plan is what of them defines the results)."""
+
+    name: str = option(help="results go to RESULTS_DIR/NAME, runs to RUN_DIR/NAME")
+    task: str | None = option(None, "generate the bundled task (lcot.toy.synthetic --task hops) instead of "
+                              "--train_jsonl/--eval_jsonl", choices=("hops",))
+    n: int = option(3000, "--task: records to generate (a fifth is the eval split)")
+    max_hops: int = option(4, "--task hops: hops in 1..max_hops")
+    train_jsonl: str | None = option(None, "training records (any JSONL in the format; thought images needed)")
+    eval_jsonl: str | None = option(None, "evaluation records with ground truth")
+    difficulty_field: str | None = option(None, "extra JSONL field to break accuracy down by (--task hops: hops)")
+    state_field: str | None = option(None, "extra JSONL field with the state after each step, for the probe "
+                                     "(--task hops: states)")
+    model: str = option("tiny", "tiny or 8m (built from scratch with each seed), or a local checkpoint folder")
+    seeds: int = option(3, "seeds 0..N-1")
+    num_latents: int = option(4, "K (Kmax of stage3)", flag="latent_size")
+    warmup_steps: int = option(600, "optimizer steps of the visual-CoT warm-up")
+    stage2_steps: int = option(1500, "optimizer steps of stage2")
+    stage3_steps: int = option(1500, "optimizer steps of stage3 (no-latent: stage2 + stage3)")
+    bsz: int = option(16, "records per optimizer step")
+    lr: float = option(1e-3, "learning rate")
+    lr_scheduler: str = option("constant", "after a 3%% warm-up", choices=("linear", "cosine", "constant"))
+    latent_grad: str = option("truncated", "the main recipe's gradient (the grad row uses the other one)",
+                              choices=("truncated", "full"))
+    protocol: str = option("stage2-teacher", "stage2-teacher: stage2 without alignment first, the teacher taken "
+                           "from it; warmup-teacher: the seed's recipe with the visual-CoT warm-up as its stage1 "
+                           "(teacher = warm-up, stage2 and stage3 aligned)", choices=PROTOCOLS)
+    align: str = option("centered", "the main recipe's alignment", choices=("cosine", "mse", "centered"))
+    rows: list[str] = option(list(ROWS), "rows besides warm-up, stage2, teacher and stage3: align0 (--align_weight "
+                             "0), mse, cosine (the other alignments), grad (the other --latent_grad), pause (the "
+                             "control), nolatent (K=0), curriculum (stage3 with --latent_curriculum)", choices=ROWS)
+    eval_records: int = option(0, "evaluate on the first N eval records (0: all)")
+    probe_records: int = option(1000, "training records the probe is fit on")
+    bf16: bool = option(False, "train and evaluate in bfloat16")
+    gpus: str | None = option(None, "comma-separated GPU ids (None: all visible; none on a CPU)")
+    procs: int = option(0, "jobs at once (0: 2 on a CPU, 6 per GPU)")
+    run_dir: str = option("runs/experiments", "checkpoints, teachers, logs (ignored by git)")
+    results_dir: str = option("results", "results.json, table.md, figures")
+    extra: str = option("", "more lcot.main flags for every training job, in one quoted string")
+    dry_run: bool = option(False, "print the jobs and exit")
+    aggregate_only: bool = option(False, "run nothing: read RUN_DIR/NAME (its plan.json and measurements, e.g. "
+                                  "copied from a GPU machine) and write the results again")
+
+
+@dataclass
+class MeasureConfig:
+    """The flags of `python -m lcot.experiment measure`: measure one trained model (a job of the experiment)."""
+
+    model: str = option(help="the trained model folder")
+    train_jsonl: str = option(help="training records (the probe is fit on them)")
+    eval_jsonl: str = option(help="evaluation records with ground truth")
+    out: str = option(help="JSON file to write")
+    ks: list[int] = option(help="K values to measure")
+    thought_images: bool = option(False, "also measure with thought images")
+    visual_cot: bool = option(False, "with thought images, the answer sees them too")
+    causal: bool = option(False, "causal use of the latents at the largest K")
+    probe_field: str | None = option(None, "extra JSONL field with the states (the probe's targets)")
+    probe_records: int = option(1000, "training records the probe is fit on")
+    difficulty_field: str | None = option(None, "extra JSONL field to break accuracy down by")
+    limit: int = option(0, "measure on the first N eval records (0: all)")
+    batch_size: int = option(64, "records per generate call")
+    bf16: bool = option(False, "evaluate in bfloat16")
+
+
+PROG = "python -m lcot.experiment"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.experiment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--name", required=True, help="results go to RESULTS_DIR/NAME, runs to RUN_DIR/NAME")
-    a("--task", choices=["hops"], help="generate the bundled task (lcot.toy.synthetic --task hops) instead of "
-      "--train_jsonl/--eval_jsonl")
-    a("--n", type=int, default=3000, help="--task: records to generate (a fifth is the eval split)")
-    a("--max_hops", type=int, default=4, help="--task hops: hops in 1..max_hops")
-    a("--train_jsonl", help="training records (any JSONL in the format; thought images needed)")
-    a("--eval_jsonl", help="evaluation records with ground truth")
-    a("--difficulty_field", default=None, help="extra JSONL field to break accuracy down by (--task hops: hops)")
-    a("--state_field", default=None, help="extra JSONL field with the state after each step, for the probe "
-      "(--task hops: states)")
-    a("--model", default="tiny", help="tiny or 8m (built from scratch with each seed), or a local checkpoint folder")
-    a("--seeds", type=int, default=3, help="seeds 0..N-1")
-    a("--latent_size", type=int, default=4, help="K (Kmax of stage3)")
-    a("--warmup_steps", type=int, default=600, help="optimizer steps of the visual-CoT warm-up")
-    a("--stage2_steps", type=int, default=1500, help="optimizer steps of stage2")
-    a("--stage3_steps", type=int, default=1500, help="optimizer steps of stage3 (no-latent: stage2 + stage3)")
-    a("--bsz", type=int, default=16, help="records per optimizer step")
-    a("--lr", type=float, default=1e-3, help="learning rate")
-    a("--lr_scheduler", default="constant", choices=["linear", "cosine", "constant"], help="after a 3%% warm-up")
-    a("--latent_grad", default="truncated", choices=["truncated", "full"], help="the main recipe's gradient "
-      "(the grad row uses the other one)")
-    a("--protocol", choices=PROTOCOLS, default="stage2-teacher",
-      help="stage2-teacher: stage2 without alignment first, the teacher taken from it; warmup-teacher: the seed's "
-           "recipe with the visual-CoT warm-up as its stage1 (teacher = warm-up, stage2 and stage3 aligned)")
-    a("--align", choices=["cosine", "mse", "centered"], default="centered", help="the main recipe's alignment")
-    a("--rows", nargs="+", default=list(ROWS), choices=ROWS,
-      help="rows besides warm-up, stage2, teacher and stage3: align0 (--align_weight 0), mse, cosine (the other "
-           "alignments), grad (the other --latent_grad), pause (the control), nolatent (K=0)")
-    a("--eval_records", type=int, default=0, help="evaluate on the first N eval records (0: all)")
-    a("--probe_records", type=int, default=1000, help="training records the probe is fit on")
-    a("--bf16", action="store_true", help="train and evaluate in bfloat16")
-    a("--gpus", default=None, help="comma-separated GPU ids (default: all visible; none on a CPU)")
-    a("--procs", type=int, default=0, help="jobs at once (default: 2 on a CPU, 6 per GPU)")
-    a("--run_dir", default="runs/experiments", help="checkpoints, teachers, logs (ignored by git)")
-    a("--results_dir", default="results", help="results.json, table.md, figures")
-    a("--extra", default="", help="more lcot.main flags for every training job, in one quoted string")
-    a("--dry_run", action="store_true", help="print the jobs and exit")
-    a("--aggregate_only", action="store_true",
-      help="run nothing: read RUN_DIR/NAME (its plan.json and measurements, e.g. copied from a GPU machine) and "
-           "write the results again")
-    return p
-
-
-def measure_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lcot.experiment measure",
-                                description="Measure one trained model (a job of the experiment).")
-    a = p.add_argument
-    a("--model", required=True)
-    a("--train_jsonl", required=True)
-    a("--eval_jsonl", required=True)
-    a("--out", required=True, help="JSON file to write")
-    a("--ks", type=int, nargs="+", required=True)
-    a("--thought_images", action="store_true", help="also measure with thought images")
-    a("--visual_cot", action="store_true", help="with thought images, the answer sees them too")
-    a("--causal", action="store_true", help="causal use of the latents at the largest K")
-    a("--probe_field", default=None)
-    a("--probe_records", type=int, default=1000)
-    a("--difficulty_field", default=None)
-    a("--limit", type=int, default=0)
-    a("--batch_size", type=int, default=64)
-    a("--bf16", action="store_true")
-    return p
+    return config.parser(ExperimentConfig, PROG, __doc__)
 
 
 def _renamed(saved: dict) -> dict:
@@ -693,12 +699,12 @@ def _plan(args) -> Plan:
         args.state_field = args.state_field or "states"
     if not (args.train_jsonl and args.eval_jsonl):
         raise LcotInputError("--train_jsonl", "give --task hops, or both --train_jsonl and --eval_jsonl")
-    if args.latent_size < 1:
-        raise LcotInputError("--latent_size", f"must be >= 1, got {args.latent_size}")
+    if args.num_latents < 1:
+        raise LcotInputError("--latent_size", f"must be >= 1, got {args.num_latents}")
     return Plan(name=args.name, train_jsonl=str(Path(args.train_jsonl).resolve()),
                 eval_jsonl=str(Path(args.eval_jsonl).resolve()), difficulty_field=args.difficulty_field,
                 state_field=args.state_field, model=args.model, seeds=list(range(args.seeds)),
-                num_latents=args.latent_size, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
+                num_latents=args.num_latents, warmup_steps=args.warmup_steps, stage2_steps=args.stage2_steps,
                 stage3_steps=args.stage3_steps, bsz=args.bsz, lr=args.lr, lr_scheduler=args.lr_scheduler,
                 latent_grad=args.latent_grad, rows=list(args.rows), protocol=args.protocol, align=args.align,
                 eval_records=args.eval_records,
@@ -784,10 +790,10 @@ def write_results(plan: Plan, run: Path, results_dir: Path, state: dict) -> dict
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["measure"]:
-        args = measure_parser().parse_args(argv[1:])
+        args = config.parse(MeasureConfig, argv[1:], f"{PROG} measure", MeasureConfig.__doc__)
         write_json(Path(args.out), measure(args))
         return
-    run_experiment(parser().parse_args(argv))
+    run_experiment(config.parse(ExperimentConfig, argv, PROG, __doc__))
 
 
 if __name__ == "__main__":

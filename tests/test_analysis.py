@@ -173,12 +173,12 @@ def test_notebook_setup_and_cached_prerequisite(tmp_path):
     with pytest.raises(ValueError, match="stage must be one of"):
         prerequisite(s, "stage4", num_latents=2, steps=2)
 
-    from lcot.lab.notebook import MARKER
+    from lcot.lab.notebook import PREREQUISITE_FILE
 
     teacher = prerequisite(s, "teacher", num_latents=2, steps=2)
     one = teacher_file(teacher, 0)
     t_stamp = one.stat().st_mtime_ns
-    (stage1 / MARKER).unlink()  # e.g. a stage1 build killed before it finished: stage1 and what follows rebuild
+    (stage1 / PREREQUISITE_FILE).unlink()  # a stage1 build killed before it finished: it rebuilds
     assert prerequisite(s, "teacher", num_latents=2, steps=2) == teacher
     assert weights.stat().st_mtime_ns != stamp and one.stat().st_mtime_ns != t_stamp
 

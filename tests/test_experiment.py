@@ -76,7 +76,7 @@ def test_experiment_cli_end_to_end_and_resume(tmp_path):
             "--warmup_steps", "2", "--stage2_steps", "2", "--stage3_steps", "2", "--bsz", "4", "--probe_records", "12",
             "--rows", "pause", "nolatent", "--run_dir", str(tmp_path / "runs"),
             "--results_dir", str(tmp_path / "results"), "--procs", "2"]
-    first = E.run_experiment(E.parser().parse_args(argv))
+    first = E.run_experiment(E.config.parse(E.ExperimentConfig, argv, "x"))
     assert all(v == "done" for v in first["state"].values()), first["state"]
     out = tmp_path / "results" / "e2e"
     res = json.loads((out / "results.json").read_text())
@@ -89,12 +89,12 @@ def test_experiment_cli_end_to_end_and_resume(tmp_path):
     # resume: a finished job is skipped; a job whose marker is gone (killed before it finished) runs again
     run = tmp_path / "runs" / "e2e"
     (run / "done" / "s1__measure_nolatent.json").unlink()
-    second = E.run_experiment(E.parser().parse_args(argv))
+    second = E.run_experiment(E.config.parse(E.ExperimentConfig, argv, "x"))
     assert second["state"]["s1/measure_nolatent"] == "done"
     assert sum(v == "done" for v in second["state"].values()) == 1
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     with pytest.raises(Exception, match="other settings"):
-        E.run_experiment(E.parser().parse_args([*argv, "--lr", "0.5"]))
+        E.run_experiment(E.config.parse(E.ExperimentConfig, [*argv, "--lr", "0.5"], "x"))
 
 
 def test_curriculum_row_shares_stage2_and_adds_its_flag_to_stage3_only(tmp_path):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from lcot.pipeline.processor import LatentVLProcessor, load_processor
-from lcot.toy.tiny import CHAT_TEMPLATE, MARKER, SPECIAL_TOKENS, build_tiny
+from lcot.toy.tiny import BUILT_FILE, CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "How many red circles are in the image?"
@@ -72,10 +72,10 @@ def test_existing_folder_is_reused_refused_or_replaced(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="seed 0"):
         build_tiny(out, seed=1)
     build_tiny(out, seed=1, overwrite=True)
-    assert json.loads((out / MARKER).read_text())["seed"] == 1
+    assert json.loads((out / BUILT_FILE).read_text())["seed"] == 1
     assert (out / "model.safetensors").read_bytes() != (tiny / "model.safetensors").read_bytes()
     (tmp_path / "empty").mkdir()
-    assert (build_tiny(tmp_path / "empty") / MARKER).is_file()  # an empty folder is filled
+    assert (build_tiny(tmp_path / "empty") / BUILT_FILE).is_file()  # an empty folder is filled
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError, match="something else"):

@@ -36,7 +36,7 @@ SHAPES_N = 120  # records of the bundled data the notebooks use (96 train, 24 te
 RUN_DIR_ENV = "LCOT_RUN_DIR"
 FIGURES_ENV = "LCOT_FIGURES_DIR"
 CHAIN = ("stage1", "teacher", "stage2", "stage3")
-MARKER = "notebook_prerequisite.json"
+PREREQUISITE_FILE = "notebook_prerequisite.json"
 
 
 def repo_root() -> Path:
@@ -170,7 +170,7 @@ def prerequisite(s: Setup, stage: str, num_latents: int, steps: int) -> Path:
     rebuilt = False  # once a stage is rebuilt, every later one is too (it was made from the old one)
     for name in CHAIN[: CHAIN.index(stage) + 1]:
         out[name] = folder / name
-        marker = out[name] / MARKER
+        marker = out[name] / PREREQUISITE_FILE
         if not rebuilt and marker.is_file() and json.loads(marker.read_text()) == key:
             print(f"prerequisite {name}: reusing {out[name]}")
             continue

@@ -11,7 +11,6 @@ keeps only the asked colour *and* kind, each target boxed in black with a number
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from lcot import config
+from lcot.config import option
 from lcot.io import build_folder
 from lcot.toy import hops
 
@@ -244,29 +245,32 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
     return paths
 
 
+@dataclass
+class SyntheticConfig:
+    """The flags of `python -m lcot.toy.synthetic`."""
+
+    output_dir: str = option(help="folder to create (written atomically)")
+    task: str = option("count", "count: how many shapes of a colour and kind; hops: follow pointers on a grid "
+                       "(difficulty = hops, stored in the field 'hops')", choices=("count", "hops"))
+    cols: int = option(4, "hops: grid columns")
+    rows: int = option(2, "hops: grid rows (cols x rows nodes, at most 8)")
+    max_hops: int = option(4, "hops: hops are drawn uniformly in 1..max_hops")
+    n: int = option(200, "number of records")
+    seed: int = option(0, "random seed")
+    test_fraction: float = option(0.2, "share of records in test.jsonl")
+    image_size: int = option(112, "count: square image side in pixels")
+    overwrite: bool = option(False, "replace an existing dataset with other params")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lcot.toy.synthetic",
-                                     description="Generate a synthetic dataset (JSONL + PNGs): shape counting "
-                                                 "or the multi-hop pointer task.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--output_dir", required=True, help="folder to create (written atomically)")
-    parser.add_argument("--task", choices=["count", "hops"], default="count",
-                        help="count: how many shapes of a colour and kind; hops: follow pointers on a grid "
-                             "(difficulty = hops, stored in the field 'hops')")
-    parser.add_argument("--cols", type=int, default=4, help="hops: grid columns")
-    parser.add_argument("--rows", type=int, default=2, help="hops: grid rows (cols x rows nodes, at most 8)")
-    parser.add_argument("--max_hops", type=int, default=4, help="hops: hops are drawn uniformly in 1..max_hops")
-    parser.add_argument("--n", type=int, default=200, help="number of records")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--test_fraction", type=float, default=0.2, help="share of records in test.jsonl")
-    parser.add_argument("--image_size", type=int, default=112, help="count: square image side in pixels")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with other params")
-    args = parser.parse_args(argv)
+    prog = "python -m lcot.toy.synthetic"
+    about = "Generate a synthetic dataset (JSONL + PNGs): shape counting or the multi-hop pointer task."
+    args = config.parse(SyntheticConfig, argv, prog, about)
     try:
         paths = generate(args.output_dir, args.n, args.seed, args.test_fraction, args.image_size, args.overwrite,
                          args.task, args.cols, args.rows, args.max_hops)
     except (FileExistsError, ValueError) as err:
-        parser.error(str(err))
+        config.parser(SyntheticConfig, prog).error(str(err))
     for split, path in paths.items():
         count = sum(1 for _ in path.open(encoding="utf-8"))
         print(f"{split}: {count} records -> {path}")

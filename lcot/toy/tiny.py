@@ -31,15 +31,17 @@ adds them, as it does for a real checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from lcot import config
+from lcot.config import option
 from lcot.io import build_folder
 
 # Bump when anything written changes, so folders built by an older version are rebuilt.
 TINY_VERSION = 1
-MARKER = "lcot_tiny.json"
+BUILT_FILE = "lcot_tiny.json"  # what and how build_tiny built (marks a complete folder)
 
 BPE_VOCAB_SIZE = 1024
 VOCAB_MULTIPLE = 64
@@ -244,7 +246,7 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
     marker = {"builder": "lcot.tiny", "version": TINY_VERSION, "seed": seed}
     if shape != "tiny":
         marker["shape"] = shape
-    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    (out / BUILT_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     # mkdtemp makes the folder private and some files come out 0600: use ordinary modes.
     out.chmod(0o755)
     for f in out.iterdir():
@@ -253,7 +255,7 @@ def _write(out: Path, seed: int, shape: str = "tiny") -> None:
 
 def _built_with(path: Path) -> dict | None:
     try:
-        return json.loads((path / MARKER).read_text(encoding="utf-8"))
+        return json.loads((path / BUILT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -287,23 +289,27 @@ def build_tiny(output_dir: str | Path, seed: int = 0, overwrite: bool = False, s
     return build_folder(out, lambda tmp: _write(tmp, seed, shape), lambda found: _is_complete(found, seed, shape))
 
 
+@dataclass
+class TinyConfig:
+    """The flags of `python -m lcot.toy.tiny`."""
+
+    output_dir: str = option(help="folder to write (created atomically)")
+    seed: int = option(0, "seed of the weight init; same seed, same bytes")
+    overwrite: bool = option(False, "replace OUTPUT_DIR if it holds something else")
+    shape: str = option("tiny", "tiny: ~1M parameters (tests, demo); 8m: ~8M, 6 text layers (the GPU testbed)",
+                        choices=BUILT)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lcot.toy.tiny",
-        description="Write a tiny randomly initialised Qwen2.5-VL (about 1M parameters, fp32) with its "
-                    "tokenizer and processor, offline and deterministically, in Hugging Face format. "
-                    "Load it like a real checkpoint, e.g. with lcot.pipeline.load.load(DIR).")
-    parser.add_argument("--output_dir", required=True, type=Path, help="folder to write (created atomically)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the weight init (default 0); same seed, same bytes")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it holds something else")
-    parser.add_argument("--shape", choices=BUILT, default="tiny",
-                        help="tiny: ~1M parameters (tests, demo); 8m: ~8M, 6 text layers (the GPU testbed)")
-    args = parser.parse_args(argv)
+    prog = "python -m lcot.toy.tiny"
+    about = ("Write a tiny randomly initialised Qwen2.5-VL (about 1M parameters, fp32) with its tokenizer and "
+             "processor, offline and deterministically, in Hugging Face format. Load it like a real checkpoint, "
+             "e.g. with lcot.pipeline.load.load(DIR).")
+    args = config.parse(TinyConfig, argv, prog, about)
     try:
         path = build_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite, shape=args.shape)
     except FileExistsError as err:
-        parser.error(str(err))
+        config.parser(TinyConfig, prog).error(str(err))
     print(f"{args.shape} Qwen2.5-VL (seed {args.seed}) in {path}")
 
 

@@ -1,0 +1,53 @@
+"""One dataclass per command: argparse, lcot.json and the resume check all come from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import pytest
+
+from lcot import config
+from lcot.config import option
+from lcot.pipeline.trainer import TrainConfig
+
+
+@dataclass
+class Demo:
+    path: str = option(help="a required path")
+    num_latents: int = option(32, "K", flag="latent_size", saved=True, resume=True)
+    ks: list[int] | None = option(None, "several K")
+    image: list[str] = option([], "repeatable")
+    mode: str = option("a", "a mode", choices=("a", "b"), aliases=("--style",))
+    target: str = option("", "needed although it has a default", required=True)
+    resume: str | None = option(None, "a folder, or the last one", const="last")
+    fast: bool = option(False, "a switch", saved=True)
+
+
+def test_parser_follows_the_dataclass(capsys):
+    cfg = config.parse(Demo, ["--path", "p", "--latent_size", "4", "--ks", "1", "2", "--image", "a", "--image", "b",
+                              "--style", "b", "--target", "t", "--resume", "--fast"], "demo")
+    assert cfg == Demo(path="p", num_latents=4, ks=[1, 2], image=["a", "b"], mode="b", target="t", resume="last",
+                       fast=True)
+    assert config.parse(Demo, ["--path", "p", "--target", "t"], "demo") == Demo(path="p", target="t")
+    with pytest.raises(SystemExit):
+        config.parse(Demo, ["--path", "p"], "demo")  # --target is required
+    with pytest.raises(SystemExit):
+        config.parse(Demo, ["--path", "p", "--target", "t", "--mode", "c"], "demo")
+    help_text = config.parser(Demo, "demo").format_help()
+    assert "--latent_size LATENT_SIZE" in help_text and "(default: 32)" in help_text and "--num_latents" not in help_text
+    assert config.saved(Demo(path="p", target="t")) == {"num_latents": 32, "fast": False}
+    assert [f.name for f in config.resume_keys(Demo)] == ["num_latents"]
+
+
+def test_train_config_is_the_cli_lcot_json_and_resume_check():
+    from lcot.pipeline import train
+
+    p = train.parser()
+    flags = {a.dest: a.option_strings for a in p._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in fields(TrainConfig)}
+    assert flags["num_latents"] == ["--latent_size"]  # the seed's spelling, one name in the code
+    assert all(a.help for a in p._actions)
+    assert set(config.saved(TrainConfig(stage="stage2", model_name_or_path="m", train_jsonl="t", output_dir="o"))) \
+        >= {"stage", "num_latents", "align", "latent_grad", "latent_feed", "seed", "lora", "latent_curriculum"}
+    assert {f.name for f in config.resume_keys(TrainConfig)} == {
+        "stage", "num_latents", "latent_feed", "align", "latent_grad", "latent_curriculum", "seed", "lora"}
