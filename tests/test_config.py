@@ -34,7 +34,8 @@ def test_parser_follows_the_dataclass(capsys):
     with pytest.raises(SystemExit):
         config.parse(Demo, ["--path", "p", "--target", "t", "--mode", "c"], "demo")
     help_text = config.parser(Demo, "demo").format_help()
-    assert "--latent_size LATENT_SIZE" in help_text and "(default: 32)" in help_text and "--num_latents" not in help_text
+    assert "--latent_size LATENT_SIZE" in help_text and "(default: 32)" in help_text
+    assert "--num_latents" not in help_text
     assert config.saved(Demo(path="p", target="t")) == {"num_latents": 32, "fast": False}
     assert [f.name for f in config.resume_keys(Demo)] == ["num_latents"]
 
