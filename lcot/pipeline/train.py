@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 
 from lcot import config
 from lcot.core.collate import Collator
+from lcot.core.latent import compile_parallel_pass
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, cli_errors
 from lcot.io import inside
@@ -150,6 +151,8 @@ def train(args: TrainConfig) -> Path:
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     model.config.use_cache = False
+    if args.compile:
+        compile_parallel_pass(model)
     if args.lora:
         model = apply_lora(model, args)
     if args.preprocess:

@@ -103,6 +103,9 @@ class TrainConfig:
                               "training, and keep them in memory (exact uint8 pixel codes): much faster for small "
                               "images, memory-hungry for large datasets")
     num_workers: int = option(0, "DataLoader worker processes that build batches")
+    compile: bool = option(False, "torch.compile the language model's passes without a KV cache (the pass with "
+                           "gradients; lcot.core.latent.compile_parallel_pass): fewer launches for small models, "
+                           "a one-off compile at the start")
     attn_implementation: str = option("sdpa", "attention kernel of the language model (the 4D mask works with both)",
                                       choices=("sdpa", "eager"))
     resume_from_checkpoint: str | None = option(None, "resume from a checkpoint folder, or from the last one in "
