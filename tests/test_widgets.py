@@ -14,7 +14,7 @@ from lcot.lab.widgets import STAGES, MaskViewer, sequence_html, stage_collator
 @pytest.fixture()
 def viewer(loaded, records):
     model, processor = loaded
-    return MaskViewer(processor, model.config, records[:3], k=3, k_max=6, plot=False)
+    return MaskViewer(processor, model.config, records[:3], num_latents=3, max_latents=6, plot=False)
 
 
 def n_seg(v: MaskViewer, s: Seg) -> int:
@@ -77,11 +77,11 @@ def test_stage_sets_its_images_and_answer(viewer):
 def test_k_slider_and_the_query_follows_its_token(viewer):
     second_latent = int((viewer.segments == Seg.LATENT).nonzero()[1])
     viewer.query.value = second_latent
-    viewer.k.value = 5
+    viewer.num_latents.value = 5
     assert n_seg(viewer, Seg.LATENT) == 5
     q = viewer.query.value
     assert viewer.segments[q] == Seg.LATENT and int((viewer.segments[:q] == Seg.LATENT).sum()) == 1
-    viewer.k.value = 0
+    viewer.num_latents.value = 0
     assert n_seg(viewer, Seg.LATENT) == 0
     assert viewer.segments[viewer.query.value] == Seg.ANSWER
 
@@ -98,7 +98,7 @@ def test_figure_and_redraw_with_plot(loaded, records):
     import matplotlib.pyplot as plt
 
     model, processor = loaded
-    v = MaskViewer(processor, model.config, records[:1], k=2, plot=True)
+    v = MaskViewer(processor, model.config, records[:1], num_latents=2, plot=True)
     fig = v.figure()
     assert len(fig.axes) >= 2
     plt.close(fig)

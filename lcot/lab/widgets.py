@@ -1,6 +1,6 @@
 """The interactive 4D-mask viewer (ipywidgets) and the token rendering the notebooks share.
 
-    viewer = MaskViewer(processor, model.config, records, k=4)
+    viewer = MaskViewer(processor, model.config, records, num_latents=4)
     viewer          # in a notebook: controls, the mask, the query's row, the sequence
 
 Choose the sample, the stage and K, toggle the thought images, and click a query token in the list:
@@ -8,7 +8,7 @@ the figure shows the whole mask (the query's row marked) and the row alone, and 
 shows which keys the query may attend (coloured) and which it may not (struck through). Every batch
 comes from `lcot.core.collate.Collator`, so the mask is `lcot.core.mask.build_mask`'s, as in training.
 
-Without a browser (tests), drive it through its widgets (`viewer.k.value = 2`, `viewer.query.value = 17`)
+Without a browser (tests), drive it through its widgets (`viewer.num_latents.value = 2`, `viewer.query.value = 17`)
 and read `viewer.batch`, `viewer.row` and `viewer.visible_by_segment()`.
 """
 
@@ -115,7 +115,7 @@ def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, qu
 class MaskViewer(widgets.VBox):
     """ipywidgets viewer of the 4D mask of one collated record (see the module docstring)."""
 
-    def __init__(self, processor, config, records: Sequence[Record], k: int = 4, k_max: int = 8,
+    def __init__(self, processor, config, records: Sequence[Record], num_latents: int = 4, max_latents: int = 8,
                  stage: str = "stage2 / teacher", reserve: int = 4, plot: bool = True) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {list(STAGES)}, got {stage!r}")
@@ -127,7 +127,8 @@ class MaskViewer(widgets.VBox):
         self.sample = widgets.Dropdown(options=[(f"record {r.idx}: {r.question}", i) for i, r in enumerate(records)],
                                        value=0, description="sample", layout=wide)
         self.stage = widgets.Dropdown(options=list(STAGES), value=stage, description="stage")
-        self.k = widgets.IntSlider(value=k, min=0, max=max(k_max, k), description="K")
+        self.num_latents = widgets.IntSlider(value=num_latents, min=0, max=max(max_latents, num_latents),
+                                             description="K")
         self.thought = widgets.Checkbox(value=STAGES[stage]["thought_images"], description="thought images",
                                         tooltip="show the thought images (visible to the latent slots only)")
         self.query = widgets.Select(options=[], rows=16, description="query",
@@ -136,10 +137,10 @@ class MaskViewer(widgets.VBox):
         self.sequence = widgets.HTML()
         self.image = widgets.Image(format="png", layout=widgets.Layout(width="60%"))
         self.stage.observe(self._on_stage, names="value")
-        for w in (self.sample, self.k, self.thought):
+        for w in (self.sample, self.num_latents, self.thought):
             w.observe(self._on_settings, names="value")
         self.query.observe(self._on_query, names="value")
-        super().__init__([self.sample, widgets.HBox([self.stage, self.k, self.thought]),
+        super().__init__([self.sample, widgets.HBox([self.stage, self.num_latents, self.thought]),
                           widgets.HBox([self.query, self.image]), self.summary, self.sequence])
         self._rebuild()
 
@@ -155,7 +156,7 @@ class MaskViewer(widgets.VBox):
 
     def collate(self) -> dict:
         """The batch of the current sample, stage, K and thought-image setting."""
-        c = stage_collator(self.processor, self.config, self.stage.value, self.k.value, self.thought.value,
+        c = stage_collator(self.processor, self.config, self.stage.value, self.num_latents.value, self.thought.value,
                            self.reserve)
         return c([self.records[self.sample.value]])
 
@@ -230,7 +231,8 @@ class MaskViewer(widgets.VBox):
     def figure(self):
         q = self.query.value
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 7.4), gridspec_kw={"height_ratios": [6, 1]})
-        title = f"{self.stage.value}, K={self.k.value}, thought images {'on' if self.thought.value else 'off'}"
+        shown = "on" if self.thought.value else "off"
+        title = f"{self.stage.value}, K={self.num_latents.value}, thought images {shown}"
         plot_mask(self.batch["attention_mask_4d"][0, 0], self.segments, title=title, ax=ax1, highlight=q)
         plot_mask_row(self.row, self.segments, q, ax=ax2)
         fig.tight_layout()
