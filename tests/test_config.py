@@ -52,3 +52,13 @@ def test_train_config_is_the_cli_lcot_json_and_resume_check():
         >= {"stage", "num_latents", "align", "latent_grad", "latent_feed", "seed", "lora", "latent_curriculum"}
     assert {f.name for f in config.resume_keys(TrainConfig)} == {
         "stage", "num_latents", "latent_feed", "align", "latent_grad", "latent_curriculum", "seed", "lora"}
+
+
+def test_latent_grad_values_are_checked_before_loading(tmp_path):
+    from lcot.errors import LcotInputError
+    from lcot.pipeline import train
+
+    base = dict(stage="stage1", model_name_or_path=str(tmp_path / "m"), train_jsonl="t", output_dir=str(tmp_path / "o"))
+    train.check(TrainConfig(**base, latent_grad="bptt:2"))
+    with pytest.raises(LcotInputError, match="bptt:M"):
+        train.check(TrainConfig(**base, latent_grad="bptt:two"))

@@ -306,3 +306,47 @@ def test_k_curriculum_grows_the_bound_in_equal_phases():
         drawn = set(ks[phase * 100:(phase + 1) * 100])
         assert drawn == set(range(1, phase + 2)), (phase, drawn)
     assert [sample_k(3, s, kmax) for s in range(50)] != ks[:50]  # without it: 1..Kmax from the first step
+
+
+def _param_grads(model, b, grad: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward values and parameter gradients of CE on the answer plus a loss on every latent."""
+    model.zero_grad(set_to_none=True)
+    s, k = b["latent_start"], b["num_latents"]
+    hidden, lat = run(model, b, grad=grad)
+    loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, s + k:-1]).flatten(0, 1),
+                                             b["input_ids"][:, s + k + 1:].flatten()) + lat.pow(2).mean()
+    loss.backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return hidden.detach(), grads
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bptt_k_links_is_the_full_gradient_and_bptt_0_the_truncated_one(loaded, hops_records, k):
+    """K parallel passes after the truncated one rebuild the whole chain: values and gradients equal 'full'."""
+    model, processor = loaded
+    b = Collator(processor, model.config, k, thought_images=False)(hops_records[:2])
+    h_full, g_full = _param_grads(model, b, "full")
+    h_trunc, g_trunc = _param_grads(model, b, "truncated")
+    h_k, g_k = _param_grads(model, b, f"bptt:{k}")
+    h_0, g_0 = _param_grads(model, b, "bptt:0")
+    for h in (h_trunc, h_k, h_0):
+        torch.testing.assert_close(h, h_full, atol=1e-5, rtol=1e-5)  # one forward function
+    for a, c in zip(g_k, g_full):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+    for a, c in zip(g_0, g_trunc):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+    differs = max((a - c).abs().max().item() for a, c in zip(g_trunc, g_full))
+    assert differs > 1e-4  # the feedback links carry gradient: without them the gradient is another one
+    if k == 3:  # one link of three: between the two
+        _, g_1 = _param_grads(model, b, "bptt:1")
+        assert 0 < max((a - c).abs().max().item() for a, c in zip(g_1, g_full)) < differs
+
+
+def test_bptt_mode_is_checked():
+    from lcot.core.model import bptt_links
+
+    assert bptt_links("bptt:0") == 0 and bptt_links("bptt:12") == 12 and bptt_links("full") is None
+    for bad in ("bptt", "bptt:-1", "bptt:x", "last:2"):
+        with pytest.raises(ValueError, match="bptt:M"):
+            bptt_links(bad)

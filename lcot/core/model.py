@@ -23,7 +23,7 @@ from lcot.core.latent import attn_mask, checkpointing_on, embed_inputs, no_check
 from lcot.core.loss import ce_loss
 from lcot.core.vision import decode_pixels
 
-GradMode = Literal["full", "truncated"]
+GradMode = str  # "full", "truncated" or "bptt:m" (see latent_hidden_states)
 FeedMode = Literal["continuous", "pause"]
 FEEDS = ("continuous", "pause")
 BATCH_KEYS = ("input_ids", "attention_mask_4d", "position_ids", "latent_start", "num_latents", "pixel_values",
@@ -36,6 +36,16 @@ class LatentOutput(ModelOutput):
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None  # (B, L, H), last layer after the final norm
     latent_hidden: torch.Tensor | None = None  # (B, K, H), the outputs at the latent slots
+
+
+def bptt_links(grad: GradMode) -> int | None:
+    """m of grad="bptt:m" (m >= 0), None for "full" and "truncated"; anything else is an error."""
+    if grad in ("full", "truncated"):
+        return None
+    name, _, m = grad.partition(":")
+    if name != "bptt" or not m.isdigit():
+        raise ValueError(f"grad must be 'full', 'truncated' or 'bptt:M' (M >= 0 feedback links), got {grad!r}")
+    return int(m)
 
 
 def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: str | bool | None = None,
@@ -51,13 +61,17 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     grad="truncated": the recurrence runs without gradients, then one parallel pass with gradients
     takes the resulting latents as fixed inputs (same forward values, gradient truncated at each latent
     input; far cheaper on a GPU).
+    grad="bptt:m": the truncated pass, then m more parallel passes, each feeding every slot the output the
+    previous pass computed at the position before it. Same forward values; the gradient flows back through m
+    feedback links (truncated backprop through time): bptt:0 is "truncated", bptt:K equals "full" exactly
+    (K passes rebuild the whole chain), at the cost of m + 1 parallel passes and no sequential step with
+    gradients. Works with gradient checkpointing.
     fast: how a recurrence without gradients runs (grad="truncated", or any call under torch.no_grad):
     None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
     dynamic cache otherwise), or "off", "static", "graph" (see lcot.core.graph). With gradients: always the
     dynamic cache.
     """
-    if grad not in ("full", "truncated"):
-        raise ValueError(f"grad must be 'full' or 'truncated', got {grad!r}")
+    links = bptt_links(grad)
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     ids, mask, pos = batch["input_ids"], batch["attention_mask_4d"], batch["position_ids"]
@@ -67,13 +81,15 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     if feed == "pause":
         hidden = text_forward(model, embeds, mask, pos, slice(0, length))
         return hidden, hidden[:, s:s + k]
-    if grad == "truncated" and k:
+    if (grad == "truncated" or links is not None) and k:
         with torch.no_grad(), no_checkpointing(model):
             steps = runner(model, rows, length, fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
-        embeds = torch.cat([embeds[:, :s], latent_in.to(embeds.dtype), embeds[:, s + k:]], 1)
-        hidden = text_forward(model, embeds, mask, pos, slice(0, length))
+        hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length))
+        for _ in range(links or 0):  # each pass adds one feedback link to the gradient
+            hidden = text_forward(model, _with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
+                                  slice(0, length))
         return hidden, hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
@@ -83,6 +99,12 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     _, latents = steps.run(pre[:, -1:], mask, pos, s, k)
     post = steps.forward(embeds[:, s + k:], mask, pos, slice(s + k, length))
     return torch.cat([pre, latents, post], 1), latents
+
+
+def _with_latents(embeds: torch.Tensor, latent_in: torch.Tensor, start: int) -> torch.Tensor:
+    """The input embeddings with the K latent slots from `start` replaced by `latent_in` (B, K, H)."""
+    k = latent_in.shape[1]
+    return torch.cat([embeds[:, :start], latent_in.to(embeds.dtype), embeds[:, start + k:]], 1)
 
 
 class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):

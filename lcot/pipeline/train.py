@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from lcot import config
 from lcot.core.collate import Collator
 from lcot.core.latent import compile_parallel_pass
+from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, cli_errors
 from lcot.io import inside
@@ -69,6 +70,10 @@ def check(args: TrainConfig) -> None:
         raise LcotInputError("--teacher_latent_dir", f"{args.stage} needs teacher latents",
                              "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir "
                              "(or train with --align_weight 0, without alignment)")
+    try:
+        bptt_links(args.latent_grad)
+    except ValueError as err:
+        raise LcotInputError("--latent_grad", str(err), "e.g. --latent_grad truncated, or bptt:2") from None
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses")

@@ -67,7 +67,8 @@ class TrainConfig:
                         "see lcot.core.loss.align_loss", choices=ALIGNS, saved=True, resume=True)
     latent_grad: str = option("full", "full: backprop through the whole latent chain; truncated: the chain runs "
                               "without gradients, then one parallel pass with gradients (much faster on GPU; "
-                              "needed with --gradient_checkpointing)", choices=("full", "truncated"), saved=True,
+                              "works with --gradient_checkpointing); bptt:M: truncated plus M more parallel passes, "
+                              "the gradient flows back through M feedback links (bptt:K = full)", saved=True,
                               resume=True)
     latent_curriculum: bool = option(False, "stage3 only: a curriculum over K after Coconut's stages; the "
                                      "optimizer steps are cut into latent_size equal phases and phase c samples K "
