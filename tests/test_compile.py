@@ -37,3 +37,32 @@ def test_compiled_parallel_pass_equals_eager(loaded, records, monkeypatch):
         compile_parallel_pass(model, enable=False)
         model.zero_grad()
     assert model not in _COMPILED
+
+
+def test_compiled_static_steps_equal_the_reference(loaded, records, monkeypatch):
+    """LCOT_COMPILE_STEP=1: the one-token steps on the static cache run the compiled language model."""
+    from lcot.core import graph
+    from lcot.core.latent import _COMPILED_STEP
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 4, thought_images=True)(records[:3])
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real(module, backend="eager", **kw))
+    with torch.no_grad():
+        ref_h, ref_lat = latent_hidden_states(model, b, fast="off")
+        graph.clear(model)
+        monkeypatch.setenv(graph.COMPILE_ENV, "1")
+        try:
+            compiled = None
+            h, lat = latent_hidden_states(model, b, fast="static")
+            compiled, used = _COMPILED_STEP[model], []
+            _COMPILED_STEP[model] = lambda **kw: used.append(1) or compiled(**kw)
+            h2, lat2 = latent_hidden_states(model, b, fast="static")
+        finally:
+            graph.clear(model)
+            _COMPILED_STEP.pop(model, None)
+    assert compiled is not None and len(used) == 4  # the K latent steps, not the prefix or the suffix
+    for got in (lat, lat2):
+        torch.testing.assert_close(got, ref_lat, atol=5e-6, rtol=1e-5)
+    m = b["attention_mask"].bool()
+    torch.testing.assert_close(h[m], ref_h[m], atol=5e-6, rtol=1e-5)

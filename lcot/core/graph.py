@@ -45,11 +45,12 @@ from typing import Literal
 import torch
 from transformers import StaticCache
 
-from lcot.core.latent import EagerLatents, latent_loop, latent_step, text_forward
+from lcot.core.latent import _COMPILED_STEP, EagerLatents, compile_steps, latent_loop, latent_step, text_forward
 
 FastMode = Literal["auto", "off", "static", "graph"]
 MODES = ("auto", "off", "static", "graph")
 ENV = "LCOT_FAST"
+COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": torch.compile the one-token static step (lcot.core.latent.compile_steps)
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
 KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
@@ -165,6 +166,8 @@ class FastLatents:
         cuda = self.device.type == "cuda"
         self.graph = cuda if graph is None else bool(graph) and cuda
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=max_len)
+        if os.environ.get(COMPILE_ENV) == "1" and model not in _COMPILED_STEP:
+            compile_steps(model)
         self.x: torch.Tensor | None = None  # step input (B, 1, H), allocated at the first step
         self.row = torch.zeros(batch_size, 1, 1, max_len, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(3, batch_size, 1, dtype=torch.long, device=self.device)

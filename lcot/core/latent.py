@@ -21,7 +21,8 @@ from lcot.core.vision import decode_pixels, vision_kwargs
 from lcot.core.vision import enabled as vision_enabled
 
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (input (B, 1, H), slot j) -> output (B, 1, H)
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled language model
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled LM, passes without a cache
+_COMPILED_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled LM, one-token static steps
 
 
 def compile_parallel_pass(model, enable: bool = True) -> None:
@@ -33,6 +34,16 @@ def compile_parallel_pass(model, enable: bool = True) -> None:
         _COMPILED[model] = torch.compile(model.model.language_model, dynamic=True)
     else:
         _COMPILED.pop(model, None)
+
+
+def compile_steps(model, enable: bool = True) -> None:
+    """torch.compile the language model for single-token steps on a static cache (the latent steps and
+    decoding of lcot.core.graph, inside its CUDA graph): fused kernels within each step. One compile per batch
+    size and cache bucket; LCOT_COMPILE_STEP=1 turns it on for every FastLatents."""
+    if enable:
+        _COMPILED_STEP[model] = torch.compile(model.model.language_model)
+    else:
+        _COMPILED_STEP.pop(model, None)
 
 
 def attn_mask(model: torch.nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,7 +95,11 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
     if mask.shape[-1] != keys:
         raise ValueError(f"the mask covers {mask.shape[-1]} keys, the cache holds {keys}: "
                          "a static cache needs mask rows over all its slots (see lcot.core.graph)")
-    lm = _COMPILED.get(model, model.model.language_model) if cache is None else model.model.language_model
+    lm = model.model.language_model
+    if cache is None:
+        lm = _COMPILED.get(model, lm)
+    elif embeds.shape[1] == 1 and isinstance(cache, StaticCache):
+        lm = _COMPILED_STEP.get(model, lm)
     out = lm(
         inputs_embeds=embeds, attention_mask=attn_mask(model, mask, embeds.dtype),
         position_ids=position_ids[:, :, cols], past_key_values=cache, use_cache=cache is not None)
