@@ -53,6 +53,7 @@ from lcot.errors import LcotInputError, cli_errors
 from lcot.io import write_json
 
 ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
+DEFAULT_ROWS = ROWS[:-1]  # curriculum came later: opt in with --rows, so earlier runs resume as they were
 PROTOCOLS = ("stage2-teacher", "warmup-teacher")
 CAUSAL = ("zero", "shuffle", "mean", "noise")
 COLLAPSE_COS = 0.99  # mean cosine across records above this: the latents do not depend on the record
@@ -640,9 +641,10 @@ class ExperimentConfig:
                            "from it; warmup-teacher: the seed's recipe with the visual-CoT warm-up as its stage1 "
                            "(teacher = warm-up, stage2 and stage3 aligned)", choices=PROTOCOLS)
     align: str = option("centered", "the main recipe's alignment", choices=("cosine", "mse", "centered"))
-    rows: list[str] = option(list(ROWS), "rows besides warm-up, stage2, teacher and stage3: align0 (--align_weight "
-                             "0), mse, cosine (the other alignments), grad (the other --latent_grad), pause (the "
-                             "control), nolatent (K=0), curriculum (stage3 with --latent_curriculum)", choices=ROWS)
+    rows: list[str] = option(list(DEFAULT_ROWS), "rows besides warm-up, stage2, teacher and stage3: align0 "
+                             "(--align_weight 0), mse, cosine (the other alignments), grad (the other "
+                             "--latent_grad), pause (the control), nolatent (K=0); curriculum (stage3 with "
+                             "--latent_curriculum) only when named", choices=ROWS)
     eval_records: int = option(0, "evaluate on the first N eval records (0: all)")
     probe_records: int = option(1000, "training records the probe is fit on")
     bf16: bool = option(False, "train and evaluate in bfloat16")

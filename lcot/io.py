@@ -49,6 +49,8 @@ def build_folder(out: str | Path, build: Callable[[Path], None],
     try:
         build(tmp)
         tmp.chmod(0o755)  # mkdtemp's folder is private
+        if same_as_ours and out.exists() and same_as_ours(out):
+            return out  # another process finished the same folder meanwhile: keep it (readers may use it)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -62,3 +62,46 @@ def test_latent_grad_values_are_checked_before_loading(tmp_path):
     train.check(TrainConfig(**base, latent_grad="bptt:2"))
     with pytest.raises(LcotInputError, match="bptt:M"):
         train.check(TrainConfig(**base, latent_grad="bptt:two"))
+
+
+def test_resume_refuses_another_k_also_from_a_checkpoint_written_before_the_rename(tmp_path):
+    import json
+
+    from lcot.errors import LcotInputError
+    from lcot.pipeline import train
+    from lcot.pipeline.runs import read_lcot_config
+
+    ckpt = tmp_path / "o" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "lcot.json").write_text(json.dumps({"stage": "stage1", "latent_size": 16}))
+    assert read_lcot_config(ckpt)["num_latents"] == 16
+    cfg = dict(stage="stage1", model_name_or_path="m", train_jsonl="t", output_dir=str(tmp_path / "o"),
+               resume_from_checkpoint=str(ckpt))
+    assert train.resume_point(TrainConfig(**cfg, num_latents=16)) == str(ckpt)
+    with pytest.raises(LcotInputError, match="--latent_size 16"):
+        train.resume_point(TrainConfig(**cfg, num_latents=32))
+
+
+def test_generate_keeps_its_short_k_flag():
+    from lcot.pipeline.generate import GenerateConfig
+
+    cfg = config.parse(GenerateConfig, ["--model_name_or_path", "m", "--question", "q", "-k", "4"], "g")
+    assert cfg.num_latents == 4
+
+
+def test_build_folder_keeps_a_folder_another_process_finished_meanwhile(tmp_path):
+    from lcot.io import build_folder
+
+    out = tmp_path / "data"
+
+    def build(tmp):  # meanwhile, another process completes the same folder
+        (tmp / "mine.txt").write_text("ours")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    build_folder(out, build, same_as_ours=lambda found: (found / "theirs.txt").is_file())
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # our temporary folder is gone
+    build_folder(out, lambda tmp: (tmp / "new.txt").write_text("new"))  # replacing: the old one moves aside
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["data"]

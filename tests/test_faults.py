@@ -209,7 +209,7 @@ def test_non_finite_loss_stops_naming_step_and_records_keeping_the_last_good_che
     real = trainer_mod.LatentTrainer.compute_loss
 
     def spy(self, model, inputs, *a, **k):
-        seen.append(inputs["idx"].tolist())
+        seen.append(list(inputs["idx"]))
         return real(self, model, inputs, *a, **k)
 
     monkeypatch.setattr(trainer_mod.LatentTrainer, "compute_loss", spy)

@@ -283,20 +283,6 @@ def test_packed_attention_equals_attention_per_segment(lengths):
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-6, rtol=1e-6)
 
 
-def test_trainer_leaves_the_host_keys_on_the_cpu(monkeypatch):
-    """idx and image_grid_thw are read on the host each step; every other tensor goes through Trainer's move."""
-    from transformers import Trainer
-
-    from lcot.pipeline.trainer import LatentTrainer
-
-    monkeypatch.setattr(Trainer, "_prepare_inputs", lambda self, inputs: {k: v.clone() for k, v in inputs.items()})
-    batch = {"input_ids": torch.ones(2, 3), "idx": torch.tensor([4, 7]), "image_grid_thw": torch.tensor([[1, 4, 8]])}
-    out = LatentTrainer._prepare_inputs(object.__new__(LatentTrainer), batch)
-    assert out.keys() == batch.keys()
-    assert out["idx"] is batch["idx"] and out["image_grid_thw"] is batch["image_grid_thw"]
-    assert out["input_ids"] is not batch["input_ids"] and torch.equal(out["input_ids"], batch["input_ids"])
-
-
 def test_k_curriculum_grows_the_bound_in_equal_phases():
     from lcot.pipeline.trainer import sample_k
 

@@ -214,7 +214,7 @@ class Collator:
             "attention_mask_4d": build_mask(segments, self.visual_cot), "position_ids": position_ids,
             "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
             "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.num_latents,
-            "idx": torch.tensor([r.idx for r in records]),
+            "idx": [r.idx for r in records],  # a list: stays on the host (the trainer reads it every step)
             **({"pixel_lut": self.codec.lut} if pixel_values is not None and pixel_values.dtype == torch.uint8
                else {}),
         }

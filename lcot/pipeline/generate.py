@@ -168,7 +168,8 @@ class GenerateConfig(ModelOptions):
     jsonl: str | None = option(None, "records to answer (their answers are ignored); or use --question")
     question: str | None = option(None, "one question, answered without images unless --image is given")
     image: list[str] = option([], "a question image (repeatable, in order)")
-    num_latents: int | None = option(None, "K latent steps (None: the trained Kmax)", flag="latent_size")
+    num_latents: int | None = option(None, "K latent steps (None: the trained Kmax)", flag="latent_size",
+                                     aliases=("-k",))
     temperature: float = option(0.0, "0 = greedy")
     output: str | None = option(None, "write the generations as JSONL here")
 
@@ -176,8 +177,7 @@ class GenerateConfig(ModelOptions):
 def default_k(model_path: str) -> int:
     from lcot.pipeline.runs import read_lcot_config
 
-    saved = read_lcot_config(model_path)  # "latent_size": lcot.json of runs before the rename
-    return int(saved.get("num_latents", saved.get("latent_size", 32)))
+    return int(read_lcot_config(model_path).get("num_latents", 32))
 
 
 def trained_feed(model_path: str) -> str:

@@ -37,8 +37,12 @@ def write_lcot_config(folder: str | Path, info: dict) -> None:
 
 
 def read_lcot_config(folder: str | Path) -> dict:
+    """lcot.json as a dict ({} when absent); runs from before K's one name said "latent_size"."""
     path = Path(folder) / LCOT_CONFIG
-    return json.loads(path.read_text()) if path.is_file() else {}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if "latent_size" in saved:
+        saved.setdefault("num_latents", saved.pop("latent_size"))
+    return saved
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -197,16 +197,9 @@ class LatentTrainer(Trainer):
         self._count = 0
         self._step_records: list[int] = []  # record idx of the micro-batches of the current optimizer step
 
-    HOST_KEYS = ("idx", "image_grid_thw")  # read on the host (record ids, vision_kwargs): left on the CPU
-
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        """Trainer's move to the device, except HOST_KEYS: reading them back from a GPU is a sync a step."""
-        kept = {k: inputs[k] for k in self.HOST_KEYS if k in inputs}
-        return {**super()._prepare_inputs({k: v for k, v in inputs.items() if k not in kept}), **kept}
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.config
-        records = inputs["idx"].tolist()
+        records = list(inputs["idx"])
         self._step_records += records
         if cfg.stage == "stage3":
             total = self.state.max_steps if cfg.latent_curriculum else None
