@@ -226,3 +226,31 @@ def test_mask_rule_on_a_handmade_sequence():
     assert torch.equal(m, expect)
     assert m[7, 4] and m[8, 5] and not m[9, 4] and not m[6, 5] and not m[10, 5]  # latents see thoughts, answers don't
     assert not m[3, 4]  # causal
+
+
+def test_ce_loss_equals_the_mean_over_labelled_tokens_and_refuses_a_late_start(loaded, records):
+    """ce_loss computes logits from `start` on only (no host sync); the value is the plain mean CE over the
+    labelled tokens, for the collator's start (latent_start - 2) and for 0; a start after a label is refused."""
+    from lcot.core.loss import ce_loss
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 3, thought_images=True)(records[:3])
+    with torch.no_grad():
+        hidden, _ = latent_hidden_states(model, b)
+    target, keep = b["labels"][:, 1:], b["labels"][:, 1:] != IGNORE
+    want = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), target[keep])
+    s = b["latent_start"]
+    assert (b["labels"][:, :s - 1] == IGNORE).all() and (b["labels"][:, s - 1] != IGNORE).all()
+    for start in (0, s - 2):
+        torch.testing.assert_close(ce_loss(model.lm_head, hidden, b["labels"], start), want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="labels before column"):
+        ce_loss(model.lm_head, hidden, b["labels"], s - 1)
+
+
+def test_image_tokens_and_features_must_match(loaded, records):
+    model, processor = loaded
+    b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    ids = b["input_ids"].clone()
+    ids[0, (ids[0] == model.config.image_token_id).nonzero()[0]] = 0  # one image-pad token fewer
+    with pytest.raises(ValueError, match="image-pad tokens and the .* vision features differ"):
+        embed_inputs(model, ids, b["pixel_values"], b["image_grid_thw"])

@@ -56,7 +56,7 @@ def graphed(monkeypatch):
 
     def make(model, max_len, batch_size, graph=None):
         fl = cls(model, max_len, batch_size, graph=False)
-        fl.graph = True
+        fl.graph = fl.prefix_graphs = True
         return fl
 
     yield make
@@ -172,6 +172,63 @@ def test_truncated_training_step_through_fast_path(loaded, records, graphed, mon
     assert sum(g.abs().sum() for g in g_ref) > 0
     for gf, gr in zip(g_fast, g_ref):
         torch.testing.assert_close(gf, gr, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_pass_is_graphed_from_its_second_length_on(loaded, records, graphed, monkeypatch):
+    """The pass from column 0 is captured the second time its length comes (once per length, at most
+    KEEP_PREFIXES lengths), replayed after that, with the eager values; new weights invalidate it."""
+    model, _ = loaded
+    monkeypatch.setattr(fast, "KEEP_PREFIXES", 2)
+    by_length = {}
+    for thought in (True, False):  # three batches of three prefix lengths
+        for i in range(0, len(records) - 1, 2):
+            b = collate(loaded, records[i:i + 2], k=3, thought=thought)
+            by_length.setdefault(b["latent_start"], b)
+    batches = list(by_length.values())[:3]
+    assert len(batches) == 3
+    fl = graphed(model, 256, 2)
+    with torch.no_grad():
+        refs = [recurrence(EagerLatents(model), model, b) for b in batches]
+        for _ in range(3):
+            for b, ref in zip(batches, refs):
+                got = recurrence(fl, model, b)
+                m = b["attention_mask"].bool()
+                for r, g, keep in zip(ref, got, (m[:, :b["latent_start"]], None, None, None)):
+                    torch.testing.assert_close(g if keep is None else g[keep], r if keep is None else r[keep], **TOL)
+    lengths = [b["latent_start"] for b in batches]
+    assert sorted(fl._prefix) == sorted(lengths[:2])  # the third length found no room: eager
+    assert [fl._prefix[n][0].replays for n in lengths[:2]] == [2, 2]  # captured in round 2, replayed in 2 and 3
+    assert fl.valid()
+    w = model.model.language_model.norm.weight
+    old = w.data
+    w.data = w.data.clone()
+    try:
+        assert not fl.valid()  # a prefix graph reads the old weights
+    finally:
+        w.data = old
+
+
+def test_failed_prefix_capture_falls_back_to_eager(loaded, records, monkeypatch):
+    model, _ = loaded
+    b = collate(loaded, records[:2], k=3)
+    calls = []
+
+    def broken(step, rewind, device):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast, "capture_graph", broken)
+    fl = fast.FastLatents(model, 256, 2)
+    fl.prefix_graphs = True
+    with torch.no_grad():
+        ref = recurrence(EagerLatents(model), model, b)
+        recurrence(fl, model, b)
+        with pytest.warns(RuntimeWarning, match="capture of the prefix failed"):
+            got = recurrence(fl, model, b)
+        again = recurrence(fl, model, b)
+    assert not fl.prefix_graphs and not fl._prefix and len(calls) == 1  # tried once
+    for g in (got, again):
+        torch.testing.assert_close(g[2], ref[2], **TOL)
 
 
 def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):

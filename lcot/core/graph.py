@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Literal
@@ -45,7 +45,16 @@ from typing import Literal
 import torch
 from transformers import StaticCache
 
-from lcot.core.latent import _COMPILED_STEP, EagerLatents, compile_steps, latent_loop, latent_step, text_forward
+from lcot.core.latent import (
+    _COMPILED_STEP,
+    _GRAPHED_PASS,
+    EagerLatents,
+    checkpointing_on,
+    compile_steps,
+    latent_loop,
+    latent_step,
+    text_forward,
+)
 
 FastMode = Literal["auto", "off", "static", "graph"]
 MODES = ("auto", "off", "static", "graph")
@@ -53,6 +62,9 @@ ENV = "LCOT_FAST"
 COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": torch.compile the one-token static step (lcot.core.latent.compile_steps)
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
 KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
+KEEP_PASSES = 8  # graphed passes with gradients (one per input shape) kept per model
+KEEP_PREFIXES = 4  # graphed prefix passes (one per prefix length) per FastLatents
+PREFIX_CAPTURE_AT = 2  # a prefix length is captured the 2nd time it comes (lengths seen once cost no capture)
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
 CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
 
@@ -174,6 +186,10 @@ class FastLatents:
         self._col: int | None = 0  # the write position the cache's counters hold (None: unknown)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._out: torch.Tensor | None = None  # the graph's output buffer
+        # prefix length -> (graph, input buffers (x, mask rows, positions), output buffer); and how often each came
+        self._prefix: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._seen: Counter[int] = Counter()
+        self.prefix_graphs = self.graph  # False after a failed capture
         self._tensors: list[torch.Tensor] = []  # what the graph reads, kept alive so addresses are not reused
         self._state: tuple | None = None
         self.captures = 0
@@ -186,8 +202,8 @@ class FastLatents:
         return model
 
     def valid(self) -> bool:
-        """Does the captured graph (if any) still compute what `latent_step` would?"""
-        return self._graph is None or _forward_state(self.model) == self._state
+        """Do the captured graphs (if any) still compute what `latent_step` and `text_forward` would?"""
+        return (self._graph is None and not self._prefix) or _forward_state(self.model) == self._state
 
     # -- the cache's write position ------------------------------------------------------------------------
     def _seek(self, col: int) -> None:
@@ -209,14 +225,68 @@ class FastLatents:
 
     # -- passes ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice) -> torch.Tensor:
-        """Columns `cols` in one eager pass, written into the cache; returns their outputs."""
+        """Columns `cols` in one pass, written into the cache; returns their outputs. A pass from column 0 (the
+        prefix) replays a CUDA graph once its length has come PREFIX_CAPTURE_AT times; others run eagerly."""
         self._check(x)
-        self._seek(cols.start or 0)
         rows = pad_rows(mask4d, cols, self.max_len)
+        pos = position_ids[:, :, cols]
+        if not cols.start and self.prefix_graphs:
+            out = self._graphed_prefix(x, rows, pos)
+            if out is not None:
+                return out
+        self._seek(cols.start or 0)
         self._col = None
-        out = text_forward(self.model, x, rows, position_ids[:, :, cols], slice(0, rows.shape[2]), self.cache)
+        out = text_forward(self.model, x, rows, pos, slice(0, rows.shape[2]), self.cache)
         self._col = cols.stop
         return out
+
+    def _graphed_prefix(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+        """The prefix pass from its graph (captured here when due); None: run it eagerly."""
+        n = x.shape[1]
+        if n not in self._prefix:
+            self._seen[n] += 1
+            if self._seen[n] < PREFIX_CAPTURE_AT or len(self._prefix) >= KEEP_PREFIXES or not self._capture_prefix(
+                    x, rows, pos):
+                return None
+        graph, buffers, out = self._prefix[n]
+        for buf, value in zip(buffers, (x, rows, pos)):
+            buf.copy_(value)
+        self._seek(0)
+        self._col = None
+        graph.replay()
+        self._col = n
+        return out.clone()  # the next replay overwrites the buffer
+
+    def _capture_prefix(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> bool:
+        n = x.shape[1]
+        buffers = (x.clone(), rows.clone(), pos.clone())
+
+        def step() -> torch.Tensor:
+            return text_forward(self.model, *buffers, slice(0, n), self.cache)
+
+        def rewind() -> None:
+            self._col = None
+            self._seek(0)
+
+        try:
+            graph, out = capture_graph(step, rewind, self.device)
+        except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager passes, loudly
+            self.prefix_graphs = False
+            msg = f"{type(err).__name__}: {err}"
+            CAPTURE_ERRORS.append(msg)
+            warnings.warn(f"lcot.core.graph: CUDA graph capture of the prefix failed ({msg}); running it eagerly",
+                          RuntimeWarning, stacklevel=4)
+            rewind()
+            return False
+        self._prefix[n] = (graph, buffers, out)
+        self._keep_state()
+        return True
+
+    def _keep_state(self) -> None:
+        """Remember what the graphs read (and keep it alive, so its addresses are not reused)."""
+        lm = self.model.model.language_model
+        self._tensors = [*lm.parameters(), *lm.buffers()]
+        self._state = _forward_state(self.model)
 
     def _step(self, x: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step at the current write position, from the buffers. Returns the graph's output buffer
@@ -258,9 +328,7 @@ class FastLatents:
                           RuntimeWarning, stacklevel=3)
             rewind()
             return
-        lm = model.model.language_model
-        self._tensors = [*lm.parameters(), *lm.buffers()]
-        self._state = _forward_state(model)
+        self._keep_state()
         self.captures += 1
 
     def run(self, h: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int, k: int
@@ -324,3 +392,96 @@ def runner(model, batch_size: int, length: int, fast: FastMode | bool | None = N
     if mode == "off" or torch.is_grad_enabled():
         return EagerLatents(model)
     return fast_latents(model, batch_size, length, graph=mode == "graph")
+
+
+# -- training's pass with gradients as CUDA graphs (--graph_pass) ---------------------------------------------------
+class _Pass(torch.nn.Module):
+    """The language model over whole sequences without a cache, with tensors as its only arguments (what
+    torch.cuda.make_graphed_callables takes)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+
+
+class GraphedPass:
+    """Training's pass with gradients and without a KV cache, as a CUDA graph of its forward and one of its
+    backward (torch.cuda.make_graphed_callables), one pair per input shape, the KEEP_PASSES newest kept.
+
+    A small model's training step is bound by launching kernels (a pass of the 8M model is ~500 ops forward and
+    ~1,000 backward); a replay launches them at once. The replays run the eager pass's kernels. Called with
+    (embeds, mask, position_ids); returns the last hidden state, or None where a graph does not apply and the
+    caller runs the eager pass: not on CUDA, not training, gradient checkpointing on, a failed capture, or a
+    second pass before the first one's backward (bptt:m), whose replay would overwrite the first's buffers.
+    `make` stands in for make_graphed_callables in CPU tests.
+    """
+
+    def __init__(self, model, make: Callable | None = None, cuda_only: bool = True, keep: int = KEEP_PASSES) -> None:
+        self._model = weakref.ref(model)
+        self.make = make or torch.cuda.make_graphed_callables
+        self.cuda_only, self.keep = cuda_only, keep
+        self.graphs: OrderedDict[tuple, Callable] = OrderedDict()
+        self.live = False  # a replay's output still waits for its backward
+        self.captures = 0
+        self.failed: str | None = None
+        self._state: tuple | None = None
+
+    def _applies(self, embeds: torch.Tensor) -> bool:
+        model = self._model()
+        return (model is not None and self.failed is None and not self.live and model.training
+                and torch.is_grad_enabled() and (embeds.is_cuda or not self.cuda_only)
+                and not checkpointing_on(model))
+
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor | None:
+        if not self._applies(embeds):
+            return None
+        model = self._model()
+        state = _forward_state(model)
+        if state != self._state:  # new weights or adapters: every graph holds stale addresses
+            self.graphs.clear()
+            self._state = state
+        key = (tuple(embeds.shape), embeds.dtype, embeds.requires_grad, tuple(mask.shape), mask.dtype,
+               tuple(position_ids.shape), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        fn = self.graphs.pop(key, None) or self._capture(model, embeds, mask, position_ids)
+        if fn is None:
+            return None
+        self.graphs[key] = fn
+        while len(self.graphs) > self.keep:
+            self.graphs.popitem(last=False)
+        out = fn(embeds, mask, position_ids)
+        if out.requires_grad:
+            self.live = True
+            out.register_hook(self._released)
+        return out
+
+    def _released(self, grad: torch.Tensor) -> None:
+        """The backward reached the output: the graph's buffers are free for the next replay."""
+        self.live = False
+
+    def _capture(self, model, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor):
+        sample = (embeds.detach().clone().requires_grad_(embeds.requires_grad), mask.clone(), position_ids.clone())
+        try:
+            with _autocast():
+                # the LM's own token embedding is unused (the pass takes embeddings): allow_unused_input
+                fn = self.make(_Pass(model.model.language_model).train(), sample, allow_unused_input=True)
+        except Exception as err:  # noqa: BLE001 - a failed capture falls back to the eager pass, loudly
+            self.failed = f"{type(err).__name__}: {err}"
+            CAPTURE_ERRORS.append(self.failed)
+            warnings.warn(f"lcot.core.graph: capturing the pass with gradients failed ({self.failed}); "
+                          "running it eagerly", RuntimeWarning, stacklevel=4)
+            return None
+        self.captures += 1
+        return fn
+
+
+def graph_parallel_pass(model, enable: bool = True) -> None:
+    """Run training's pass with gradients (no KV cache: grad="truncated", bptt:m's first pass, the pause feed)
+    as CUDA graphs on a CUDA model (GraphedPass); eager elsewhere. Kept outside the module tree."""
+    if enable:
+        _GRAPHED_PASS[model] = GraphedPass(model)
+    else:
+        _GRAPHED_PASS.pop(model, None)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from transformers import Cache, DynamicCache, StaticCache
 
+from lcot.core.checks import check
 from lcot.core.mask import additive
 from lcot.core.vision import decode_pixels, vision_kwargs
 from lcot.core.vision import enabled as vision_enabled
@@ -23,6 +24,9 @@ from lcot.core.vision import enabled as vision_enabled
 Step = Callable[[torch.Tensor, int], torch.Tensor]  # (input (B, 1, H), slot j) -> output (B, 1, H)
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled LM, passes without a cache
 _COMPILED_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled LM, one-token static steps
+# model -> a callable (embeds, mask, position_ids) -> last hidden state, or None where it does not apply: the pass
+# with gradients as CUDA graphs (lcot.core.graph.GraphedPass)
+_GRAPHED_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compile_parallel_pass(model, enable: bool = True) -> None:
@@ -73,9 +77,21 @@ def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | No
             extra, image_grid_thw = {}, image_grid_thw.to(pixel_values.device)
         # the tower itself, as get_image_features calls it, without splitting its output per image
         feats = vl.visual(pixel_values.type(vl.visual.dtype), grid_thw=image_grid_thw, **extra).pooler_output
-        image_mask, _ = vl.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
-        embeds = embeds.masked_scatter(image_mask, feats.to(embeds.dtype))
+        rows = image_rows(input_ids, feats.shape[0], model.config.image_token_id)
+        embeds = embeds.flatten(0, 1).index_copy(0, rows, feats.to(embeds.dtype)).view_as(embeds)
     return embeds
+
+
+def image_rows(input_ids: torch.Tensor, count: int, image_token_id: int) -> torch.Tensor:
+    """Flat indices (into B*L) of the image-pad tokens, which must number `count` (the vision features' rows).
+
+    transformers' masked_scatter and its check read the count back to the host (in the forward and again in the
+    backward), stalling the GPU; a size known beforehand (nonzero_static) and lcot.core.checks do not.
+    """
+    flat = (input_ids == image_token_id).flatten()
+    check(flat.sum() == count, f"the image-pad tokens and the {count} vision features differ in number: input_ids "
+          "and pixel_values/image_grid_thw do not belong together (build batches with lcot's collator)")
+    return torch.nonzero_static(flat, size=count).squeeze(1)
 
 
 def key_count(cache: Cache | None, stop: int) -> int:
@@ -96,6 +112,11 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
         raise ValueError(f"the mask covers {mask.shape[-1]} keys, the cache holds {keys}: "
                          "a static cache needs mask rows over all its slots (see lcot.core.graph)")
     lm = model.model.language_model
+    graphed = _GRAPHED_PASS.get(model) if cache is None and torch.is_grad_enabled() and model.training else None
+    if graphed is not None:
+        out = graphed(embeds, attn_mask(model, mask, embeds.dtype), position_ids[:, :, cols])
+        if out is not None:
+            return out
     if cache is None:
         lm = _COMPILED.get(model, lm)
     elif embeds.shape[1] == 1 and isinstance(cache, StaticCache):

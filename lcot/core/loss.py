@@ -7,18 +7,26 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lcot.core.checks import check
 from lcot.core.tokens import IGNORE
 
 AlignKind = Literal["cosine", "mse", "centered"]
 ALIGNS = ("cosine", "mse", "centered")
 
 
-def ce_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE at the labelled positions only (logits are computed just there, saving memory)."""
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    logits = lm_head(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, target[keep])
+def ce_loss(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Next-token CE, averaged over the labelled tokens.
+
+    No label may come before column start + 1: logits are computed from column `start` on only, saving memory
+    (the collator's batches label nothing before the <abs_vis_token> at latent_start - 1, so start =
+    latent_start - 2). Selecting just the labelled positions would read their count back to the host (a GPU
+    stall every step); the slice and ignore_index do not.
+    """
+    start = max(start, 0)
+    check((labels[:, :start + 1] == IGNORE).all(), f"labels before column {start + 1}: ce_loss was given start="
+          f"{start}, but the labelled tokens begin earlier")
+    logits = lm_head(hidden[:, start:-1]).float()
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, start + 1:].flatten(), ignore_index=IGNORE)
 
 
 def per_position_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

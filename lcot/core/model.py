@@ -137,7 +137,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                  "latent_start": latent_start, "num_latents": num_latents, "pixel_values": pixel_values,
                  "image_grid_thw": image_grid_thw, "pixel_lut": pixel_lut}
         hidden, latents = latent_hidden_states(self, batch, grad, fast, feed)
-        loss = ce_loss(self.lm_head, hidden, labels) if labels is not None else None
+        loss = ce_loss(self.lm_head, hidden, labels, latent_start - 2) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)
 

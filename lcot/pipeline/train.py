@@ -20,6 +20,7 @@ from transformers import TrainingArguments
 
 from lcot import config
 from lcot.core.collate import Collator
+from lcot.core.graph import graph_parallel_pass
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
@@ -74,6 +75,14 @@ def check(args: TrainConfig) -> None:
         bptt_links(args.latent_grad)
     except ValueError as err:
         raise LcotInputError("--latent_grad", str(err), "e.g. --latent_grad truncated, or bptt:2") from None
+    if args.graph_pass and (args.compile or args.gradient_checkpointing):
+        other = "--compile" if args.compile else "--gradient_checkpointing"
+        raise LcotInputError("--graph_pass", f"does not combine with {other}",
+                             "choose one: --graph_pass for small models (host-bound steps), --compile or "
+                             "--gradient_checkpointing otherwise")
+    if args.graph_pass and args.latent_grad == "full" and args.latent_feed == "continuous":
+        print("lcot: note: --graph_pass has nothing to graph with --latent_grad full (its passes run through a KV "
+              "cache); this stage runs as without it", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses")
@@ -130,7 +139,10 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
         gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, report_to=[],
         dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
         use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=not freeze_vision, save_only_model=False)
+        ddp_find_unused_parameters=not freeze_vision, save_only_model=False,
+        # no host-device sync inside a step: batches are copied from pinned memory without blocking, and
+        # LatentTrainer checks losses itself (at the optimizer step) instead of Trainer's per-batch NaN filter
+        accelerator_config={"non_blocking": True}, logging_nan_inf_filter=False)
 
 
 def train(args: TrainConfig) -> Path:
@@ -158,6 +170,8 @@ def train(args: TrainConfig) -> Path:
     model.config.use_cache = False
     if args.compile:
         compile_parallel_pass(model)
+    if args.graph_pass:
+        graph_parallel_pass(model)
     if args.lora:
         model = apply_lora(model, args)
     if args.preprocess:

@@ -107,6 +107,10 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the language model's passes without a KV cache (the pass with "
                            "gradients; lcot.core.latent.compile_parallel_pass): fewer launches for small models, "
                            "a one-off compile at the start")
+    graph_pass: bool = option(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) "
+                              "as CUDA graphs of its forward and backward, one per batch shape "
+                              "(lcot.core.graph.GraphedPass): for small models, whose step is bound by launching "
+                              "kernels; the same kernels as the eager pass; no effect on a CPU")
     attn_implementation: str = option("sdpa", "attention kernel of the language model (the 4D mask works with both)",
                                       choices=("sdpa", "eager"))
     resume_from_checkpoint: str | None = option(None, "resume from a checkpoint folder, or from the last one in "
@@ -196,6 +200,7 @@ class LatentTrainer(Trainer):
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
         self._step_records: list[int] = []  # record idx of the micro-batches of the current optimizer step
+        self._pending: list[tuple[list[str], torch.Tensor, list[int], float]] = []  # metrics not read back yet
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.config
@@ -215,17 +220,10 @@ class LatentTrainer(Trainer):
             align, cos = align_loss(latents, inputs["teacher"], cfg.align, self.teacher_mean)
             loss = loss + cfg.align_weight * align
             metrics.update(align=align.detach(), cos=cos.mean())
-        # one device-to-host copy a micro-batch for all metrics, the finiteness check and the cosines
         values = torch.cat([torch.stack([v.float() for v in metrics.values()] + [loss.detach().float()]),
-                            cos.float() if cos is not None else loss.new_zeros(0)]).tolist()
-        n = len(metrics)
-        if not math.isfinite(values[n]):
-            raise self._non_finite("loss", values[n], records)
-        if cos is not None:
-            self._add_cos(values[n + 1:])
-        for key, v in zip([*metrics, "k"], values[:n] + [float(inputs["num_latents"])]):
-            self._sums[key] = self._sums.get(key, 0.0) + v
-        self._count += 1
+                            cos.detach().float() if cos is not None else loss.new_zeros(0)])
+        # read back at the optimizer step (`_read_metrics`): a copy to the host here would stall the GPU
+        self._pending.append((list(metrics), values, records, float(inputs["num_latents"])))
         return (loss, out) if return_outputs else loss
 
     def _get_grad_norm(self, model, grad_norm=None):
@@ -233,10 +231,32 @@ class LatentTrainer(Trainer):
         a NaN/inf gradient norm stops the run here, so no checkpoint ever holds NaN weights."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         records, self._step_records = self._step_records, []
-        value = float(grad_norm) if grad_norm is not None else 0.0
+        value = self._read_metrics(grad_norm)
         if not (self.args.fp16 or math.isfinite(value)):  # fp16's loss scaler skips such steps itself
             raise self._non_finite("gradient norm", value, records)
         return grad_norm
+
+    def _read_metrics(self, grad_norm: torch.Tensor | float | None = None) -> float:
+        """The micro-batches' metrics and the gradient norm in one device-to-host copy (one sync an optimizer
+        step); a NaN/inf loss stops the run, naming its micro-batch. Returns the gradient norm (0.0 for None)."""
+        pending, self._pending = self._pending, []
+        tensor_norm = isinstance(grad_norm, torch.Tensor)
+        parts = [v for _, v, _, _ in pending] + ([grad_norm.detach().float().reshape(1)] if tensor_norm else [])
+        flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist() if parts else []
+        at = 0
+        for keys, v, records, k in pending:
+            row, at = flat[at:at + v.numel()], at + v.numel()
+            n = len(keys)
+            if not math.isfinite(row[n]):
+                raise self._non_finite("loss", row[n], records)
+            if len(row) > n + 1:
+                self._add_cos(row[n + 1:])
+            for key, x in zip([*keys, "k"], row[:n] + [k]):
+                self._sums[key] = self._sums.get(key, 0.0) + x
+            self._count += 1
+        if tensor_norm:
+            return flat[-1]
+        return float(grad_norm) if grad_norm is not None else 0.0
 
     def _non_finite(self, what: str, value: float, records: list[int]) -> NonFiniteLossError:
         out, last = self.args.output_dir, last_checkpoint(self.args.output_dir)
@@ -300,6 +320,8 @@ class LatentTrainer(Trainer):
         self._cos_n[: len(cos)] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._pending:
+            self._read_metrics()
         if self._count and "loss" in logs:
             logs.update({k: v / self._count for k, v in self._sums.items()})
             row = {"step": self.state.global_step, **logs}
