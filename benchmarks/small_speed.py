@@ -2,13 +2,14 @@
 
     python benchmarks/small_speed.py --out runs/small_speed          # a GPU; prints a markdown table
 
-Both rows run `python -m lcot.main --stage stage2` (align_weight 0, truncated gradient, K=4, batch 64) in
+Every row runs `python -m lcot.main --stage stage2` (align_weight 0, truncated gradient, K=4, batch 64) in
 the same process environment on the same card, one after the other:
   * baseline: the path of the first round: images decoded and processed in the main process for every
     batch (--num_workers 0), transformers' per-image vision loops (LCOT_VISION=stock);
   * cached: `--preprocess` (every record's tokens, positions and exact uint8 pixel codes built once,
     before training; decoded on the GPU), DataLoader workers, and the vision tower without per-image
-    loops (lcot.core.vision).
+    loops (lcot.core.vision);
+  * --graph_pass (optional): the cached row with the pass with gradients as CUDA graphs (lcot.core.graph).
 records/s is the Trainer's train_samples_per_second (the training loop only); the one-off preprocessing
 time is reported beside it. CPU dry run: --shape tiny --steps 4 --n 200.
 """
@@ -62,6 +63,9 @@ def main() -> None:
     p.add_argument("--compile_steps", type=int, default=0, help="optimizer steps of the --compile row (0: --steps)")
     p.add_argument("--bsz", type=int, nargs="+", default=[64], help="batch sizes (each gets both rows)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--graph_pass", action="store_true",
+                   help="also a row with --graph_pass (the pass with gradients as CUDA graphs)")
+    p.add_argument("--no_baseline", action="store_true", help="skip the first round's path (rows then show no ratio)")
     p.add_argument("--compile", action="store_true",
                    help="also a row with --compile, after a 10-step run that fills the compile cache")
     args = p.parse_args()
@@ -78,12 +82,15 @@ def main() -> None:
     rows = {}
     for bsz in args.bsz:  # the same number of records per row at every batch size
         steps, base_steps = max(1, args.steps * 64 // bsz), max(1, args.baseline_steps * 64 // bsz)
-        rows[("baseline", bsz)] = run([*common, "--bsz", str(bsz), "--output_dir", str(out / "baseline"),
-                                       "--max_steps", str(base_steps)], out / f"baseline_{bsz}.log",
-                                      LCOT_VISION="stock")
+        if not args.no_baseline:
+            rows[("baseline", bsz)] = run([*common, "--bsz", str(bsz), "--output_dir", str(out / "baseline"),
+                                           "--max_steps", str(base_steps)], out / f"baseline_{bsz}.log",
+                                          LCOT_VISION="stock")
         cached = [*common, "--bsz", str(bsz), "--output_dir", str(out / "cached"), "--max_steps", str(steps),
                   "--preprocess", "--num_workers", str(args.workers)]
         rows[("cached", bsz)] = run(cached, out / f"cached_{bsz}.log")
+        if args.graph_pass:
+            rows[("cached + --graph_pass", bsz)] = run([*cached, "--graph_pass"], out / f"graph_pass_{bsz}.log")
         if args.compile:  # a short run first fills torch.compile's on-disk cache, as any earlier run would
             warm = [*cached, "--compile"]
             warm[warm.index("--max_steps") + 1] = "10"
@@ -103,8 +110,8 @@ def main() -> None:
              "| records/s, steady (last 3/4 of the steps) | one-off preprocessing | wall s |",
              "|---|---|---|---|---|---|---|"]
     for (name, bsz), (rate, prep, wall, steady) in rows.items():
-        base = rows[("baseline", bsz)][0]
-        lines.append(f"| {name} | {bsz} | {rate:.0f} | {rate / base:.1f}x | "
+        base = rows.get(("baseline", bsz), (None,))[0]
+        lines.append(f"| {name} | {bsz} | {rate:.0f} | {f'{rate / base:.1f}x' if base else '-'} | "
                      f"{f'{steady:.0f}' if steady else '-'} | {prep:.0f} s | {wall} |")
     text = "\n".join(lines) + "\n"
     (out / "small_speed.md").write_text(text)

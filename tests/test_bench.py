@@ -85,3 +85,36 @@ def test_save_model_loads(tmp_path):
     model, processor = load(tmp_path / "m")
     assert processor.tokenizer.convert_tokens_to_ids("<abs_vis_token>") is not None
     assert model.config.text_config.hidden_size == 128
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_busy_time_is_the_union_of_kernel_intervals():
+    busy = _script("profile_step").busy_time
+    assert busy([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (5.9, 6.0)]) == 4
+    assert busy([(3, 4), (0, 1)]) == 2 and busy([]) == 0
+
+
+def test_profile_step_and_graph_check_run_on_a_cpu(tiny_dir, data_dir, tmp_path, one_thread):
+    """The profile of real training steps (a CPU reports ops and wall time, no kernels), and the graph check
+    (on a CPU no graph applies, so graphed and eager are the same path: 0.0)."""
+    ps = _script("profile_step")
+    common = ["--model", str(tiny_dir), "--train_jsonl", str(data_dir / "train.jsonl"), "--bsz", "2"]
+    report = ps.main([*common, "--output_dir", str(tmp_path / "out"), "--skip", "1", "--profile_steps", "2",
+                      "--workers", "0", "--json", str(tmp_path / "r.json")])
+    assert report["steps"] == 2 and report["wall_ms_per_step"] > 0 and report["cpu_ops_per_step"] > 500
+    assert report["kernels_per_step"] == 0 and json.loads((tmp_path / "r.json").read_text())["bsz"] == 2
+    check = ps.main([*common, "--check_graph_pass"])
+    assert check["max_abs_diff_hidden"] == check["max_abs_diff_grad"] == 0.0 and check["pass_captures"] == 0
+
+
+def test_small_speed_steady_rate_reads_the_progress_bar():
+    rate = _script("small_speed").steady_rate
+    bar = "\r".join(f"{n}/40 [00:{n // 4:02d}<00:10," for n in range(0, 41, 4))
+    assert rate(bar, 40, 64) == pytest.approx(64 * 4)  # 4 steps a second from step 10 on
+    assert rate("nothing", 40, 64) is None

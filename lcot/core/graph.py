@@ -1,9 +1,11 @@
-"""The fast latent recurrence: a static KV cache, and `latent_step` captured once as a CUDA graph.
+"""CUDA graphs: the latent recurrence on a static KV cache, and training's pass with gradients.
 
 The K latent steps are single-token passes, launch-bound on a GPU (tens of kernels per layer for one
 token). `FastLatents` keeps the KV cache in a `transformers.StaticCache` of a fixed number of slots,
 so that one call of `lcot.core.latent.latent_step` (the one implementation of a step, not a copy of it)
-can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step:
+can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step. The prefix pass (from
+column 0, through `text_forward` on the same cache) is captured too, once per prefix length, the second
+time that length comes (a length seen once, as in generation over varied prompts, costs no capture):
 
 - the step reads its input, its mask row (over all slots of the cache, slots not written yet masked)
   and its M-RoPE position from three buffers that are refilled in place between replays;
@@ -25,6 +27,10 @@ None means the environment variable LCOT_FAST, else "auto"):
 - "graph": static cache with a CUDA graph (eager static steps on a CPU).
 The fast path only ever runs without gradients (teacher precompute, generation, and the no-gradient
 recurrence of grad="truncated").
+
+`GraphedPass` (--graph_pass) runs training's pass with gradients and without a cache as two graphs, its
+forward and its backward (torch.cuda.make_graphed_callables), one pair per batch shape: for small models,
+whose training step is bound by launching kernels, not by arithmetic.
 
 A captured graph bakes in addresses and Python control flow. `FastLatents` therefore remembers the
 tensors it captured (and keeps them alive) and is replaced when they change (new tensors, `.to()`,
