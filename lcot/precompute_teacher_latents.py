@@ -33,7 +33,8 @@ class PrecomputeConfig:
     train_jsonl: str = option(help="the records whose teacher latents to write")
     output_dir: str = option(help="the teacher latent folder (--teacher_latent_dir later)")
     k_max: int = option(32, "latents stored per record (>= every later --latent_size)")
-    bsz: int = option(4, "records per forward")
+    bsz: int = option(4, "records per forward (records of similar shapes are batched together)")
+    num_workers: int = option(0, "DataLoader worker processes that build batches while the model runs")
     bf16: bool = option(False, "compute in bfloat16 (then train stage2/3 with --bf16 too)")
     max_pixels: int | None = option(None, "image processor max_pixels (match training; None: the checkpoint's)")
     skip_missing_thought: bool = option(False, "skip records without thought images (and report how many) instead "
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     feed = trained_feed(args.model_name_or_path)
     counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
                         model_name=str(args.model_name_or_path), rank=state.process_index,
-                        world_size=state.num_processes, progress=state.is_local_main_process, feed=feed)
+                        world_size=state.num_processes, progress=state.is_local_main_process, feed=feed,
+                        num_workers=args.num_workers)
     state.wait_for_everyone()
     print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
           f"(process {state.process_index + 1}/{state.num_processes})", file=sys.stderr)

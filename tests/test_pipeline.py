@@ -228,3 +228,38 @@ def test_warmup_ratio_reaches_transformers_as_a_ratio():
     cfg = TrainConfig(stage="stage1", model_name_or_path="m", train_jsonl="t", output_dir="o", warmup_ratio=0.1)
     args = cli.training_args(cfg, freeze_vision=False)
     assert args.get_warmup_steps(200) == 20
+
+
+def test_precompute_batches_records_of_one_shape_with_the_same_files(loaded, records, tmp_path):
+    """Batches are formed by shape (image sizes, question length): fewer padded tokens than in file order, and
+    the files equal those computed one record at a time; DataLoader workers give the very same bytes."""
+    import dataclasses
+
+    from PIL import Image
+
+    from lcot.pipeline.teacher import batches_by_shape, precompute, shape_key
+
+    model, processor = loaded
+    big = tmp_path / "big.png"
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(big)
+    recs = [dataclasses.replace(r, thought_images=(big,) + r.thought_images) if i % 2 else r
+            for i, r in enumerate(records[:8])]  # two shapes, alternating in file order
+    batches = batches_by_shape(recs, 4)
+    assert sorted(r.idx for b in batches for r in b) == sorted(r.idx for r in recs)
+    assert all(len({shape_key(r)[:2] for r in b}) == 1 for b in batches)  # one image layout per batch
+    collate = Collator(processor, model.config, 2, thought_images=True)
+
+    def padding(groups) -> int:
+        return sum(int((collate(g)["segments"] == 0).sum()) for g in groups)
+
+    assert padding(batches) < padding([recs[:4], recs[4:]])
+    one = precompute(model, processor, recs, tmp_path / "one", 2, batch_size=1, progress=False)
+    four = precompute(model, processor, recs, tmp_path / "four", 2, batch_size=4, progress=False)
+    workers = precompute(model, processor, recs, tmp_path / "workers", 2, batch_size=4, progress=False,
+                         num_workers=2)
+    assert one["computed"] == four["computed"] == workers["computed"] == 8
+    for r in recs:
+        a, b, c = (torch.load(teacher_file(tmp_path / d, r.idx), weights_only=True)["latents"]
+                   for d in ("one", "four", "workers"))
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+        assert torch.equal(c, b)

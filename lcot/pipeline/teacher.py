@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcot.core.collate import Collator
@@ -100,14 +102,35 @@ def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype:
     return latents.shape[0] == k_max
 
 
+def shape_key(rec: Record) -> tuple:
+    """What decides a record's sequence length, cheaply: its images' sizes (read from the file headers, not
+    decoded) and its question's length. Sorting by it puts records of one shape in one batch."""
+    sizes = []
+    for path in (*rec.question_images, *rec.thought_images):
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except OSError:  # unreadable now: the collator will say so; any position in the order will do
+            sizes.append((0, 0))
+    return len(sizes), tuple(sizes), len(rec.question)
+
+
+def batches_by_shape(records: Sequence[Record], batch_size: int) -> list[list[Record]]:
+    """Batches of records of similar shapes (sorted by shape_key): less padding per batch, and repeated prefix
+    lengths, whose CUDA graph then replays (lcot.core.graph)."""
+    ordered = sorted(records, key=shape_key)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
 @torch.no_grad()
 def precompute(model, processor, records: Sequence[Record], out_dir: str | Path, k_max: int, batch_size: int = 1,
                model_name: str = "", rank: int = 0, world_size: int = 1, progress: bool = True,
-               feed: str = "continuous") -> dict[str, int]:
+               feed: str = "continuous", num_workers: int = 0) -> dict[str, int]:
     """Write the teacher files of `records` (this process's share: every world_size-th record).
 
     Same collator, mask and positions as stage2 (thought images visible, latent mode; `feed` as the model
-    was trained, see lcot.core.model.latent_hidden_states). Returns counts.
+    was trained, see lcot.core.model.latent_hidden_states). Batches hold records of similar shapes
+    (`batches_by_shape`); `num_workers` DataLoader processes build them while the model runs. Returns counts.
     """
     out_dir = Path(out_dir)
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
@@ -119,9 +142,10 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(todo), desc="teacher latents", unit="rec", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        batch = collate(chunk)
+    chunks = batches_by_shape(todo, batch_size)
+    loader = DataLoader(chunks, batch_size=None, collate_fn=collate, num_workers=num_workers,
+                        pin_memory=model.device.type == "cuda")
+    for chunk, batch in zip(chunks, loader):
         batch = to_device(batch, model.device)
         _, latents = latent_hidden_states(model, batch, feed=feed)
         for rec, lat in zip(chunk, latents):
