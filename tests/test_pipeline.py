@@ -263,3 +263,34 @@ def test_precompute_batches_records_of_one_shape_with_the_same_files(loaded, rec
                    for d in ("one", "four", "workers"))
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
         assert torch.equal(c, b)
+
+
+def test_metrics_are_read_back_once_per_optimizer_step(loaded, records, tmp_path):
+    """compute_loss keeps its metrics on the device; the gradient-norm hook reads them all (and the norm, also a
+    DTensor under FSDP2) in one copy."""
+    from transformers import TrainingArguments
+
+    model, processor = loaded
+    cfg = TrainConfig(stage="stage2", model_name_or_path="-", train_jsonl="-", output_dir=str(tmp_path),
+                      num_latents=2, align_weight=0.0, latent_grad="truncated")
+    collate = TrainCollate(Collator(processor, model.config, 2, thought_images=True), None, 128)
+    trainer = LatentTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                            config=cfg, data_collator=collate, train_dataset=records)
+    with torch.no_grad():
+        losses = [float(trainer.compute_loss(model, collate(records[i:i + 2]))) for i in (0, 2)]
+    assert trainer._count == 0 and len(trainer._pending) == 2  # nothing read back yet
+
+    class DTensorLike(torch.Tensor):  # like a DTensor, it does not mix with plain tensors
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is not torch.Tensor.as_subclass:
+                raise TypeError(f"{func} on a DTensor-like value: call full_tensor() first")
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+        def full_tensor(self) -> torch.Tensor:
+            return self.as_subclass(torch.Tensor)
+
+    assert trainer._read_metrics(torch.tensor(2.5).as_subclass(DTensorLike)) == 2.5
+    assert trainer._count == 2 and not trainer._pending
+    assert trainer._sums["ce"] == pytest.approx(sum(losses)) and trainer._sums["k"] == 4.0
+    assert trainer._read_metrics(None) == 0.0 and trainer._count == 2

@@ -241,6 +241,8 @@ class LatentTrainer(Trainer):
         step); a NaN/inf loss stops the run, naming its micro-batch. Returns the gradient norm (0.0 for None)."""
         pending, self._pending = self._pending, []
         tensor_norm = isinstance(grad_norm, torch.Tensor)
+        if tensor_norm and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, every rank calls this here
+            grad_norm = grad_norm.full_tensor()
         parts = [v for _, v, _, _ in pending] + ([grad_norm.detach().float().reshape(1)] if tensor_norm else [])
         flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist() if parts else []
         at = 0
