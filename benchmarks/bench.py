@@ -27,6 +27,8 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
 - numerics: max |graphed - eager| of the teacher latents, first 8 steps in the run's dtype (bf16 drifts after
   ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end).
 On a CPU "graph" runs eager static-cache steps (no CUDA graphs) and no memory is reported.
+--paired N also times each row against its baseline in N alternating pairs and notes the median ratio: ratios of
+rows timed apart moved by +-20% between processes on one H100 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -175,6 +177,23 @@ def measure(fn: Callable[[], dict | None], iters: int, warmup: int, device: torc
     return statistics.median(values), _peak(device), values
 
 
+def paired_ratio(fn: Callable, base: Callable, pairs: int, device: torch.device) -> tuple[float, list[float]]:
+    """Median of time(fn) / time(base) over `pairs` calls taken alternately (base, fn, base, fn, ...): both
+    sides see the same drift of clocks and host load, which separate rows (and processes) do not."""
+    def timed(f: Callable) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        f()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    ratios = []
+    for _ in range(max(pairs, 1)):
+        b = timed(base)
+        ratios.append(timed(fn) / b)
+    return statistics.median(ratios), ratios
+
+
 # -- the bench ---------------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args) -> None:
@@ -184,6 +203,7 @@ class Bench:
         self.rows: list[dict] = []
         self.env: dict = {}
         self._captures_seen = 0
+        self._fns: dict[str, Callable] = {}  # row name -> what it timed (the baselines of --paired)
         self.tmp = Path(tempfile.mkdtemp(prefix="lcot-bench-"))
 
     # -- output ----------------------------------------------------------------------------------------------
@@ -224,10 +244,15 @@ class Bench:
         _fresh(self.model, self.device)
         try:
             t, peak, _ = measure(fn, self.args.iters, self.args.warmup, self.device, metric)
+            if self.args.paired and baseline in self._fns and metric is None:
+                ratio, ratios = paired_ratio(fn, self._fns[baseline], self.args.paired, self.device)
+                note = (note + "; " if note else "") + (f"paired ratio {ratio:.2f}x (median of {len(ratios)} "
+                                                        f"alternating pairs, {min(ratios):.2f}-{max(ratios):.2f})")
         except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
             traceback.print_exc(file=sys.stderr)
             self.add(name, what, baseline=baseline, note=f"error: {type(err).__name__}: {str(err)[:200]}")
         else:
+            self._fns[name] = fn
             self.add(name, what, time_s=t, baseline=baseline, peak=peak, note=note, unit=unit)
 
     # -- setup -----------------------------------------------------------------------------------------------
@@ -503,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent_size", dest="num_latents", type=int, default=32, help="K latent steps")
     p.add_argument("--iters", type=int, default=3, help="timed calls per row (the median is reported)")
+    p.add_argument("--paired", type=int, default=0, metavar="N",
+                   help="also time each row against its baseline in N alternating pairs and note the median ratio "
+                        "(steadier than the ratio of two rows timed apart)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per row first (graph capture happens here)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda when available")

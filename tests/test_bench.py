@@ -118,3 +118,27 @@ def test_small_speed_steady_rate_reads_the_progress_bar():
     bar = "\r".join(f"{n}/40 [00:{n // 4:02d}<00:10," for n in range(0, 41, 4))
     assert rate(bar, 40, 64) == pytest.approx(64 * 4)  # 4 steps a second from step 10 on
     assert rate("nothing", 40, 64) is None
+
+
+def test_paired_ratio_alternates_and_takes_the_median(monkeypatch):
+    calls, clock = [], iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock) * 1.0)
+    durations = {"base": [1, 2, 1], "fn": [3, 2, 4]}  # clock ticks spent per call (the stubs advance the clock)
+
+    def stub(name):
+        def f():
+            calls.append(name)
+            for _ in range(durations[name][sum(c == name for c in calls) - 1] - 1):
+                next(clock)
+        return f
+
+    ratio, ratios = bench.paired_ratio(stub("fn"), stub("base"), 3, torch.device("cpu"))
+    assert calls == ["base", "fn"] * 3 and ratios == [3.0, 1.0, 4.0] and ratio == 3.0
+
+
+def test_bench_paired_notes_the_alternating_ratio(tmp_path, one_thread):
+    rows = bench.main([*SMALL, "--paired", "2", "--rows", "sft,latent_truncated_graph,forward,teacher_graph"])
+    by_name = {r["name"]: r for r in rows}
+    for name in ("latent_truncated_graph", "teacher_graph"):
+        assert "paired ratio" in by_name[name]["note"] and "of 2 alternating pairs" in by_name[name]["note"], name
+    assert "paired" not in by_name["sft"]["note"]  # a baseline has no ratio
