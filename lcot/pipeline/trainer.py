@@ -199,13 +199,11 @@ class LatentTrainer(Trainer):
         self._sums: dict[str, float] = {}
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
-        self._step_records: list[int] = []  # record idx of the micro-batches of the current optimizer step
         self._pending: list[tuple[list[str], torch.Tensor, list[int], float]] = []  # metrics not read back yet
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.config
         records = list(inputs["idx"])
-        self._step_records += records
         if cfg.stage == "stage3":
             total = self.state.max_steps if cfg.latent_curriculum else None
             inputs = drop_latents(inputs, sample_k(cfg.seed, self.state.global_step, cfg.num_latents, total))
@@ -230,7 +228,7 @@ class LatentTrainer(Trainer):
         """Trainer calls this once per optimizer step, after clipping and before optimizer.step():
         a NaN/inf gradient norm stops the run here, so no checkpoint ever holds NaN weights."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        records, self._step_records = self._step_records, []
+        records = [r for _, _, batch_records, _ in self._pending for r in batch_records]  # this step's micro-batches
         value = self._read_metrics(grad_norm)
         if not (self.args.fp16 or math.isfinite(value)):  # fp16's loss scaler skips such steps itself
             raise self._non_finite("gradient norm", value, records)
