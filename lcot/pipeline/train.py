@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
         out = train(args)
     except NonFiniteLossError as err:
         print(f"lcot: error: {err}", file=sys.stderr)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank stopped at the same step (LatentTrainer agrees on the check); leaving the group
+            # first lets each process exit with code 3 instead of aborting in the group's threads
+            torch.distributed.destroy_process_group()
         raise SystemExit(3) from None
     print(f"lcot: {args.stage} done: {out}")
 

@@ -230,40 +230,62 @@ class LatentTrainer(Trainer):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         records = [r for _, _, batch_records, _ in self._pending for r in batch_records]  # this step's micro-batches
         value = self._read_metrics(grad_norm)
+        # gradients are all-reduced, so under DDP/FSDP every rank sees the same norm and stops here together
         if not (self.args.fp16 or math.isfinite(value)):  # fp16's loss scaler skips such steps itself
-            raise self._non_finite("gradient norm", value, records)
+            raise self._non_finite([("gradient norm", value, records, self._rank_of())])
         return grad_norm
 
     def _read_metrics(self, grad_norm: torch.Tensor | float | None = None) -> float:
         """The micro-batches' metrics and the gradient norm in one device-to-host copy (one sync an optimizer
-        step); a NaN/inf loss stops the run, naming its micro-batch. Returns the gradient norm (0.0 for None)."""
+        step); a NaN/inf loss stops the run, naming its micro-batch. Returns the gradient norm (0.0 for None).
+
+        Several processes: one small all-gather of a "my loss is not finite" flag per optimizer step, so that
+        every rank stops at the same step, with the same message (the ranks, their records), instead of the
+        healthy ranks waiting in the next collective until the NCCL timeout.
+        """
         pending, self._pending = self._pending, []
         tensor_norm = isinstance(grad_norm, torch.Tensor)
         if tensor_norm and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, every rank calls this here
             grad_norm = grad_norm.full_tensor()
         parts = [v for _, v, _, _ in pending] + ([grad_norm.detach().float().reshape(1)] if tensor_norm else [])
+        world = self.accelerator.num_processes
+        if world > 1:
+            parts.append(self.accelerator.gather(_any_non_finite(pending, self.accelerator.device)))
         flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist() if parts else []
+        if world > 1 and any(flat[-world:]):
+            mine = [(what, value, records, self._rank_of()) for what, value, records in _non_finite_rows(pending, flat)]
+            from accelerate.utils import gather_object  # collective: every rank saw the same flags
+
+            raise self._non_finite(gather_object(mine[:1]))
         at = 0
         for keys, v, records, k in pending:
             row, at = flat[at:at + v.numel()], at + v.numel()
             n = len(keys)
             if not math.isfinite(row[n]):
-                raise self._non_finite("loss", row[n], records)
+                raise self._non_finite([("loss", row[n], records, self._rank_of())])
             if len(row) > n + 1:
                 self._add_cos(row[n + 1:])
             for key, x in zip([*keys, "k"], row[:n] + [k]):
                 self._sums[key] = self._sums.get(key, 0.0) + x
             self._count += 1
         if tensor_norm:
-            return flat[-1]
+            return flat[at]
         return float(grad_norm) if grad_norm is not None else 0.0
 
-    def _non_finite(self, what: str, value: float, records: list[int]) -> NonFiniteLossError:
+    def _rank_of(self) -> tuple[int, int] | None:
+        n = self.accelerator.num_processes
+        return (self.accelerator.process_index, n) if n > 1 else None
+
+    def _non_finite(self, bad: list[tuple[str, float, list[int], tuple[int, int] | None]]) -> NonFiniteLossError:
+        """bad: (what, value, records, (rank, world) or None) per failing process."""
         out, last = self.args.output_dir, last_checkpoint(self.args.output_dir)
         kept = f"the last good checkpoint is {last}" if last else f"no checkpoint was saved yet in {out}"
+        where = "; ".join(f"{what} is {value} at step {self.state.global_step + 1}"
+                          + (f" on rank {rank[0]} of {rank[1]}" if rank else "") + f", batch records {records}"
+                          for what, value, records, rank in bad)
         return NonFiniteLossError(
-            f"{what} is {value} at step {self.state.global_step + 1}, batch records {records} (record idx = 0-based "
-            f"position among the non-blank lines of the JSONL); {kept}. Try a lower --lr, or check those records")
+            f"{where} (record idx = 0-based position among the non-blank lines of the JSONL); {kept}. "
+            "Try a lower --lr, or check those records")
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed when complete.
@@ -338,6 +360,23 @@ class LatentTrainer(Trainer):
                     f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
             self._sums, self._cos_sum, self._count = {}, None, 0
         super().log(logs, *args, **kwargs)
+
+
+def _any_non_finite(pending: list, device: torch.device) -> torch.Tensor:
+    """[1] float on the device: 1.0 when a pending micro-batch's loss is NaN/inf (no host sync)."""
+    flags = [~torch.isfinite(v[len(keys)]) for keys, v, _, _ in pending]
+    return torch.stack(flags).any().float().reshape(1).to(device) if flags else torch.zeros(1, device=device)
+
+
+def _non_finite_rows(pending: list, flat: list[float]) -> list[tuple[str, float, list[int]]]:
+    """The pending micro-batches whose loss (read back in `flat`) is NaN/inf: (what, value, records)."""
+    bad, at = [], 0
+    for keys, v, records, _ in pending:
+        value = flat[at + len(keys)]
+        if not math.isfinite(value):
+            bad.append(("loss", value, records))
+        at += v.numel()
+    return bad
 
 
 def _remove_leftovers(run_dir: Path) -> None:

@@ -1,0 +1,93 @@
+"""Two training processes (torch.distributed, gloo on CPU): a NaN loss on one rank stops every rank at that step.
+
+The same script runs on two GPUs (NCCL): benchmarks/nan_one_rank.py (issue 12).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lcot.pipeline.load import load
+from lcot.pipeline.runs import last_checkpoint
+from lcot.precompute_teacher_latents import main as precompute_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], world: int, logs: Path) -> list[subprocess.Popen]:
+    """`world` processes of benchmarks/nan_one_rank.py, with the environment torchrun would give them."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)}
+        with (logs / f"rank{rank}.log").open("w") as f:
+            procs.append(subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "nan_one_rank.py"), *argv],
+                                          stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def teacher(data_dir, tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mp") / "teacher"
+    precompute_main([str(a) for a in ["--model_name_or_path", tiny_dir, "--train_jsonl", data_dir / "train.jsonl",
+                                      "--output_dir", out, "--k_max", "3", "--bsz", "6", "--benefit_records", "0"]])
+    return out
+
+
+def test_nan_on_one_rank_stops_every_rank_at_that_step_with_exit_3(data_dir, tiny_dir, teacher, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(a) for a in ["--bad_rank", 1, "--bad_step", 2, "--", "--stage", "stage2", "--model_name_or_path",
+                             tiny_dir, "--train_jsonl", data_dir / "train.jsonl", "--output_dir", out,
+                             "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
+                             "--grad_accum_steps", 1, "--max_steps", 5, "--save_steps", 1, "--logging_steps", 1,
+                             "--warmup_ratio", 0]]
+    procs = launch(argv, 2, tmp_path)
+    end = time.time() + 240
+    while any(p.poll() is None for p in procs) and time.time() < end:
+        time.sleep(0.1)
+    finished = time.time()
+    codes = [p.poll() for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [3, 3], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
+    assert time.time() - finished < 1  # both had exited: no rank waited for a collective timeout
+    for log in logs:
+        m = re.search(r"lcot: error: loss is nan at step 2 on rank 1 of 2, batch records \[(\d+), (\d+)\]", log)
+        assert m, log[-2000:]
+        assert "Traceback" not in log
+    assert last_checkpoint(out) == out / "checkpoint-1"
+    assert not (out / "checkpoint-2").exists() and not (out / "model.safetensors").exists()
+    model, _ = load(out / "checkpoint-1")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_one_process_keeps_the_message_without_ranks(data_dir, tiny_dir, teacher, tmp_path):
+    """world 1: the same injection names no rank (the single-process message is unchanged)."""
+    out = tmp_path / "out"
+    argv = [str(a) for a in ["--bad_rank", 0, "--bad_step", 2, "--", "--stage", "stage2", "--model_name_or_path",
+                             tiny_dir, "--train_jsonl", data_dir / "train.jsonl", "--output_dir", out,
+                             "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
+                             "--grad_accum_steps", 1, "--max_steps", 3, "--save_steps", 1, "--warmup_ratio", 0]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nan_one_rank.py"), *argv], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert re.search(r"lcot: error: loss is nan at step 2, batch records \[\d+, \d+\]", res.stderr), res.stderr[-2000:]
