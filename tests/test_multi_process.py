@@ -91,3 +91,19 @@ def test_one_process_keeps_the_message_without_ranks(data_dir, tiny_dir, teacher
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 3, res.stderr[-2000:]
     assert re.search(r"lcot: error: loss is nan at step 2, batch records \[\d+, \d+\]", res.stderr), res.stderr[-2000:]
+
+
+def test_one_process_with_several_gpus_trains_on_one(capsys):
+    """Without a launcher, Trainer would wrap the model in nn.DataParallel (n_gpu > 1), whose replicas have no
+    parameters of their own (seen on a 2-GPU H100: StopIteration in the vision tower's dtype)."""
+    from types import SimpleNamespace
+
+    from lcot.pipeline.train import one_gpu_per_process
+
+    targs = SimpleNamespace(n_gpu=2, _n_gpu=2, device="cuda:0")
+    one_gpu_per_process(targs)
+    assert targs._n_gpu == 1
+    assert "2 GPUs are visible to one process: training on cuda:0 only" in capsys.readouterr().err
+    single = SimpleNamespace(n_gpu=1, _n_gpu=1, device="cuda:0")
+    one_gpu_per_process(single)
+    assert single._n_gpu == 1 and capsys.readouterr().err == ""

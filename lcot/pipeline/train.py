@@ -145,6 +145,19 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
         accelerator_config={"non_blocking": True}, logging_nan_inf_filter=False)
 
 
+def one_gpu_per_process(targs: TrainingArguments) -> TrainingArguments:
+    """One process sees several GPUs (started without a launcher): train on the first only, with a note.
+
+    Trainer would wrap the model in nn.DataParallel, whose replicas break the latent model (and DDP is the
+    way to use several GPUs); `accelerate launch` gives each GPU its own process.
+    """
+    if targs.n_gpu > 1:
+        print(f"lcot: note: {targs.n_gpu} GPUs are visible to one process: training on {targs.device} only; use "
+              "`accelerate launch -m lcot.main ...` to train on all of them", file=sys.stderr)
+        targs._n_gpu = 1
+    return targs
+
+
 def train(args: TrainConfig) -> Path:
     """Run one stage; returns the output folder (the final model, loadable with from_pretrained)."""
     from lcot.pipeline.load import load
@@ -187,7 +200,7 @@ def train(args: TrainConfig) -> Path:
             shutil.rmtree(args.output_dir)
         state.wait_for_everyone()
     trainer = LatentTrainer(
-        model=model, args=training_args(args, freeze_vision), train_dataset=records,
+        model=model, args=one_gpu_per_process(training_args(args, freeze_vision)), train_dataset=records,
         data_collator=data_collator,
         processing_class=processor, config=args, teacher_mean=teacher_mean, callbacks=[LcotConfigCallback(info)])
     trainer.train(resume_from_checkpoint=resume)
