@@ -606,6 +606,32 @@ def test_experiment_refuses_bad_flags_and_data_before_writing_anything(corpus, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty.jsonl"]
 
 
+def test_lora_with_fsdp_is_refused_before_the_model_loads(corpus, tiny_dir, tmp_path, monkeypatch, capsys):
+    from lcot.pipeline import load as load_mod
+    from lcot.pipeline.train import check
+    from lcot.pipeline.trainer import TrainConfig
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(load_mod, "load", no_load)
+    jsonl = write_jsonl(corpus, [rec()], "lora.jsonl")
+    for value in ("true", "True"):  # what `accelerate launch --use_fsdp` and accelerate's FSDP plugin set
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        err = fails(train_main, stage1(tiny_dir, jsonl, tmp_path / "out", "--lora"), capsys)
+        assert ("lcot: error: --lora: LoRA with FSDP is not supported (accelerate is configured for FSDP: "
+                "ACCELERATE_USE_FSDP=true)\n  hint: use DDP (`accelerate launch --multi_gpu`) for LoRA, or full "
+                "fine-tuning (without --lora) with FSDP") in err
+    cfg = dict(stage="stage1", model_name_or_path=str(tiny_dir), train_jsonl=str(jsonl),
+               output_dir=str(tmp_path / "out"))
+    check(TrainConfig(**cfg))  # full fine-tuning with FSDP is fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check(TrainConfig(**cfg, lora=True))  # LoRA without FSDP (one process, DDP) is fine
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check(TrainConfig(**cfg, lora=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_subprocess_of_a_toy_cli(tmp_path):
     (tmp_path / "a_file").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
