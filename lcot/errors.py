@@ -1,10 +1,12 @@
-"""One exception type for bad user input, so CLIs can print it without a traceback."""
+"""One exception type for bad user input, so CLIs can print it without a traceback; the output-path check."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,3 +40,22 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(130) from None
 
     return wrapped
+
+
+def check_output(flag: str, path: str | Path, folder: bool = True) -> None:
+    """Refuse an output path that cannot be written as asked, before any work is done: a file where a folder
+    goes (or a folder where a file goes), a path under a file, a parent folder that is not writable."""
+    path = Path(path).absolute()
+    if folder and path.exists() and not path.is_dir():
+        raise LcotInputError(flag, f"{path} is a file, not a folder", "choose a folder path (it is created)")
+    if not folder and path.is_dir():
+        raise LcotInputError(flag, f"{path} is a folder, not a file", "give a file path, e.g. results.json")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LcotInputError(flag, f"{path} cannot be created: {parent} is a file, not a folder",
+                             "choose a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LcotInputError(flag, f"{path} cannot be created: {parent} is not writable",
+                             "choose a folder you can write to")

@@ -49,7 +49,7 @@ import torch
 
 from lcot import config
 from lcot.config import option
-from lcot.errors import LcotInputError, cli_errors
+from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import write_json
 
 ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
@@ -269,6 +269,20 @@ def run_jobs(jobs: list[Job], run: Path, procs: int, gpus: list[str], log=print)
 
 
 # -- measuring one model -------------------------------------------------------------------------------------
+def check_measure(args) -> None:
+    """`measure`'s flags, before the model loads: the model folder, each K at most the trained one, counts."""
+    from lcot.pipeline.generate import choose_ks
+    from lcot.pipeline.load import check_model_folder
+
+    check_model_folder(args.model)
+    choose_ks(args.model, args.ks, "--ks")
+    check_output("--out", args.out, folder=False)
+    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--limit", args.limit, 0),
+                             ("--probe_records", args.probe_records, 1)):
+        if value < low:
+            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"see `{PROG} measure --help`")
+
+
 def measure(args) -> dict:
     """Accuracy per K (with and without thought images), per difficulty, causal use and the probe; as JSON."""
     from lcot.lab.analysis import causal_use, cosine_across, latent_outputs
@@ -279,6 +293,7 @@ def measure(args) -> dict:
     from lcot.pipeline.load import load
     from lcot.pipeline.runs import read_lcot_config
 
+    check_measure(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = load(args.model, torch.bfloat16 if args.bf16 else torch.float32, device)
     model.eval()
@@ -690,19 +705,53 @@ def _renamed(saved: dict) -> dict:
     return {("num_latents" if k == "latent_size" else k): v for k, v in saved.items()}
 
 
+def check(args: ExperimentConfig) -> None:
+    """Refuse flags that cannot work before anything is written or built (one line each, with a hint)."""
+    check_output("--run_dir", args.run_dir)
+    check_output("--results_dir", args.results_dir)
+    least = {"--seeds": (args.seeds, 1), "--latent_size": (args.num_latents, 1), "--bsz": (args.bsz, 1),
+             "--warmup_steps": (args.warmup_steps, 1), "--stage2_steps": (args.stage2_steps, 1),
+             "--stage3_steps": (args.stage3_steps, 1), "--probe_records": (args.probe_records, 1),
+             "--eval_records": (args.eval_records, 0), "--procs": (args.procs, 0)}
+    if args.task:
+        least.update({"--n": (args.n, 1), "--max_hops": (args.max_hops, 1)})
+    for flag, (value, low) in least.items():
+        if value < low:
+            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"see `{PROG} --help` for what it counts")
+    if not args.lr > 0:
+        raise LcotInputError("--lr", f"must be > 0, got {args.lr}", "e.g. --lr 1e-3")
+    if args.model not in ("tiny", "8m") and not (Path(args.model) / "config.json").is_file():
+        raise LcotInputError("--model", f"{args.model} is neither tiny, 8m nor a model folder (no config.json)",
+                             "--model tiny or 8m builds a model from scratch per seed; else pass a local checkpoint")
+
+
+def check_data(plan: Plan) -> None:
+    """Read both JSONL files (bad records, an empty file, missing thought images stop here, not in a job)."""
+    from lcot.pipeline.data import read_records
+
+    read_records(plan.train_jsonl, need_thought_images=True)
+    read_records(plan.eval_jsonl, need_thought_images=True)
+
+
 def _plan(args) -> Plan:
     if args.task:
         from lcot.toy.synthetic import generate
 
-        data = generate(Path(args.run_dir) / args.name / "data", n=args.n, seed=0, task=args.task,
-                        max_hops=args.max_hops)
+        folder = Path(args.run_dir) / args.name / "data"
+        try:
+            data = generate(folder, n=args.n, seed=0, task=args.task, max_hops=args.max_hops)
+        except FileExistsError:
+            raise LcotInputError(str(folder), f"holds a dataset made with other settings than --n {args.n} "
+                                 f"--max_hops {args.max_hops}", "use another --name, or delete the run folder to "
+                                 "start over") from None
+        except ValueError as err:  # e.g. --max_hops too large for the grid
+            raise LcotInputError(f"--task {args.task}", str(err), "e.g. --max_hops 4") from None
         args.train_jsonl, args.eval_jsonl = str(data["train"]), str(data["test"])
         args.difficulty_field = args.difficulty_field or "hops"
         args.state_field = args.state_field or "states"
     if not (args.train_jsonl and args.eval_jsonl):
-        raise LcotInputError("--train_jsonl", "give --task hops, or both --train_jsonl and --eval_jsonl")
-    if args.num_latents < 1:
-        raise LcotInputError("--latent_size", f"must be >= 1, got {args.num_latents}")
+        raise LcotInputError("--train_jsonl", "give --task hops, or both --train_jsonl and --eval_jsonl",
+                             "e.g. --task hops --n 3000")
     return Plan(name=args.name, train_jsonl=str(Path(args.train_jsonl).resolve()),
                 eval_jsonl=str(Path(args.eval_jsonl).resolve()), difficulty_field=args.difficulty_field,
                 state_field=args.state_field, model=args.model, seeds=list(range(args.seeds)),
@@ -720,7 +769,6 @@ def _device() -> str:
 
 
 def run_experiment(args) -> dict:
-    from lcot.pipeline.data import read_records
     from lcot.toy.tiny import build_tiny
 
     if args.aggregate_only:
@@ -730,7 +778,9 @@ def run_experiment(args) -> dict:
                                  "point --run_dir and --name at the folder lcot.experiment wrote")
         plan = Plan(**_renamed(json.loads((run / "plan.json").read_text())))
         return write_results(plan, run, Path(args.results_dir), {})
+    check(args)
     plan = _plan(args)
+    check_data(plan)
     run = (Path(args.run_dir) / plan.name).resolve()
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "plan.json"
@@ -741,10 +791,6 @@ def run_experiment(args) -> dict:
     for seed in plan.seeds:
         if plan.model in ("tiny", "8m"):
             build_tiny(_base(plan, seed, run), seed=seed, shape=plan.model)
-        elif not (Path(plan.model) / "config.json").is_file():
-            raise LcotInputError("--model", f"{plan.model} is neither tiny, 8m nor a model folder")
-    read_records(plan.train_jsonl, need_thought_images=True)  # bad input stops here, not in a job
-    read_records(plan.eval_jsonl, need_thought_images=True)
     jobs = [j for seed in plan.seeds for j in jobs_for_seed(plan, seed, run)]
     if args.dry_run:
         for j in jobs:

@@ -23,14 +23,19 @@ from lcot.core.collate import Collator
 from lcot.core.mask import Seg
 from lcot.core.record import load_image
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START, TokenIds
+from lcot.experiment import main as experiment_main
 from lcot.main import main as train_main
 from lcot.pipeline import data as data_mod
 from lcot.pipeline.data import read_records
 from lcot.pipeline.evaluate import main as evaluate_main
+from lcot.pipeline.generate import main as generate_main
 from lcot.pipeline.load import load
 from lcot.pipeline.processor import load_processor
+from lcot.pipeline.runs import write_lcot_config
 from lcot.pipeline.teacher import teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
+from lcot.toy.synthetic import main as synthetic_main
+from lcot.toy.tiny import main as tiny_main
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--seed", "0", "--warmup_ratio", "0"]
@@ -437,3 +442,201 @@ def test_model_without_latent_tokens_gets_them(tiny_dir, teacher_run, tmp_path):
     train_main([str(a) for a in stage1(tiny_dir, teacher_run / "data.jsonl", out, "--max_steps", "1")])
     vocab = load_processor(out).tokenizer.get_vocab()
     assert {LATENT_START, LATENT_END, LATENT_PAD} <= set(vocab)
+
+
+# -- generate, evaluate, synthetic, tiny, experiment: the same care as lcot.main ----------------------------------
+def _deny_open(monkeypatch, path: Path) -> None:
+    """Make `path` unreadable: chmod 0 for a normal user; root reads anything, so its open fails instead."""
+    if os.geteuid() != 0:
+        path.chmod(0)
+        return
+    real_open = data_mod.Image.open
+
+    def deny(p, *a, **k):
+        if Path(p) == path:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(data_mod.Image, "open", deny)
+
+
+def test_a_bad_image_flag_is_worded_for_a_flag_not_a_jsonl(corpus, tiny_dir, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked.png"
+    shutil.copy(corpus / "q.png", locked)
+    _deny_open(monkeypatch, locked)
+    cases = {tmp_path / "nope.png": "image not found: ", corpus / "folder.png": "",
+             corpus / "text.png": "not a readable image: ", corpus / "empty.png": "image file is empty (0 bytes): ",
+             locked: "not a readable image: "}
+    for path, problem in cases.items():
+        err = fails(generate_main, ["--model_name_or_path", tiny_dir, "--question", "How many?", "--image", path,
+                                    "--output", tmp_path / "gen.jsonl"], capsys)
+        said = f"{path} is a folder, not an image file" if path.is_dir() else f"{problem}{path}"
+        assert f"lcot: error: --image: {said}" in err
+        assert "JSONL" not in err and "field '" not in err
+    assert "Permission denied" in err
+    err = fails(generate_main, ["--model_name_or_path", tiny_dir, "--question", "q", "--image", "nope.png"], capsys)
+    assert f"hint: check the path (a relative path is read from the current folder, {Path.cwd()})" in err
+    # the same image in a JSONL record: the field is named and the hint is about the JSONL's folder
+    jsonl = write_jsonl(tmp_path, [rec(question_image_paths=["nope.png"], thought_image_paths=[])])
+    err = fails(generate_main, ["--model_name_or_path", tiny_dir, "--jsonl", jsonl], capsys)
+    assert f"{jsonl}:1: field 'question_image_paths': image not found: {tmp_path / 'nope.png'}" in err
+    assert "hint: paths are relative to the JSONL file's folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "locked.png"]
+
+
+@pytest.fixture(scope="module")
+def k2_model(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny model with an lcot.json that says it was trained with K = 2."""
+    model = tmp_path_factory.mktemp("k2") / "model"
+    shutil.copytree(tiny_dir, model)
+    write_lcot_config(model, {"stage": "stage3", "num_latents": 2})
+    return model
+
+
+def test_k_without_lcot_json_is_said_and_k_above_the_trained_one_is_refused(corpus, tiny_dir, k2_model, tmp_path,
+                                                                            capsys):
+    fast = ["--question", "How many?", "--image", corpus / "q.png", "--max_new_tokens", "1"]
+    capsys.readouterr()
+    generate_main([str(a) for a in ["--model_name_or_path", tiny_dir, *fast]])
+    out = capsys.readouterr()
+    assert (f"lcot: note: no lcot.json in {tiny_dir}: using --latent_size 32, the default; pass --latent_size to "
+            "choose") in out.err
+    assert out.out.count(LATENT_PAD) == 32
+    generate_main([str(a) for a in ["--model_name_or_path", k2_model, *fast]])  # K from lcot.json, said nowhere
+    out = capsys.readouterr()
+    assert out.out.count(LATENT_PAD) == 2 and "lcot: note" not in out.err
+    err = fails(generate_main, ["--model_name_or_path", k2_model, *fast, "--latent_size", "3"], capsys)
+    assert (f"lcot: error: --latent_size: 3 is above the 2 latent steps {k2_model} was trained with (num_latents in "
+            "its lcot.json)\n  hint: pass --latent_size 2 or less") in err
+    jsonl = write_jsonl(corpus, [rec()], "k.jsonl")
+    err = fails(evaluate_main, ["--model_name_or_path", k2_model, "--eval_jsonl", jsonl, "--latent_sizes", "1", "3"],
+                capsys)
+    assert f"lcot: error: --latent_sizes: 3 is above the 2 latent steps {k2_model} was trained with" in err
+    err = fails(experiment_main, ["measure", "--model", k2_model, "--train_jsonl", jsonl, "--eval_jsonl", jsonl,
+                                  "--out", tmp_path / "m.json", "--ks", "1", "4"], capsys)
+    assert f"lcot: error: --ks: 4 is above the 2 latent steps {k2_model} was trained with" in err
+    err = fails(generate_main, ["--model_name_or_path", tiny_dir, *fast, "--latent_size", "-1"], capsys)
+    assert "lcot: error: --latent_size: must be >= 0, got -1" in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_missing_model_folder_bad_counts_and_bad_output_for_generate_and_evaluate(corpus, tiny_dir, tmp_path,
+                                                                                  capsys):
+    jsonl = write_jsonl(corpus, [rec()], "ge.jsonl")
+    nowhere = tmp_path / "no_model"
+    for main, argv in [(generate_main, ["--jsonl", jsonl]), (evaluate_main, ["--eval_jsonl", jsonl])]:
+        err = fails(main, ["--model_name_or_path", nowhere, *argv], capsys)
+        assert f"lcot: error: {nowhere}: not a model folder (no config.json)" in err
+        base = ["--model_name_or_path", tiny_dir, *argv, "--latent_size" if main is generate_main else
+                "--latent_sizes", "2"]
+        err = fails(main, [*base, "--batch_size", "0"], capsys)
+        assert "lcot: error: --batch_size: must be >= 1, got 0" in err
+        err = fails(main, [*base, "--max_new_tokens", "-1"], capsys)
+        assert "lcot: error: --max_new_tokens: must be >= 0, got -1" in err
+        err = fails(main, [*base, "--output", tmp_path], capsys)
+        assert f"lcot: error: --output: {tmp_path} is a folder, not a file" in err
+        (tmp_path / "a_file").write_text("x")
+        err = fails(main, [*base, "--output", tmp_path / "a_file" / "out.json"], capsys)
+        assert f"--output: {tmp_path / 'a_file' / 'out.json'} cannot be created: {tmp_path / 'a_file'} is a file" in err
+    err = fails(evaluate_main, ["--model_name_or_path", tiny_dir, "--eval_jsonl", jsonl, "--latent_sizes", "-2"],
+                capsys)
+    assert "lcot: error: --latent_sizes: must be >= 0, got -2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_synthetic_and_tiny_refuse_bad_output_folders_and_counts(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for main in (synthetic_main, tiny_main):
+        err = fails(main, ["--output_dir", a_file], capsys)
+        assert f"lcot: error: --output_dir: {a_file} is a file, not a folder\n  hint: " in err
+        err = fails(main, ["--output_dir", a_file / "sub"], capsys)
+        assert f"lcot: error: --output_dir: {a_file / 'sub'} cannot be created: {a_file} is a file" in err
+        err = fails(main, ["--output_dir", a_file, "--overwrite"], capsys)  # --overwrite replaces folders only
+        assert f"{a_file} is a file, not a folder" in err
+        junk = tmp_path / "junk"
+        junk.mkdir(exist_ok=True)
+        (junk / "notes.txt").write_text("mine")
+        err = fails(main, ["--output_dir", junk], capsys)
+        assert f"lcot: error: --output_dir: {junk} " in err
+        assert "hint: pass --overwrite to replace it, or choose another folder" in err
+    out = tmp_path / "data"
+    cases = {("--n", "0"): "--n: must be >= 1, got 0", ("--n", "-5"): "--n: must be >= 1, got -5",
+             ("--image_size", "8"): "--image_size: must be >= 16, got 8",
+             ("--test_fraction", "1.5"): "--test_fraction: must be in [0, 1], got 1.5",
+             ("--task", "hops", "--max_hops", "0"): "--max_hops: must be >= 1, got 0",
+             ("--task", "hops", "--cols", "-1"): "--cols: must be >= 1, got -1",
+             ("--task", "hops", "--cols", "5"): "--task hops: a 5x2 grid needs 10 colours, there are 8",
+             ("--task", "hops", "--max_hops", "8"): "--task hops: max_hops must be in 1..7 for 8 nodes, got 8"}
+    for flags, message in cases.items():
+        err = fails(synthetic_main, ["--output_dir", out, *flags], capsys)
+        assert f"lcot: error: {message}\n  hint: " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "junk"]
+    assert [p.name for p in (tmp_path / "junk").iterdir()] == ["notes.txt"]
+
+
+def test_experiment_refuses_bad_flags_and_data_before_writing_anything(corpus, tmp_path, capsys):
+    good = write_jsonl(corpus, [rec(), rec()], "exp.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    base = ["--name", "x", "--run_dir", tmp_path / "runs", "--results_dir", tmp_path / "results"]
+    data = ["--train_jsonl", good, "--eval_jsonl", good]
+    err = fails(experiment_main, [*base, "--train_jsonl", good, "--eval_jsonl", empty], capsys)
+    assert f"lcot: error: {empty}: the JSONL file has no records" in err
+    err = fails(experiment_main, [*base, "--train_jsonl", empty, "--eval_jsonl", good], capsys)
+    assert f"lcot: error: {empty}: the JSONL file has no records" in err
+    err = fails(experiment_main, [*base, *data, "--model", tmp_path / "no_model"], capsys)
+    assert f"lcot: error: --model: {tmp_path / 'no_model'} is neither tiny, 8m nor a model folder" in err
+    for flags, message in {("--seeds", "0"): "--seeds: must be >= 1, got 0",
+                           ("--latent_size", "0"): "--latent_size: must be >= 1, got 0",
+                           ("--bsz", "-1"): "--bsz: must be >= 1, got -1",
+                           ("--stage2_steps", "0"): "--stage2_steps: must be >= 1, got 0",
+                           ("--eval_records", "-1"): "--eval_records: must be >= 0, got -1",
+                           ("--lr", "0"): "--lr: must be > 0, got 0.0"}.items():
+        err = fails(experiment_main, [*base, *data, *flags], capsys)
+        assert f"lcot: error: {message}\n  hint: " in err
+    err = fails(experiment_main, [*base, "--task", "hops", "--n", "0"], capsys)
+    assert "lcot: error: --n: must be >= 1, got 0" in err
+    (tmp_path / "a_file").write_text("x")
+    for flag in ("--run_dir", "--results_dir"):
+        err = fails(experiment_main, [*base, *data, flag, tmp_path / "a_file"], capsys)
+        assert f"lcot: error: {flag}: {tmp_path / 'a_file'} is a file, not a folder" in err
+    err = fails(experiment_main, [*base], capsys)
+    assert "lcot: error: --train_jsonl: give --task hops, or both --train_jsonl and --eval_jsonl\n  hint: " in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty.jsonl"]
+
+
+def test_lora_with_fsdp_is_refused_before_the_model_loads(corpus, tiny_dir, tmp_path, monkeypatch, capsys):
+    from lcot.pipeline import load as load_mod
+    from lcot.pipeline.train import check
+    from lcot.pipeline.trainer import TrainConfig
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(load_mod, "load", no_load)
+    jsonl = write_jsonl(corpus, [rec()], "lora.jsonl")
+    for value in ("true", "True"):  # what `accelerate launch --use_fsdp` and accelerate's FSDP plugin set
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", value)
+        err = fails(train_main, stage1(tiny_dir, jsonl, tmp_path / "out", "--lora"), capsys)
+        assert ("lcot: error: --lora: LoRA with FSDP is not supported (accelerate is configured for FSDP: "
+                "ACCELERATE_USE_FSDP=true)\n  hint: use DDP (`accelerate launch --multi_gpu`) for LoRA, or full "
+                "fine-tuning (without --lora) with FSDP") in err
+    cfg = dict(stage="stage1", model_name_or_path=str(tiny_dir), train_jsonl=str(jsonl),
+               output_dir=str(tmp_path / "out"))
+    check(TrainConfig(**cfg))  # full fine-tuning with FSDP is fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    check(TrainConfig(**cfg, lora=True))  # LoRA without FSDP (one process, DDP) is fine
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    check(TrainConfig(**cfg, lora=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_subprocess_of_a_toy_cli(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "lcot.toy.synthetic", "--output_dir", str(tmp_path / "d"), "--n", "0"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr == "lcot: error: --n: must be >= 1, got 0\n  hint: it is the number of records\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -229,3 +229,81 @@ def test_non_finite_loss_stops_naming_step_and_records_keeping_the_last_good_che
     model, _ = load(out / "checkpoint-1")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+
+
+# -- soak: five SIGKILLs across the teacher precompute and stage3, resumed each time ----------------------------
+SOAK_SEED = int(os.environ.get("LCOT_SOAK_SEED", "0"))  # fixed kill points: the test replays alike every run
+
+
+def _log_history(ckpt: Path) -> list[dict]:
+    return [e for e in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+
+
+def test_soak_five_sigkills_across_precompute_and_stage3_end_identical_to_an_uninterrupted_run(tiny_dir, small,
+                                                                                                tmp_path, capsys):
+    """Precompute (killed twice: after a few teacher files), then stage3 (killed mid-save of a checkpoint, then
+    twice after a logged step). After each kill the precompute is run again, then training with
+    --resume_from_checkpoint. Teacher files, per-step losses, the log history and the weights must equal one
+    uninterrupted run's, bit for bit."""
+    rng = random.Random(SOAK_SEED)
+    n = len(read_records(small["jsonl"]))
+    pre = ["--model_name_or_path", tiny_dir, "--train_jsonl", small["jsonl"], "--k_max", "3", "--bsz", "1"]
+    argv = ["--max_steps", "8", "--save_steps", "2", "--seed", "0", "--save_total_limit", "2"]
+    precompute_main([str(a) for a in [*pre, "--output_dir", tmp_path / "ref_teacher"]])
+    train_main(stage_argv("stage3", tiny_dir, {**small, "teacher": tmp_path / "ref_teacher"}, tmp_path / "ref", *argv))
+    ref = losses(tmp_path / "ref")
+    assert [s for s, _, _ in ref] == list(range(1, 9))
+
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    run = {**small, "teacher": teacher}
+    first = rng.randint(1, n // 3)
+    second = rng.randint(first + 2, n - 3)
+    save_at = 2 * rng.randint(1, 2)
+    step_a = rng.randint(save_at + 1, 6)
+    step_b = rng.randint(step_a + 1, 7)
+    msg = (f"kills: precompute after {first} and {second} of {n} files, stage3 mid-save of checkpoint-{save_at}, "
+           f"after step {step_a}, after step {step_b} (LCOT_SOAK_SEED={SOAK_SEED})")
+
+    def files() -> int:
+        return len(list(teacher.glob("latent_*.pt"))) if teacher.is_dir() else 0
+
+    def logged() -> int:
+        return max((r["step"] for r in read_metrics(out)), default=0)
+
+    def rerun_precompute() -> str:
+        capsys.readouterr()
+        precompute_main([str(a) for a in [*pre, "--output_dir", teacher]])
+        return capsys.readouterr().err
+
+    for at in (first, second):  # 1, 2: mid-precompute
+        log = tmp_path / f"pre{at}.log"
+        kill_when(spawn("lcot.precompute_teacher_latents", [*pre, "--output_dir", teacher], log),
+                  lambda at=at: files() >= at, log)
+        assert at <= files() < n, msg
+    assert f"{n - files()} computed, {files()} kept" in rerun_precompute(), msg
+
+    def train_until(ready, name: str) -> None:
+        log = tmp_path / f"{name}.log"
+        kill_when(spawn("lcot.main", stage_argv("stage3", tiny_dir, run, out, *argv, "--resume_from_checkpoint"), log),
+                  ready, log)
+        for ckpt in out.glob("checkpoint-*"):  # only complete checkpoints carry the name
+            assert set(os.listdir(ckpt)) >= CKPT_FILES, f"{msg}; after the kill {name}"
+        assert not (out / "model.safetensors").exists(), msg
+        assert f"0 computed, {n} kept" in rerun_precompute(), msg
+
+    staging = out / f".tmp-checkpoint-{save_at}"
+    train_until(staging.is_dir, "mid-save")  # 3: the staging folder exists, so the save is under way
+    assert staging.is_dir() and not (out / f"checkpoint-{save_at}").exists(), msg
+    train_until(lambda: logged() >= step_a, "step_a")  # 4
+    train_until(lambda: logged() >= step_b, "step_b")  # 5
+    done = last_checkpoint(out)
+    train_main(stage_argv("stage3", tiny_dir, run, out, *argv, "--resume_from_checkpoint"))
+
+    assert losses(out) == ref, f"{msg}; last resumed from {done}"
+    assert _log_history(out / "checkpoint-8") == _log_history(tmp_path / "ref" / "checkpoint-8"), msg
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], msg  # no staging leftovers
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), msg
+    assert sorted(p.name for p in teacher.iterdir()) == sorted(p.name for p in (tmp_path / "ref_teacher").iterdir())
+    for p in teacher.iterdir():
+        assert torch.equal(torch.load(p)["latents"], torch.load(tmp_path / "ref_teacher" / p.name)["latents"]), msg

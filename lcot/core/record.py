@@ -45,4 +45,6 @@ def load_image(path: Path) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # read_records checked it; it changed since (e.g. replaced or removed while training ran)
-        raise LcotInputError(str(path), f"cannot read the image ({err})", "restore the file and resume") from None
+        raise LcotInputError(str(path), f"cannot read the image ({err})",
+                             "restore the file and run the command again (training: add --resume_from_checkpoint)"
+                             ) from None

@@ -39,16 +39,23 @@ def _json_type(value: object) -> str:
     return _JSON_TYPES.get(name, name)
 
 
-def _check_image(path: Path, where: str, field: str) -> None:
+def _check_image(path: Path, where: str, field: str | None) -> None:
     """Cheap but complete: PNG's verify() checks every chunk's CRC (a truncated or damaged file fails);
-    other formats (JPEG: at 1/8 scale) are decoded, since their verify() does not read the image data."""
+    other formats (JPEG: at 1/8 scale) are decoded, since their verify() does not read the image data.
+
+    field: the JSONL field the path came from (relative to the JSONL file's folder), or None for a path given
+    by a flag (`where`, e.g. --image; relative to the current folder): the wording says which.
+    """
+    said = f"field '{field}': " if field else ""
     if path.is_dir():
-        raise LcotInputError(where, f"field '{field}': {path} is a folder, not an image file")
+        raise LcotInputError(where, f"{said}{path} is a folder, not an image file",
+                             "give the path of a PNG or JPEG file")
     if not path.is_file():
-        raise LcotInputError(where, f"field '{field}': image not found: {path}",
-                             "paths are relative to the JSONL file's folder")
+        raise LcotInputError(where, f"{said}image not found: {path}",
+                             "paths are relative to the JSONL file's folder" if field else
+                             f"check the path (a relative path is read from the current folder, {Path.cwd()})")
     if path.stat().st_size == 0:
-        raise LcotInputError(where, f"field '{field}': image file is empty (0 bytes): {path}")
+        raise LcotInputError(where, f"{said}image file is empty (0 bytes): {path}")
     try:
         with Image.open(path) as im:
             fmt, (w, h) = im.format, im.size
@@ -58,10 +65,10 @@ def _check_image(path: Path, where: str, field: str) -> None:
                 im.draft("RGB", (max(w // 8, 1), max(h // 8, 1)))
                 im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise LcotInputError(where, f"field '{field}': not a readable image: {path} ({err})",
+        raise LcotInputError(where, f"{said}not a readable image: {path} ({err})",
                              "use complete PNG or JPEG files") from None
     if max(w, h) > MAX_ASPECT * min(w, h):
-        raise LcotInputError(where, f"field '{field}': image {path} is {w}x{h}, an aspect ratio above {MAX_ASPECT}:1 "
+        raise LcotInputError(where, f"{said}image {path} is {w}x{h}, an aspect ratio above {MAX_ASPECT}:1 "
                              "that Qwen2.5-VL's image processor refuses", "crop or pad the image")
 
 
@@ -144,6 +151,6 @@ def question_record(question: str, image_paths: list[str], idx: int = 0) -> Reco
     """A record for generation only: a question and its images (paths as given), no answer."""
     images = tuple(Path(p) for p in image_paths)
     for p in images:
-        _check_image(p, "--image", "question_image_paths")
+        _check_image(p, "--image", None)
     return Record(idx=idx, question=question, answer="", final_answer="", question_images=images,
                   thought_images=(), where="--question", digest="")

@@ -19,7 +19,7 @@ from lcot.core.record import Record
 from lcot.errors import cli_errors
 from lcot.io import write_json
 from lcot.pipeline.data import read_records
-from lcot.pipeline.generate import Generation, ModelOptions, default_k, generate, trained_feed
+from lcot.pipeline.generate import Generation, ModelOptions, choose_ks, generate, trained_feed
 
 BENEFIT_NEAR_ZERO = 0.05  # a thought-image benefit below this is reported as "near zero"
 
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     args = config.parse(EvaluateConfig, argv, PROG, __doc__)
     from lcot.pipeline.runs import read_lcot_config
 
-    ks = args.latent_sizes or [default_k(args.model_name_or_path)]
+    args.check()
+    ks = choose_ks(args.model_name_or_path, args.latent_sizes, "--latent_sizes")
     records = read_records(args.eval_jsonl, need_thought_images=args.with_thought_images)
     model, processor = args.load()
     model.eval()

@@ -24,7 +24,7 @@ from lcot.core.collate import Collator
 from lcot.core.latent import embed_inputs
 from lcot.core.record import Record
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.errors import cli_errors
+from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import to_device, write_atomic
 from lcot.pipeline.data import question_record, read_records
 
@@ -154,6 +154,19 @@ class ModelOptions:
     batch_size: int = option(8, "records per generate call")
     max_new_tokens: int = option(32, "answer tokens at most")
 
+    def check(self) -> None:
+        """Refuse flags that cannot work before the model loads: no model folder, counts below their least."""
+        from lcot.pipeline.load import check_model_folder
+
+        check_model_folder(self.model_name_or_path)
+        for flag, value, least, what in (("--batch_size", self.batch_size, 1, "records per generate call"),
+                                         ("--max_new_tokens", self.max_new_tokens, 0, "answer tokens at most")):
+            if value < least:
+                raise LcotInputError(flag, f"must be >= {least}, got {value}", f"it is the number of {what}")
+        output = getattr(self, "output", None)
+        if output:
+            check_output("--output", output, folder=False)
+
     def load(self):
         from lcot.pipeline.load import load
 
@@ -174,10 +187,28 @@ class GenerateConfig(ModelOptions):
     output: str | None = option(None, "write the generations as JSONL here")
 
 
-def default_k(model_path: str) -> int:
-    from lcot.pipeline.runs import read_lcot_config
+DEFAULT_K = 32  # K for a model without lcot.json (the seed's --latent_size)
 
-    return int(read_lcot_config(model_path).get("num_latents", 32))
+
+def choose_ks(model_path: str, given: Sequence[int] | None, flag: str = "--latent_size") -> list[int]:
+    """The K values to run: those given, each at most the K the model was trained with (num_latents in its
+    lcot.json); none given, the trained K. Without lcot.json, DEFAULT_K, and a note on stderr says so."""
+    from lcot.pipeline.runs import LCOT_CONFIG, read_lcot_config
+
+    trained = read_lcot_config(model_path).get("num_latents")
+    for k in given or ():
+        if k < 0:
+            raise LcotInputError(flag, f"must be >= 0, got {k}", "K is the number of latent steps")
+        if trained is not None and k > trained:
+            raise LcotInputError(flag, f"{k} is above the {trained} latent steps {model_path} was trained with "
+                                 f"(num_latents in its {LCOT_CONFIG})", f"pass {flag} {trained} or less")
+    if given:
+        return list(given)
+    if trained is None:
+        print(f"lcot: note: no {LCOT_CONFIG} in {model_path}: using {flag} {DEFAULT_K}, the default; pass {flag} "
+              "to choose", file=sys.stderr)
+        return [DEFAULT_K]
+    return [int(trained)]
 
 
 def trained_feed(model_path: str) -> str:
@@ -193,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     args = config.parse(GenerateConfig, argv, prog, __doc__)
     if bool(args.jsonl) == bool(args.question):
         config.parser(GenerateConfig, prog).error("give exactly one of --jsonl and --question")
+    args.check()
     records = read_records(args.jsonl) if args.jsonl else [question_record(args.question, args.image)]
-    k = args.num_latents if args.num_latents is not None else default_k(args.model_name_or_path)
+    [k] = choose_ks(args.model_name_or_path, None if args.num_latents is None else [args.num_latents])
     model, processor = args.load()
     gens = generate(model.eval(), processor, records, k, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -13,6 +13,15 @@ from lcot.errors import LcotInputError
 from lcot.pipeline.processor import LatentVLProcessor, load_processor
 
 
+def check_model_folder(path: str | Path) -> Path:
+    """The path of a local model folder; anything else (nothing there, a file, no config.json) is an input error."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise LcotInputError(str(path), "not a model folder (no config.json)",
+                             "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.toy.tiny`")
+    return path
+
+
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa", min_pixels: int | None = None, max_pixels: int | None = None,
          ) -> tuple[LatentQwen2_5_VL, LatentVLProcessor]:
@@ -20,10 +29,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
 
     Nothing is fetched from a hub: a path that is not a local checkpoint folder is an input error.
     """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise LcotInputError(str(path), "not a model folder (no config.json)",
-                             "pass a local Qwen2.5-VL checkpoint folder, e.g. one written by `python -m lcot.toy.tiny`")
+    path = check_model_folder(path)
     try:
         processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
     except (FileNotFoundError, ValueError) as err:  # a folder without tokenizer files, bad pixel bounds

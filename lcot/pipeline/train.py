@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
 
 def check(args: TrainConfig) -> None:
     """Refuse settings and folders that cannot work, before anything is loaded."""
+    # accelerate's own test (Accelerator, AcceleratorState): `accelerate launch --use_fsdp`, or a config with
+    # distributed_type: FSDP, sets ACCELERATE_USE_FSDP=true in every process
+    if args.lora and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise LcotInputError("--lora", "LoRA with FSDP is not supported (accelerate is configured for FSDP: "
+                             "ACCELERATE_USE_FSDP=true)", "use DDP (`accelerate launch --multi_gpu`) for LoRA, or "
+                             "full fine-tuning (without --lora) with FSDP")
     out = Path(args.output_dir).resolve()
     if inside(out, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{out} is the input model folder (or inside it)",

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lcot import config
 from lcot.config import option
+from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import build_folder
 from lcot.toy import hops
 
@@ -262,15 +263,39 @@ class SyntheticConfig:
     overwrite: bool = option(False, "replace an existing dataset with other params")
 
 
+def check(args: SyntheticConfig) -> None:
+    """Refuse flags that cannot work before anything is written (one line each, with a hint)."""
+    check_output("--output_dir", args.output_dir)
+    least = {"--n": (args.n, 1, "records"), "--image_size": (args.image_size, 16, "pixels a side")}
+    if args.task == "hops":
+        least.update({"--cols": (args.cols, 1, "grid columns"), "--rows": (args.rows, 1, "grid rows"),
+                      "--max_hops": (args.max_hops, 1, "hops at most")})
+    for flag, (value, low, what) in least.items():
+        if value < low:
+            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"it is the number of {what}")
+    if not 0.0 <= args.test_fraction <= 1.0:
+        raise LcotInputError("--test_fraction", f"must be in [0, 1], got {args.test_fraction}",
+                             "it is the share of records in test.jsonl, e.g. 0.2")
+    if args.task == "hops":
+        try:
+            hops.make_puzzle(args.seed, 0, args.cols, args.rows, args.max_hops)
+        except ValueError as err:
+            raise LcotInputError("--task hops", str(err), f"at most {len(hops.COLOURS)} nodes (--cols x --rows), "
+                                 "and --max_hops below the number of nodes") from None
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.toy.synthetic"
     about = "Generate a synthetic dataset (JSONL + PNGs): shape counting or the multi-hop pointer task."
     args = config.parse(SyntheticConfig, argv, prog, about)
+    check(args)
     try:
         paths = generate(args.output_dir, args.n, args.seed, args.test_fraction, args.image_size, args.overwrite,
                          args.task, args.cols, args.rows, args.max_hops)
-    except (FileExistsError, ValueError) as err:
-        config.parser(SyntheticConfig, prog).error(str(err))
+    except FileExistsError as err:
+        raise LcotInputError("--output_dir", str(err).partition("; ")[0],
+                             "pass --overwrite to replace it, or choose another folder") from None
     for split, path in paths.items():
         count = sum(1 for _ in path.open(encoding="utf-8"))
         print(f"{split}: {count} records -> {path}")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lcot import config
 from lcot.config import option
+from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import build_folder
 
 # Bump when anything written changes, so folders built by an older version are rebuilt.
@@ -300,16 +301,19 @@ class TinyConfig:
                         choices=BUILT)
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.toy.tiny"
     about = ("Write a tiny randomly initialised Qwen2.5-VL (about 1M parameters, fp32) with its tokenizer and "
              "processor, offline and deterministically, in Hugging Face format. Load it like a real checkpoint, "
              "e.g. with lcot.pipeline.load.load(DIR).")
     args = config.parse(TinyConfig, argv, prog, about)
+    check_output("--output_dir", args.output_dir)
     try:
         path = build_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite, shape=args.shape)
     except FileExistsError as err:
-        config.parser(TinyConfig, prog).error(str(err))
+        raise LcotInputError("--output_dir", str(err).partition("; ")[0],
+                             "pass --overwrite to replace it, or choose another folder") from None
     print(f"{args.shape} Qwen2.5-VL (seed {args.seed}) in {path}")
 
 
