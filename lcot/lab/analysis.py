@@ -114,26 +114,35 @@ def bottleneck_check(model, processor, records: Sequence[Record], num_latents: i
 
 # -- degenerate results: each measurement says so where its number is printed --------------------------
 COLLAPSE_COSINE = 0.99  # mean cosine between different records' latents above this: collapsed
+IDENTICAL_SHARE = 0.01  # record-specific part below this share of the norm: one vector for every record
 NEAR_MAJORITY = 0.02  # an accuracy within this of the majority-answer rate shows nothing
 
 
 def collapse_warning(latents: torch.Tensor) -> str | None:
-    """A warning when (N, K, H) latents barely depend on the record (collapse), else None.
+    """A warning when (N, K, H) latents barely depend on the record, else None.
 
-    Collapsed: the mean cosine between different records' latents at one position is above COLLAPSE_COSINE.
-    The message gives that cosine and the largest relative spread of the norms across records (0: every
-    record's latent has the same length), the two numbers that show collapse.
+    Flagged when the mean cosine between different records' latents at one position is above COLLAPSE_COSINE.
+    Two cases are told apart by the record-specific part (each latent minus the records' mean latent at its
+    position, as a share of its norm): below IDENTICAL_SHARE the latents are one vector for every record
+    (collapse: nothing to align to or read); above it one shared direction dominates, the case where a plain
+    cosine is ~1 whatever the record and `--align centered` / a probe still find what differs.
     """
     if latents.shape[0] < 2:
         return None
     across = cosine_across(latents).mean().item()
-    norms = latents.float().norm(dim=-1)
-    spread = (norms.std(0) / norms.mean(0).clamp_min(1e-12)).max().item()
     if not across > COLLAPSE_COSINE:
         return None
-    return (f"WARNING: collapsed latents: mean cosine between records {across:.3f} (1 = identical), norm std "
-            f"{spread:.3f} of the mean: the latents are (nearly) the same vector for every record, so they carry "
-            "nothing record-specific; aligning to them, or reading them, shows no reasoning")
+    x = latents.float()
+    norms = x.norm(dim=-1)
+    spread = (norms.std(0) / norms.mean(0).clamp_min(1e-12)).max().item()
+    specific = ((x - x.mean(0, keepdim=True)).norm(dim=-1) / norms.clamp_min(1e-12)).mean().item()
+    numbers = (f"mean cosine between records {across:.3f} (1 = identical), norm std {spread:.3f} of the mean, "
+               f"record-specific part {specific:.1%} of the norm")
+    if specific < IDENTICAL_SHARE:
+        return (f"WARNING: collapsed latents: {numbers}: every record gets (nearly) the same vector, so they carry "
+                "nothing record-specific; aligning to them, or reading them, shows no reasoning")
+    return (f"WARNING: one record-independent direction dominates these latents: {numbers}: a plain cosine to them "
+            "is ~1 whatever the record (align with --align centered; read them with a probe, not a cosine)")
 
 
 def constant_warning(answers: Sequence[str], majority: float | None = None, what: str = "the model") -> str | None:
