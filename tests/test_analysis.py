@@ -256,3 +256,10 @@ def test_probe_grid_warns_when_nothing_beats_chance():
     assert "no probe beats its majority-state rate" in flat.summary()
     good = ProbeGrid([[0.9, 0.2], [0.3, 0.21]], [0.25, 0.2], [10, 10])
     assert good.warning() is None and "WARNING" not in good.summary()
+
+
+def test_cosine_vs_k_warns_when_own_equals_another_records_teacher():
+    same = A.CosineVsK({4: [0.999, 0.999]}, {4: [0.999, 0.998]})
+    assert "as well as their own" in same.summary()
+    apart = A.CosineVsK({4: [0.9, 0.8]}, {4: [0.3, 0.2]})
+    assert "WARNING" not in apart.summary()

@@ -114,8 +114,9 @@ def bottleneck_check(model, processor, records: Sequence[Record], num_latents: i
 
 # -- degenerate results: each measurement says so where its number is printed --------------------------
 COLLAPSE_COSINE = 0.99  # mean cosine between different records' latents above this: collapsed
-IDENTICAL_SHARE = 0.01  # record-specific part below this share of the norm: one vector for every record
+IDENTICAL_SHARE = 0.02  # record-specific part below this share of the norm: one vector for every record
 NEAR_MAJORITY = 0.02  # an accuracy within this of the majority-answer rate shows nothing
+SAME_AS_OTHER = 0.01  # cosine to the own teacher minus to another record's below this: nothing specific matched
 
 
 def collapse_warning(latents: torch.Tensor) -> str | None:
@@ -243,7 +244,12 @@ class CosineVsK:
 
     def summary(self) -> str:
         rows = [[k, sum(v) / len(v), sum(self.other[k]) / len(v)] for k, v in sorted(self.own.items())]
-        return table(["K", "cos to own teacher", "cos to another record's teacher"], rows)
+        text = table(["K", "cos to own teacher", "cos to another record's teacher"], rows)
+        if all(own - other < SAME_AS_OTHER for _, own, other in rows):
+            text += ("\nWARNING: the latents match another record's teacher as well as their own (difference below "
+                     f"{SAME_AS_OTHER}): the cosine measures a direction shared by every record, not this record's "
+                     "content")
+        return text
 
 
 @torch.no_grad()
