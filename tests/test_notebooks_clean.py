@@ -150,3 +150,14 @@ def test_default_figure_paths_leave_the_checkout_clean(tmp_path, monkeypatch, ti
     after = git_status()
     assert not [line for line in after if line[3:].startswith("figures/")], after
     assert after == before, "a run changed the checkout"
+
+
+@pytest.mark.parametrize("stem", ["04_teacher_latents", "07_inference_and_evaluation"])
+def test_degenerate_results_are_announced_not_narrated(stem):
+    """The prose says what a degenerate run looks like and cites the committed GPU results for a real one."""
+    book = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    prose = "\n".join(c.source for c in book.cells if c.cell_type == "markdown")
+    assert "What to look for" in prose and "WARNING:" in prose and "results/hops_tiny" in prose
+    assert "If accuracy and answers do not move, the answer ignores" not in prose  # said only of a non-constant model
+    for number in re.findall(r"\b\d\.\d{3}\b", prose):  # every number quoted is one the README reports
+        assert number in (ROOT / "README.md").read_text(), f"{stem} quotes {number}, which the README does not"
