@@ -44,3 +44,10 @@ lab: setup
 
 clean:
 	rm -rf runs
+
+# The only command that rewrites the committed figures/: every notebook (into figures/) and the demo (into
+# figures/demo/). Runs (`make demo`, notebooks in JupyterLab, `make test`) write their figures into runs/ instead.
+.PHONY: figures
+figures: setup
+	LCOT_FIGURES_DIR=$(CURDIR)/figures $(PY) -m pytest -q --nbval-lax notebooks
+	$(PY) -m lcot.demo --figures figures/demo

@@ -1,7 +1,8 @@
 """`make demo`: the method end to end on the embedded default, in a few minutes on 2 CPU cores.
 
 tiny offline model + the bundled hops task -> visual-CoT warm-up -> teacher latents -> stage2 (centred
-alignment) -> stage3 -> evaluation, figures under figures/, and one table: each model's accuracy with and
+alignment) -> stage3 -> evaluation, figures under runs/demo/figures/ (`make figures` refreshes the committed
+figures/demo/ instead), and one table: each model's accuracy with and
 without thought images, beside the majority-answer rate. A model that gives one answer to every record is
 marked as such, and the teacher's thought-image benefit is printed with its warning when it is near zero.
 The budget is small: the warm-up learns to read the thought images (the teacher row), the latent stages
@@ -21,8 +22,10 @@ from lcot import config
 from lcot.config import option
 from lcot.core.collate import Collator
 from lcot.lab import plots
+from lcot.lab.analysis import accuracy_cell
+from lcot.lab.segments import display_segments
 from lcot.pipeline.data import read_records
-from lcot.pipeline.evaluate import benefit_line, describe, evaluate, majority_rate, table
+from lcot.pipeline.evaluate import benefit_line, evaluate, majority_rate, table
 from lcot.pipeline.load import load
 from lcot.pipeline.runs import read_metrics
 from lcot.pipeline.train import run_stage
@@ -36,7 +39,8 @@ class DemoConfig:
     """The flags of `python -m lcot.demo` (`make demo`)."""
 
     run_dir: str = option("runs/demo", "where the model, data, checkpoints and teacher go")
-    figures: str = option("figures/demo", "where the PNG figures go")
+    figures: str = option("runs/demo/figures", "where the PNG figures go (the committed figures/demo/ is written "
+                          "only by `make figures`)")
     n: int = option(600, "hops records (a fifth held out)")
     num_latents: int = option(4, "K", flag="latent_size")
     warmup_steps: int = option(300, "optimizer steps of the visual-CoT warm-up (the teacher)")
@@ -50,7 +54,7 @@ STAGES = ("warmup", "stage2", "stage3")
 def figure_mask(model_dir: Path, jsonl: Path, num_latents: int, out: Path) -> Path:
     model, processor = load(model_dir)
     batch = Collator(processor, model.config, num_latents, thought_images=True)(read_records(jsonl)[:1])
-    ax = plots.plot_mask(batch["attention_mask_4d"][0, 0], batch["segments"][0],
+    ax = plots.plot_mask(batch["attention_mask_4d"][0, 0], display_segments(batch)[0],
                          title=f"stage2 mask of record 0 (K={num_latents}): only latents see the thought images")
     return plots.save(ax, out)
 
@@ -107,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     names = {"warmup": "visual-CoT warm-up (the teacher)", "stage2": "stage2 (centred alignment)",
              "stage3": "stage3 (no thought images)"}
     header = ["model", f"accuracy without thought images (K={args.num_latents})", "with thought images"]
-    rows = [[names[s], describe(*r["without"], majority), describe(*r["with"], majority) if "with" in r else None]
-            for s, r in results.items()]
+    rows = [[names[s], accuracy_cell(*r["without"], majority),
+             accuracy_cell(*r["with"], majority) if "with" in r else None] for s, r in results.items()]
     print("\n" + table(header, rows))
     print(f"\n{len(test_records)} test records of 1-4 hops; majority-answer rate {majority:.3f}.")
     print(benefit_line(results["warmup"]["with"][0], results["warmup"]["without"][0],

@@ -150,9 +150,10 @@ def test_accuracy_grid_loads_each_model_once_and_keeps_the_asked_ks(records, mon
                            max_new_tokens=3)
     assert loaded == ["dir_a", "dir_b"]
     assert calls == [("a", [0, 2], True, {"max_new_tokens": 3}), ("b", [0, 2], True, {"max_new_tokens": 3})]
-    assert grid == {"first": {0: 0.25, 2: 0.27}, "second": {0: 0.5, 2: 0.52}}  # K=99 was not asked for
-    text = A.grid_table(grid, 0.4)
+    assert grid.accuracy == {"first": {0: 0.25, 2: 0.27}, "second": {0: 0.5, 2: 0.52}}  # K=99 was not asked for
+    text = grid.summary(0.4)
     assert "K=2" in text and "0.520" in text and "majority-answer baseline: 0.400" in text
+    assert "WARNING" not in text
 
 
 def test_notebook_setup_and_cached_prerequisite(tmp_path):
@@ -186,3 +187,79 @@ def test_notebook_setup_and_cached_prerequisite(tmp_path):
     flags = real.train_flags(100)
     assert real.dtype == torch.bfloat16
     assert flags["lora"] and flags["bf16"] and flags["gradient_checkpointing"] and flags["latent_grad"] == "truncated"
+
+
+# -- the detectors of degenerate results, on constructed inputs -------------------------------------------------
+def test_collapse_warning_on_collapsed_and_varied_latents():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 16, generator=gen)
+    collapsed = base.expand(6, 3, 16) + 1e-4 * torch.randn(6, 3, 16, generator=gen)
+    warning = A.collapse_warning(collapsed)
+    assert warning.startswith("WARNING: collapsed latents: mean cosine between records 1.000")
+    assert "norm std 0.000 of the mean, record-specific part 0.0% of the norm" in warning
+    assert A.collapse_warning(torch.randn(6, 3, 16, generator=gen)) is None
+    assert A.collapse_warning(base[None]) is None  # one record: nothing to compare
+    noise = torch.randn(6, 3, 16, generator=gen)
+    shared = base.expand(6, 3, 16) * 30 + noise  # one shared direction dominates: collapse though norms vary
+    assert A.cosine_across(shared).mean() > A.COLLAPSE_COSINE
+    assert A.collapse_warning(shared).startswith("WARNING: one record-independent direction dominates")
+    partial = base.expand(6, 3, 16) * 3 + noise  # a large shared part, but records still differ
+    assert A.cosine_across(partial).mean() < A.COLLAPSE_COSINE and A.collapse_warning(partial) is None
+
+
+def test_constant_predictor_is_named_with_the_majority_rate():
+    warning = A.constant_warning(["1", "1 ", "1"], majority=0.183, what="stage3")
+    assert warning.startswith('WARNING: stage3 answers "1" for every record')
+    assert "majority-answer rate is 0.183" in warning
+    assert A.constant_warning(["1", "2", "1"], 0.183) is None
+    cell = A.accuracy_cell(0.146, ["1", "1"], 0.183)
+    assert cell == '0.146 (answers "1" for every record; majority-answer rate 0.183)'
+    assert A.accuracy_cell(0.5, ["1", "2"], 0.183) == "0.500"
+    assert A.accuracy_cell(0.19, ["1", "2"], 0.183) == "0.190 (not above the majority-answer rate)"
+
+
+def test_benefit_warning_only_near_zero():
+    assert "near zero" in A.benefit_warning(0.31, 0.30)
+    assert A.benefit_warning(1.0, 0.1) is None
+
+
+def test_grid_table_marks_constant_models():
+    text = A.grid_table({"stage3": {0: 0.15, 4: 0.15}, "stage2": {0: 0.4, 4: 0.5}}, 0.15,
+                        {"stage3": {0: "1", 4: "1"}, "stage2": {0: None, 4: None}})
+    assert '0.150 ("1" for all)' in text
+    assert 'WARNING: stage3 answers "1" for every record at K=0, 4' in text and "majority-answer rate is 0.150" in text
+    assert "stage2 answers" not in text and "learnt nothing" not in text
+    flat = A.grid_table({"a": {1: 0.15}}, 0.15, {"a": {1: None}})
+    assert "no model beats the majority-answer rate" in flat
+
+
+def test_causal_use_summary_does_not_read_a_constant_model_as_ignoring_latents():
+    const = A.CausalUse(4, {"normal": 0.2, "zero": 0.2}, {"zero": 0.0}, {"normal": ["1"] * 5, "zero": ["1"] * 5},
+                        majority=0.2)
+    text = const.summary()
+    assert 'answers "1" for every record' in text and "majority-answer rate 0.200" in text
+    assert "does not show that a model which answers the question ignores its latents" in text
+    assert "do not depend on the latent inputs" not in text
+    varied = list("12312")
+    real = A.CausalUse(4, {"normal": 0.6, "zero": 0.6}, {"zero": 0.0}, {"normal": varied, "zero": varied}, majority=0.4)
+    assert real.warnings() == ["no answer changed under any replacement: the answers do not depend on the latent "
+                               "inputs"]
+    moved = A.CausalUse(4, {"normal": 0.6, "zero": 0.2}, {"zero": 0.6}, {"normal": varied, "zero": list("33333")},
+                        majority=0.4)
+    assert moved.warnings() == []
+
+
+def test_probe_grid_warns_when_nothing_beats_chance():
+    from lcot.lab.probe import ProbeGrid
+
+    flat = ProbeGrid([[0.25, 0.2], [0.26, 0.21]], [0.25, 0.2], [10, 10])
+    assert "no probe beats its majority-state rate" in flat.summary()
+    good = ProbeGrid([[0.9, 0.2], [0.3, 0.21]], [0.25, 0.2], [10, 10])
+    assert good.warning() is None and "WARNING" not in good.summary()
+
+
+def test_cosine_vs_k_warns_when_own_equals_another_records_teacher():
+    same = A.CosineVsK({4: [0.999, 0.999]}, {4: [0.999, 0.998]})
+    assert "as well as their own" in same.summary()
+    apart = A.CosineVsK({4: [0.9, 0.8]}, {4: [0.3, 0.2]})
+    assert "WARNING" not in apart.summary()

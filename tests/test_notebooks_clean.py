@@ -6,7 +6,10 @@ diff reviewer relies on without running them.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -95,3 +98,66 @@ def test_figure_names_are_unique_across_notebooks():
                 names[name] = path.stem
     assert {"mask_stage2.png", "cosine_stage2.png", "cosine_vs_k_stage3.png", "loss_stage3.png",
             "teacher_similarity.png", "causal_use.png"} <= set(names)
+
+
+# -- runs never rewrite the committed figures/ (only `make figures` does) -----------------------------------------
+ROOT = NOTEBOOK_DIR.parent
+
+
+def git_status() -> list[str]:
+    """`git status --porcelain` of the checkout, untracked files listed one by one (ignored ones are not)."""
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip("not a git checkout")
+    return done.stdout.splitlines()
+
+
+def test_default_figure_paths_leave_the_checkout_clean(tmp_path, monkeypatch, tiny_dir, data_dir):
+    """The demo's figure writer and a notebook's `S.save`, with their default folders, on tiny inputs."""
+    import matplotlib.pyplot as plt
+
+    from lcot import demo
+    from lcot.lab.notebook import FIGURES_ENV, RUN_DIR_ENV, setup
+    from lcot.pipeline.runs import METRICS_FILE
+
+    before = git_status()
+    # the demo: its default --figures, relative to the folder `make demo` runs in (the checkout), is ignored by git;
+    # the figures are written with that default relative to a scratch folder, so a real demo's figures stay intact
+    default = demo.DemoConfig().figures
+    ignored = subprocess.run(["git", "check-ignore", "-q", default + "/x.png"], cwd=ROOT)
+    assert not Path(default).is_absolute() and ignored.returncode == 0, f"{default} is not an ignored run folder"
+    run = tmp_path / "demo_run"
+    shutil.copytree(tiny_dir, run / "warmup")
+    rows = "".join(json.dumps({"step": s, "loss": 1.0 / s, "ce": 1.0 / s, "align": 0.01 / s,
+                               "cos_per_position": [0.5, 0.6]}) + "\n" for s in (1, 2, 3))
+    for stage in demo.STAGES:
+        (run / stage).mkdir(parents=True, exist_ok=True)
+        (run / stage / METRICS_FILE).write_text(rows)
+    monkeypatch.chdir(tmp_path)
+    made = demo.figures(run, Path(default), 2, data_dir / "train.jsonl")
+    assert made and all(p.resolve().is_relative_to(tmp_path / default) for p in made)
+    # a notebook: setup's default folders (no LCOT_FIGURES_DIR), run from the checkout
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv(FIGURES_ENV, raising=False)
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "nb_runs"))
+    s = setup("test_paths", threads=None)
+    saved = s.save(plt.subplots()[0], "teacher_similarity.png")
+    assert saved == tmp_path / "nb_runs" / "figures" / "teacher_similarity.png"
+    # without LCOT_RUN_DIR the run root is runs/notebooks of the checkout, and its figures/ is ignored
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/notebooks/figures/x.png"], cwd=ROOT).returncode == 0
+    plt.close("all")
+    after = git_status()
+    assert not [line for line in after if line[3:].startswith("figures/")], after
+    assert after == before, "a run changed the checkout"
+
+
+@pytest.mark.parametrize("stem", ["04_teacher_latents", "07_inference_and_evaluation"])
+def test_degenerate_results_are_announced_not_narrated(stem):
+    """The prose says what a degenerate run looks like and cites the committed GPU results for a real one."""
+    book = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    prose = "\n".join(c.source for c in book.cells if c.cell_type == "markdown")
+    assert "What to look for" in prose and "WARNING:" in prose and "results/hops_tiny" in prose
+    assert "If accuracy and answers do not move, the answer ignores" not in prose  # said only of a non-constant model
+    for number in re.findall(r"\b\d\.\d{3}\b", prose):  # every number quoted is one the README reports
+        assert number in (ROOT / "README.md").read_text(), f"{stem} quotes {number}, which the README does not"

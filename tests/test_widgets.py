@@ -123,3 +123,131 @@ def test_unknown_stage_is_refused(loaded, records):
     with pytest.raises(ValueError, match="stage must be one of"):
         MaskViewer(processor, model.config, records[:1], stage="stage4")
     assert set(STAGES) == {"stage1 (format warm-up)", "stage2 / teacher", "stage3", "inference"}
+
+
+# -- the latent delimiters are "latent markers", not answer tokens (display only) --------------------------------
+def test_latent_delimiters_are_shown_as_latent_markers(viewer, loaded):
+    from lcot.lab.segments import MARKER, display_segments
+
+    _, processor = loaded
+    ids = viewer.batch["input_ids"][0]
+    parts = display_segments(viewer.batch)[0]
+    marker_ids = processor.tokenizer.convert_tokens_to_ids(["<abs_vis_token>", "</abs_vis_token>"])
+    assert sorted(ids[parts == MARKER].tolist()) == sorted(marker_ids)
+    assert (viewer.batch["segments"][0][parts == MARKER] == Seg.ANSWER).all()  # the mask's labels are unchanged
+    q = viewer.query.value  # the first latent
+    visible = viewer.visible_by_segment()
+    assert visible["latent markers"] == (1, 1) and "answer" not in visible  # it sees <abs_vis_token> only
+    viewer.query.value = int((viewer.segments == Seg.ANSWER).nonzero()[-1])
+    assert viewer.visible_by_segment()["latent markers"] == (2, 2)
+    assert q > 0 and "latent markers" in viewer.summary.value and "latent markers" in viewer.sequence.value
+
+
+def test_marker_columns_with_k0_and_in_a_padded_batch(loaded, records):
+    from lcot.lab.segments import MARKER, display_segments
+
+    model, processor = loaded
+    for k in (0, 3):
+        b = Collator(processor, model.config, k, thought_images=True)(records[:3])
+        parts = display_segments(b)
+        ids = processor.tokenizer.convert_tokens_to_ids(["<abs_vis_token>", "</abs_vis_token>"])
+        expected = (b["input_ids"] == ids[0]) | (b["input_ids"] == ids[1])
+        assert torch.equal(parts == MARKER, expected)
+        assert torch.equal(parts[parts != MARKER], b["segments"][parts != MARKER])
+
+
+def test_access_table_says_latent_markers_not_answer(loaded, records):
+    from lcot.lab.analysis import access_table, segment_access
+    from lcot.lab.segments import MARKER
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 3, thought_images=True)(records[:1])
+    acc = segment_access(b)
+    assert acc[(Seg.LATENT, MARKER)] == 1.0 and (Seg.LATENT, Seg.ANSWER) not in acc  # latents never see the answer
+    assert acc[(Seg.ANSWER, Seg.LATENT)] == 1.0 and acc[(Seg.ANSWER, Seg.THOUGHT_IMAGE)] == 0.0
+    text = access_table(b)
+    assert "key: latent markers" in text and "query: latent markers" in text
+    latent_row = next(line for line in text.splitlines() if line.startswith("query: latent "))
+    header = text.splitlines()[0]
+    assert latent_row[header.index("key: answer"):].strip() == "-"
+
+
+# -- figures: colour ranges, position numbers, spans, integer ticks, twin axis -----------------------------------
+def _close(obj):
+    import matplotlib.pyplot as plt
+
+    plt.close(getattr(obj, "figure", obj))
+
+
+def test_similarity_colour_range_is_fitted_and_positions_count_from_one():
+    from lcot.lab.plots import plot_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    lat = torch.randn(4, 8, generator=gen) + 3.0  # cosines well above -1, below 1
+    ax = plot_similarity(lat)
+    lo, hi = ax.images[0].get_clim()
+    x = torch.nn.functional.normalize(lat, dim=-1)
+    sims = (x @ x.T)[~torch.eye(4, dtype=torch.bool)]
+    assert lo == pytest.approx(sims.min().item(), abs=1e-6) and hi == pytest.approx(sims.max().item(), abs=1e-6)
+    assert lo > -1 + 0.1
+    assert list(ax.get_xticks()) == [1, 2, 3, 4] and list(ax.get_yticks()) == [1, 2, 3, 4]
+    _close(ax)
+    same = plot_similarity(torch.ones(3, 8) + 1e-5 * torch.randn(3, 8, generator=gen))  # collapse
+    lo, hi = same.images[0].get_clim()
+    assert hi <= 1.0 and hi - lo >= 0.02 - 1e-9  # a flat colour, not noise stretched over the whole map
+    _close(same)
+
+
+def test_value_axes_keep_a_minimum_span():
+    from lcot.lab.plots import MIN_SPAN, fitted_limits, plot_cosine_vs_k, plot_norms
+
+    lo, hi = fitted_limits([0.9995, 1.0])  # a 0.05% change
+    assert hi - lo == pytest.approx(MIN_SPAN * 1.0)
+    assert fitted_limits([0.2, 0.8]) == pytest.approx((0.2, 0.8))  # a real change keeps the data's range
+    assert fitted_limits([0.995, 1.0], bounds=(-1, 1))[1] == 1.0
+    ax = plot_cosine_vs_k({2: [0.9995, 0.9996], 4: [0.9995, 0.9996, 0.9997, 0.9998]})
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= MIN_SPAN and list(ax.get_xticks()) == [1, 2, 3, 4]
+    _close(ax)
+    ax = plot_norms(torch.full((5, 3), 200.0) + torch.arange(5)[:, None] * 0.01)
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= MIN_SPAN * 200 and list(ax.get_xticks()) == [1, 2, 3]
+    _close(ax)
+
+
+def test_loss_plot_integer_steps_and_alignment_on_its_own_axis():
+    from lcot.lab.plots import plot_losses
+
+    rows = [{"step": s, "loss": 2.0 - s / 100, "ce": 2.0 - s / 100, "align": 0.01 - s / 10_000} for s in (1, 2, 3)]
+    ax = plot_losses(rows)
+    fig = ax.figure
+    assert len(fig.axes) == 2  # the twin axis
+    right = fig.axes[1]
+    assert [ln.get_label() for ln in right.get_lines()] == ["align (right axis)"]
+    assert right.get_ylim()[1] < 0.02 and ax.get_ylim()[0] > 1.5
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    _close(ax)
+    comparable = plot_losses([{"step": s, "loss": 2.0, "ce": 1.0, "align": 1.0} for s in (10, 20)])
+    assert len(comparable.figure.axes) == 1  # no twin when the curves share a scale
+    _close(comparable)
+
+
+def test_cosine_heatmap_positions_steps_and_fitted_colours():
+    from lcot.lab.plots import plot_cosine
+
+    rows = [{"step": s, "cos_per_position": [0.5 + s / 100, 0.6, 0.7]} for s in (5, 10, 15)]
+    fig = plot_cosine(rows)
+    heat, curves = fig.axes[0], fig.axes[2]
+    assert heat.images[0].get_clim() == pytest.approx((0.55, 0.7))
+    assert list(heat.get_yticks()) == [1, 2, 3]
+    assert all(float(t).is_integer() for t in heat.get_xticks()) and all(
+        float(t).is_integer() for t in curves.get_xticks())
+    _close(fig)
+
+
+def test_accuracy_plot_ticks_only_the_evaluated_ks():
+    from lcot.lab.plots import plot_accuracy
+
+    ax = plot_accuracy({"stage3": {0: 0.2, 1: 0.3, 4: 0.4}, "stage2": {0: 0.1, 4: 0.2}}, baseline=0.15)
+    assert list(ax.get_xticks()) == [0, 1, 4]
+    _close(ax)

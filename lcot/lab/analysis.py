@@ -15,11 +15,21 @@ import torch
 
 from lcot.core.collate import Collator
 from lcot.core.loss import per_position_cosine
-from lcot.core.mask import SEGMENT_NAMES, Seg
+from lcot.core.mask import Seg
 from lcot.core.model import latent_hidden_states
 from lcot.core.record import Record
 from lcot.io import to_device
-from lcot.pipeline.evaluate import accuracy, describe, evaluate, table
+from lcot.lab.segments import PART_NAMES, PARTS, display_segments
+from lcot.pipeline.evaluate import (
+    BENEFIT_NEAR_ZERO,
+    accuracy,
+    benefit_line,
+    constant_answer,
+    describe,
+    evaluate,
+    majority_rate,
+    table,
+)
 from lcot.pipeline.generate import generate_batch
 from lcot.pipeline.teacher import read_teacher, teacher_file
 
@@ -38,15 +48,16 @@ def _batches(items: Sequence, size: int):
 
 # -- the mask rule, read off a collated batch ---------------------------------------------------------
 def segment_access(batch: dict, row: int = 0) -> dict[tuple[Seg, Seg], float]:
-    """{(query segment, key segment): share of the causally earlier-or-equal keys the query may attend}.
+    """{(query part, key part): share of the causally earlier-or-equal keys the query may attend}.
 
-    Read off the batch's own 4D mask, so the table states the rule as the model receives it.
+    Read off the batch's own 4D mask, so the table states the rule as the model receives it. The parts are
+    the display parts (`lcot.lab.segments`): the latent delimiters are "latent markers", not answer tokens.
     """
-    mask, seg = batch["attention_mask_4d"][row, 0].cpu(), batch["segments"][row].cpu()
+    mask, seg = batch["attention_mask_4d"][row, 0].cpu(), display_segments(batch)[row].cpu()
     length = seg.shape[0]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     out = {}
-    present = [s for s in Seg if (seg == s).any()]
+    present = [s for s in PARTS if (seg == s).any()]
     for q in present:
         for k in present:
             pairs = causal & (seg == q)[:, None] & (seg == k)[None, :]
@@ -58,9 +69,9 @@ def segment_access(batch: dict, row: int = 0) -> dict[tuple[Seg, Seg], float]:
 def access_table(batch: dict, row: int = 0) -> str:
     """`segment_access` as a query x key table (share of earlier keys visible; '-' = no such pair)."""
     acc = segment_access(batch, row)
-    segs = [s for s in Seg if any(s in pair for pair in acc)]
-    rows = [[f"query: {SEGMENT_NAMES[q]}"] + [acc.get((q, k)) for k in segs] for q in segs]
-    return table(["", *[f"key: {SEGMENT_NAMES[k]}" for k in segs]], rows, fmt="{:.2f}")
+    segs = [s for s in PARTS if any(s in pair for pair in acc)]
+    rows = [[f"query: {PART_NAMES[q]}"] + [acc.get((q, k)) for k in segs] for q in segs]
+    return table(["", *[f"key: {PART_NAMES[k]}" for k in segs]], rows, fmt="{:.2f}")
 
 
 # -- the bottleneck check -----------------------------------------------------------------------------
@@ -96,9 +107,68 @@ def bottleneck_check(model, processor, records: Sequence[Record], num_latents: i
     h0, _ = _run(model, b)
     h1, _ = _run(model, b, noisy)
     change = (h1.float() - h0.float()).abs().amax(-1)  # (B, L)
-    seg = b["segments"]
-    return {SEGMENT_NAMES[s]: (change[seg == s].max().item() if (seg == s).any() else None)
-            for s in Seg if s != Seg.PAD}
+    seg = display_segments(b)
+    return {PART_NAMES[s]: (change[seg == s].max().item() if (seg == s).any() else None)
+            for s in PARTS if s != Seg.PAD}
+
+
+# -- degenerate results: each measurement says so where its number is printed --------------------------
+COLLAPSE_COSINE = 0.99  # mean cosine between different records' latents above this: collapsed
+IDENTICAL_SHARE = 0.02  # record-specific part below this share of the norm: one vector for every record
+NEAR_MAJORITY = 0.02  # an accuracy within this of the majority-answer rate shows nothing
+SAME_AS_OTHER = 0.01  # cosine to the own teacher minus to another record's below this: nothing specific matched
+
+
+def collapse_warning(latents: torch.Tensor) -> str | None:
+    """A warning when (N, K, H) latents barely depend on the record, else None.
+
+    Flagged when the mean cosine between different records' latents at one position is above COLLAPSE_COSINE.
+    Two cases are told apart by the record-specific part (each latent minus the records' mean latent at its
+    position, as a share of its norm): below IDENTICAL_SHARE the latents are one vector for every record
+    (collapse: nothing to align to or read); above it one shared direction dominates, the case where a plain
+    cosine is ~1 whatever the record and `--align centered` / a probe still find what differs.
+    """
+    if latents.shape[0] < 2:
+        return None
+    across = cosine_across(latents).mean().item()
+    if not across > COLLAPSE_COSINE:
+        return None
+    x = latents.float()
+    norms = x.norm(dim=-1)
+    spread = (norms.std(0) / norms.mean(0).clamp_min(1e-12)).max().item()
+    specific = ((x - x.mean(0, keepdim=True)).norm(dim=-1) / norms.clamp_min(1e-12)).mean().item()
+    numbers = (f"mean cosine between records {across:.3f} (1 = identical), norm std {spread:.3f} of the mean, "
+               f"record-specific part {specific:.1%} of the norm")
+    if specific < IDENTICAL_SHARE:
+        return (f"WARNING: collapsed latents: {numbers}: every record gets (nearly) the same vector, so they carry "
+                "nothing record-specific; aligning to them, or reading them, shows no reasoning")
+    return (f"WARNING: one record-independent direction dominates these latents: {numbers}: a plain cosine to them "
+            "is ~1 whatever the record (align with --align centered; read them with a probe, not a cosine)")
+
+
+def constant_warning(answers: Sequence[str], majority: float | None = None, what: str = "the model") -> str | None:
+    """A warning when one answer is given to every record (a constant predictor), else None."""
+    const = constant_answer(answers)
+    if const is None:
+        return None
+    rate = f"; the majority-answer rate is {majority:.3f}" if majority is not None else ""
+    return (f'WARNING: {what} answers "{const}" for every record (a constant predictor{rate}): its accuracy is '
+            f'how often "{const}" is right, not a sign that it reads the question')
+
+
+def accuracy_cell(acc: float, answers: Sequence[str], majority: float | None = None) -> str:
+    """`describe`'s accuracy text, with the majority-answer rate beside a constant predictor's accuracy:
+    '0.146 (answers "1" for every record; majority-answer rate 0.183)'."""
+    text = describe(acc, answers, majority)
+    if majority is not None and constant_answer(answers) is not None:
+        text = f"{text[:-1]}; majority-answer rate {majority:.3f})"
+    return text
+
+
+def benefit_warning(with_acc: float, without_acc: float, what: str = "teacher", teacher: bool = True) -> str | None:
+    """`benefit_line` when the thought-image benefit is near zero (the model does not use its thought
+    images), else None."""
+    return benefit_line(with_acc, without_acc, what, teacher) if with_acc - without_acc < BENEFIT_NEAR_ZERO else None
 
 
 # -- teacher latents ----------------------------------------------------------------------------------
@@ -124,10 +194,10 @@ class TeacherStats:
         rows = [[j + 1, self.norms[:, j].mean().item(), self.norms[:, j].std().item() if n > 1 else None,
                  self.across[j].item()] for j in range(k)]
         text = table(["position", "norm (mean)", "norm (std)", "cos across records"], rows)
+        warning = collapse_warning(self.latents)
         return (f"{n} records x {k} latents x {h} dims\n{text}\n"
                 f"mean cosine between positions of one record: {self.within_mean:.3f}; "
-                f"between records at one position: {self.across_mean:.3f}"
-                + ("  <- collapse: the latents barely depend on the record" if self.across_mean > 0.99 else ""))
+                f"between records at one position: {self.across_mean:.3f}" + (f"\n{warning}" if warning else ""))
 
 
 def _normed(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +244,12 @@ class CosineVsK:
 
     def summary(self) -> str:
         rows = [[k, sum(v) / len(v), sum(self.other[k]) / len(v)] for k, v in sorted(self.own.items())]
-        return table(["K", "cos to own teacher", "cos to another record's teacher"], rows)
+        text = table(["K", "cos to own teacher", "cos to another record's teacher"], rows)
+        if all(own - other < SAME_AS_OTHER for _, own, other in rows):
+            text += ("\nWARNING: the latents match another record's teacher as well as their own (difference below "
+                     f"{SAME_AS_OTHER}): the cosine measures a direction shared by every record, not this record's "
+                     "content")
+        return text
 
 
 @torch.no_grad()
@@ -200,23 +275,54 @@ def cosine_vs_k(model, processor, records: Sequence[Record], ks: Sequence[int], 
 
 
 # -- accuracy and the causal-use check ----------------------------------------------------------------
+@dataclass
+class AccuracyGrid:
+    accuracy: dict[str, dict[int, float]]  # name -> K -> accuracy
+    constant: dict[str, dict[int, str | None]]  # name -> K -> the one answer given to every record, or None
+
+    def summary(self, majority: float | None = None) -> str:
+        return grid_table(self.accuracy, majority, self.constant)
+
+
 def accuracy_grid(model_dirs: dict[str, str | Path], records: Sequence[Record], ks: Sequence[int],
-                  load: Callable, thought_images: bool = False, **kwargs) -> dict[str, dict[int, float]]:
-    """{name: {K: accuracy}} of each model folder (loaded one at a time with `load(path)`)."""
-    grid = {}
+                  load: Callable, thought_images: bool = False, **kwargs) -> AccuracyGrid:
+    """Accuracy and constant answers per K of each model folder (loaded one at a time with `load(path)`)."""
+    acc, const = {}, {}
     for name, path in model_dirs.items():
         model, processor = load(path)
         res = evaluate(model, processor, records, ks, thought_images=thought_images, progress=False, **kwargs)
-        grid[name] = {k: res["accuracy"][k] for k in ks}
+        acc[name] = {k: res["accuracy"][k] for k in ks}
+        const[name] = {k: res.get("constant", {}).get(k) for k in ks}
         del model
-    return grid
+    return AccuracyGrid(acc, const)
 
 
-def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None) -> str:
+def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None,
+               constant: dict[str, dict[int, str | None]] | None = None) -> str:
+    """Accuracy per model and K; a constant predictor's cell says so ('"1" for all') and a warning follows."""
     ks = sorted({k for row in grid.values() for k in row})
-    rows = [[name, *[row.get(k) for k in ks]] for name, row in grid.items()]
-    text = table(["model", *[f"K={k}" for k in ks]], rows)
-    return text + (f"\nmajority-answer baseline: {baseline:.3f}" if baseline is not None else "")
+    constant = constant or {}
+
+    def cell(name: str, k: int) -> str | float | None:
+        c = constant.get(name, {}).get(k)
+        return f'{grid[name][k]:.3f} ("{c}" for all)' if c is not None else grid[name].get(k)
+
+    rows = [[name, *[cell(name, k) for k in ks]] for name in grid]
+    lines = [table(["model", *[f"K={k}" for k in ks]], rows)]
+    if baseline is not None:
+        lines.append(f"majority-answer baseline: {baseline:.3f}")
+    for name, per_k in constant.items():
+        answers = sorted({c for c in per_k.values() if c is not None})
+        if answers:
+            at = ", ".join(str(k) for k, c in sorted(per_k.items()) if c is not None)
+            rate = f"; the majority-answer rate is {baseline:.3f}" if baseline is not None else ""
+            lines.append(f"WARNING: {name} answers " + " / ".join(f'"{a}"' for a in answers)
+                         + f" for every record at K={at} (a constant predictor{rate}): those accuracies are the "
+                         "answer's frequency, not evidence about the latents")
+    if baseline is not None and constant and all(v <= baseline + NEAR_MAJORITY for row in grid.values()
+                                                  for v in row.values()):
+        lines.append("WARNING: no model beats the majority-answer rate at any K: this run learnt nothing to compare")
+    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -287,10 +393,28 @@ class CausalUse:
     accuracy: dict[str, float]  # condition -> accuracy
     changed: dict[str, float]  # replaced condition -> share of answers that differ from the normal answer
     answers: dict[str, list[str]]
+    majority: float | None = None  # the majority-answer rate of the records
+    collapse: str | None = None  # `collapse_warning` of the model's own latent inputs
+
+    def warnings(self) -> list[str]:
+        """Why the table may show nothing: a constant normal answer, collapsed latent inputs."""
+        out = []
+        normal = self.answers.get("normal")
+        const = constant_warning(normal, self.majority, f"with its own latents (K={self.k}) the model") \
+            if normal else None
+        if const:
+            out.append(const + '. "answers changed 0.000" then only says that a constant answer stays constant; '
+                       "it does not show that a model which answers the question ignores its latents")
+        if self.collapse:
+            out.append(self.collapse + " (shuffle and mean then feed nearly the same vectors)")
+        if not out and self.changed and all(v == 0 for v in self.changed.values()):
+            out.append("no answer changed under any replacement: the answers do not depend on the latent inputs")
+        return out
 
     def summary(self) -> str:
-        rows = [[c, describe(self.accuracy[c], self.answers[c]), self.changed.get(c)] for c in self.accuracy]
-        return table(["latent inputs", "accuracy", "answers changed"], rows)
+        rows = [[c, accuracy_cell(self.accuracy[c], self.answers[c], self.majority), self.changed.get(c)]
+                for c in self.accuracy]
+        return "\n".join([table(["latent inputs", "accuracy", "answers changed"], rows), *self.warnings()])
 
 
 @torch.no_grad()
@@ -299,7 +423,8 @@ def causal_use(model, processor, records: Sequence[Record], num_latents: int, ba
                conditions: Sequence[str] = CONDITIONS, seed: int = 0, feed: str = "continuous") -> CausalUse:
     """Answer accuracy when the latent inputs are the model's own (normal) or replaced (see `intervene`).
 
-    Inference setting: no thought images. If the answers never change, the answer does not use the latents.
+    Inference setting: no thought images. If the answers of a model that answers the question never change,
+    the answer does not use the latents; a constant predictor's answers never change either (`summary` says so).
     """
     if num_latents < 1:
         raise ValueError("the causal-use check needs K >= 1 latent slots")
@@ -325,4 +450,4 @@ def causal_use(model, processor, records: Sequence[Record], num_latents: int, ba
     base = answers.get("normal")
     changed = {c: (sum(a != b for a, b in zip(ans, base)) / len(ans) if base else float("nan"))
                for c, ans in answers.items() if c != "normal"}  # the normal answers are the reference
-    return CausalUse(num_latents, acc, changed, answers)
+    return CausalUse(num_latents, acc, changed, answers, majority_rate(records), collapse_warning(own))

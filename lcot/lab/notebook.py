@@ -11,7 +11,8 @@ Folders: every notebook writes into its own run folder `<run root>/<notebook>`; 
 data and the earlier stages a notebook needs but does not teach (`prerequisite`) are built once in
 `<run root>/_shared` and reused by every notebook. The run root is `runs/notebooks` of the repository,
 or $LCOT_RUN_DIR when set (the notebook tests point it into a temporary folder); figures go to
-`figures/` of the repository, or $LCOT_FIGURES_DIR.
+`<run root>/figures`, or $LCOT_FIGURES_DIR: a run never rewrites the committed `figures/` of the
+repository, which only `make figures` refreshes (it sets LCOT_FIGURES_DIR=figures).
 
 A real model (MODEL = a Qwen2.5-VL-7B-Instruct folder, DEVICE = "cuda") trains with bf16, LoRA,
 gradient checkpointing and the truncated latent gradient (`Setup.train_flags`), which fits one
@@ -94,7 +95,7 @@ class Setup:
                             need_thought_images=need_thought_images)
 
     def save(self, fig_or_ax, filename: str) -> Path:
-        """Save a figure as figures/<filename> (PNG, stable name) and say where it went."""
+        """Save a figure as <figures>/<filename> (PNG, stable name; see `setup`) and say where it went."""
         from lcot.lab.plots import save
 
         path = save(fig_or_ax, self.figures / filename)
@@ -137,7 +138,7 @@ def setup(name: str, model: str | Path = TINY, data: str | Path = SHAPES, device
 
     root = repo_root()
     run_root = Path(run_root or os.environ.get(RUN_DIR_ENV) or root / "runs" / "notebooks").absolute()
-    figures = Path(figures or os.environ.get(FIGURES_ENV) or root / "figures").absolute()
+    figures = Path(figures or os.environ.get(FIGURES_ENV) or run_root / "figures").absolute()
     shared = run_root / "_shared"
     if threads and device == "cpu":
         torch.set_num_threads(threads)

@@ -1,4 +1,9 @@
-"""Figures: the 4D mask with named blocks, loss curves, latent-teacher cosine per position over training."""
+"""Figures: the 4D mask with named blocks, loss curves, latent-teacher cosine per position over training.
+
+Conventions of every figure here: latent positions are numbered 1..K; step and K axes tick whole numbers
+(an accuracy-vs-K plot ticks exactly the evaluated K); colour ranges are fitted to the data; and a value axis
+spans at least MIN_SPAN of the values' magnitude, so a 0.05% change does not look like a steep one.
+"""
 
 from __future__ import annotations
 
@@ -11,41 +16,86 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.ticker import MaxNLocator
 
-from lcot.core.mask import SEGMENT_NAMES, Seg
+from lcot.core.mask import Seg
+from lcot.lab.segments import MARKER, PART_NAMES, PARTS
 
 SEG_COLORS = {Seg.PAD: "#dddddd", Seg.PROMPT: "#4c72b0", Seg.QUESTION_IMAGE: "#55a868", Seg.THOUGHT_IMAGE: "#c44e52",
-              Seg.LATENT: "#8172b2", Seg.ANSWER: "#ccb974"}
+              Seg.LATENT: "#8172b2", Seg.ANSWER: "#ccb974", MARKER: "#937860"}  # by display part
+MIN_SPAN = 0.02  # a value axis spans at least this share of the largest |value| shown
+TWIN_RATIO = 0.1  # an alignment curve below this share of the CE curve gets its own (right) axis
 
 
-def segment_runs(segments: torch.Tensor) -> list[tuple[Seg, int, int]]:
-    """[(segment, start, stop)] runs of one row of segment labels."""
+def fitted_limits(values, min_span: float = MIN_SPAN, bounds: tuple[float, float] | None = None
+                  ) -> tuple[float, float]:
+    """(lo, hi) around the finite values: their range, widened about its middle to at least min_span x the
+    largest |value| (and 1e-6), then shifted inside `bounds` (e.g. (-1, 1) for cosines) where it can be."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return (0.0, 1.0) if bounds is None else bounds
+    lo, hi = float(v.min()), float(v.max())
+    span = max(hi - lo, min_span * float(np.abs(v).max()), 1e-6)
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2, mid + span / 2
+    if bounds is not None:
+        if hi > bounds[1]:
+            lo, hi = lo - (hi - bounds[1]), bounds[1]
+        if lo < bounds[0]:
+            lo, hi = bounds[0], min(hi + (bounds[0] - lo), bounds[1])
+    return lo, hi
+
+
+def set_value_axis(ax, values, bounds: tuple[float, float] | None = None, margin: float = 0.05) -> None:
+    """y limits from `fitted_limits` with a small margin, so flat curves stay flat on the page."""
+    lo, hi = fitted_limits(values, bounds=bounds)
+    pad = (hi - lo) * margin
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def integer_axis(axis, values: Sequence[int] | None = None, max_ticks: int = 16) -> None:
+    """Whole-number ticks: exactly `values` when given and few enough, else a whole-number locator."""
+    if values is not None and 0 < len(values) <= max_ticks:
+        axis.set_ticks(list(values))
+    else:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def segment_runs(segments: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(segment or display part, start, stop)] runs of one row of labels."""
     s = segments.tolist()
     runs, start = [], 0
     for i in range(1, len(s) + 1):
         if i == len(s) or s[i] != s[start]:
-            runs.append((Seg(s[start]), start, i))
+            runs.append((Seg(s[start]) if s[start] != MARKER else MARKER, start, i))
             start = i
     return runs
 
 
+def _part_cmap() -> ListedColormap:
+    """Colour of value v + 1 (0 = blocked, white) for every display part v."""
+    return ListedColormap(["white"] + [SEG_COLORS[v] for v in range(len(PART_NAMES))])
+
+
 def plot_mask(mask: torch.Tensor, segments: torch.Tensor, title: str = "", ax=None, highlight: int | None = None):
-    """Draw one (L, L) mask: each allowed cell coloured by the key's segment, blocks named on the axes."""
+    """Draw one (L, L) mask: each allowed cell coloured by the key's segment, blocks named on the axes.
+
+    `segments`: one row of `lcot.lab.segments.display_segments(batch)` (the latent delimiters drawn as
+    "latent markers"), or of the batch's own segments."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 6.5))
     m, seg = mask.bool().cpu(), segments.cpu()
     img = np.where(m.numpy(), seg[None, :].expand_as(m).numpy(), -1)
-    cmap = ListedColormap(["white"] + [SEG_COLORS[s] for s in Seg])
-    ax.imshow(img + 1, cmap=cmap, vmin=0, vmax=len(Seg), interpolation="nearest")
+    ax.imshow(img + 1, cmap=_part_cmap(), vmin=0, vmax=len(PART_NAMES), interpolation="nearest")
     for s, a, b in segment_runs(seg):
         for f in (ax.axhline, ax.axvline):
             f(a - 0.5, color="black", lw=0.4)
         if b - a >= max(2, len(seg) // 60):
-            ax.text(len(seg) + 1, (a + b) / 2, SEGMENT_NAMES[s], va="center", fontsize=7, color=SEG_COLORS[s])
+            ax.text(len(seg) + 1, (a + b) / 2, PART_NAMES[s], va="center", fontsize=7, color=SEG_COLORS[s])
     if highlight is not None:
         ax.axhline(highlight, color="black", lw=1.5)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=SEG_COLORS[s]) for s in Seg]
-    ax.legend(handles, [SEGMENT_NAMES[s] for s in Seg], fontsize=7, loc="upper center", title="key segment",
-              title_fontsize=7, bbox_to_anchor=(0.5, -0.09), ncol=len(Seg), frameon=False)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=SEG_COLORS[s]) for s in PARTS]
+    ax.legend(handles, [PART_NAMES[s] for s in PARTS], fontsize=7, loc="upper center", title="key segment",
+              title_fontsize=7, bbox_to_anchor=(0.5, -0.09), ncol=4, frameon=False)
     ax.set_xlabel("key (attended) position")
     ax.set_ylabel("query position")
     ax.set_title(title or "4D attention mask (white = blocked)")
@@ -55,15 +105,30 @@ def plot_mask(mask: torch.Tensor, segments: torch.Tensor, title: str = "", ax=No
 def plot_losses(rows: Sequence[dict], title: str = "", ax=None):
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
+    """Loss, CE and alignment over optimizer steps; an alignment curve dwarfed by CE (below TWIN_RATIO of it)
+    gets its own axis on the right (a second axes of the figure)."""
     steps = [r["step"] for r in rows]
-    for key in ("loss", "ce", "align"):
-        vals = [r.get(key) for r in rows]
-        if any(v is not None for v in vals):
-            ax.plot(steps, [np.nan if v is None else v for v in vals], marker=".", label=key)
+    curves = {key: np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+              for key in ("loss", "ce", "align") if any(r.get(key) is not None for r in rows)}
+    main_max = max((np.nanmax(np.abs(v)) for k, v in curves.items() if k != "align"), default=0.0)
+    twin = "align" in curves and main_max > 0 and np.nanmax(np.abs(curves["align"])) < TWIN_RATIO * main_max
+    right = ax.twinx() if twin else None
+    lines = []
+    for i, (key, vals) in enumerate(curves.items()):
+        on = right if twin and key == "align" else ax
+        label = f"{key} (right axis)" if on is not ax else key
+        lines += on.plot(steps, vals, marker=".", label=label, color=f"C{i}")
+    shown = [v for k, v in curves.items() if not (twin and k == "align")]
+    if shown:
+        set_value_axis(ax, np.concatenate(shown))
+    if twin:
+        set_value_axis(right, curves["align"])
+        right.set_ylabel("alignment loss")
     ax.set_xlabel("optimizer step")
+    integer_axis(ax.xaxis)
     ax.set_ylabel("loss")
     ax.set_title(title or "training loss")
-    ax.legend()
+    ax.legend(lines, [ln.get_label() for ln in lines])
     return ax
 
 
@@ -82,17 +147,21 @@ def plot_cosine(rows: Sequence[dict], title: str = "", fig=None):
     if not len(steps):
         ax1.text(0.5, 0.5, "no alignment logged", ha="center")
         return fig
-    lo, hi = float(np.nanmin(mat)), float(np.nanmax(mat))  # the data's range: cosines often sit near 1
-    im = ax1.imshow(mat.T, aspect="auto", origin="lower", cmap="viridis", vmin=lo, vmax=max(hi, lo + 1e-6),
+    lo, hi = fitted_limits(mat, bounds=(-1.0, 1.0))  # the data's range: cosines often sit near 1
+    im = ax1.imshow(mat.T, aspect="auto", origin="lower", cmap="viridis", vmin=lo, vmax=hi,
                     extent=(steps[0] - 0.5, steps[-1] + 0.5, 0.5, mat.shape[1] + 0.5))
     fig.colorbar(im, ax=ax1, label="cosine")
     ax1.set_xlabel("optimizer step")
+    integer_axis(ax1.xaxis)
     ax1.set_ylabel("latent position")
+    integer_axis(ax1.yaxis, range(1, mat.shape[1] + 1))
     picks = sorted({0, mat.shape[1] // 2, mat.shape[1] - 1})
     for j in picks:
         ax2.plot(steps, mat[:, j], marker=".", label=f"position {j + 1}")
     ax2.plot(steps, np.nanmean(mat, 1), color="black", lw=2, label="mean")
+    set_value_axis(ax2, mat, bounds=(-1.0, 1.0))
     ax2.set_xlabel("optimizer step")
+    integer_axis(ax2.xaxis)
     ax2.set_ylabel("cosine to teacher")
     ax2.legend(fontsize=7)
     fig.suptitle(title or "latent-teacher cosine")
@@ -106,16 +175,29 @@ def plot_cosine_vs_k(cos_by_k: dict[int, Sequence[float]], title: str = "", ax=N
         _, ax = plt.subplots(figsize=(6, 3.5))
     for k, cos in sorted(cos_by_k.items()):
         ax.plot(range(1, len(cos) + 1), cos, marker="o", label=f"K={k}")
-    return _per_position_axes(ax, "cosine to teacher", title or "latent-teacher cosine vs K", legend_size=7)
+    values = [v for cos in cos_by_k.values() for v in cos]
+    set_value_axis(ax, values, bounds=(-1.0, 1.0))
+    kmax = max((len(c) for c in cos_by_k.values()), default=0)
+    return _per_position_axes(ax, "cosine to teacher", title or "latent-teacher cosine vs K", 7, kmax)
 
 
-def plot_similarity(latents: torch.Tensor, title: str = "", ax=None):
-    """Pairwise cosine of vectors (rows): collapse of teacher latents shows up as an all-yellow matrix."""
+def plot_similarity(latents: torch.Tensor, title: str = "", ax=None, label: str = "latent position"):
+    """Pairwise cosine of vectors (rows), numbered 1..N on both axes (`label` names them: latent positions or
+    records). The colour range is the off-diagonal values' (at least MIN_SPAN wide): collapse, every cosine near
+    1, shows as one flat colour with a colour bar that reads ~1, not as structure."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
     x = torch.nn.functional.normalize(latents.float(), dim=-1)
-    im = ax.imshow((x @ x.T).numpy(), cmap="viridis", vmin=-1, vmax=1)
-    plt.colorbar(im, ax=ax)
+    sims = (x @ x.T).numpy()
+    n = sims.shape[0]
+    off = sims[~np.eye(n, dtype=bool)] if n > 1 else sims.ravel()
+    lo, hi = fitted_limits(off, bounds=(-1.0, 1.0))
+    im = ax.imshow(sims, cmap="viridis", vmin=lo, vmax=hi, extent=(0.5, n + 0.5, n + 0.5, 0.5))
+    plt.colorbar(im, ax=ax, label="cosine")
+    for axis in (ax.xaxis, ax.yaxis):
+        integer_axis(axis, range(1, n + 1))
+    ax.set_xlabel(label)
+    ax.set_ylabel(label)
     ax.set_title(title or "pairwise cosine")
     return ax
 
@@ -126,14 +208,13 @@ def plot_mask_row(row: torch.Tensor, segments: torch.Tensor, query: int, ax=None
         _, ax = plt.subplots(figsize=(7, 1.2))
     seg = segments.cpu()
     img = np.where(row.bool().cpu().numpy(), seg.numpy(), -1)[None]
-    cmap = ListedColormap(["white"] + [SEG_COLORS[s] for s in Seg])
-    ax.imshow(img + 1, cmap=cmap, vmin=0, vmax=len(Seg), aspect="auto", interpolation="nearest")
+    ax.imshow(img + 1, cmap=_part_cmap(), vmin=0, vmax=len(PART_NAMES), aspect="auto", interpolation="nearest")
     for _, a, _ in segment_runs(seg):
         ax.axvline(a - 0.5, color="black", lw=0.4)
     ax.axvline(query, color="black", lw=1.5, ls="--")
     ax.set_yticks([])
     ax.set_xlabel("key position")
-    ax.set_title(f"keys query {query} ({SEGMENT_NAMES[Seg(int(seg[query]))]}) may attend", fontsize=9)
+    ax.set_title(f"keys query {query} ({PART_NAMES[int(seg[query])]}) may attend", fontsize=9)
     return ax
 
 
@@ -188,13 +269,14 @@ def plot_norms(norms: torch.Tensor, title: str = "", ax=None):
     for r in norms.numpy():
         ax.plot(pos, r, color="grey", lw=0.5, alpha=0.5)
     ax.plot(pos, norms.mean(0).numpy(), color="black", lw=2, marker="o", label="mean over records")
-    return _per_position_axes(ax, "L2 norm", title or "teacher latent norms", legend_size=8)
+    set_value_axis(ax, norms.numpy())
+    return _per_position_axes(ax, "L2 norm", title or "teacher latent norms", 8, norms.shape[1])
 
 
-def _per_position_axes(ax, ylabel: str, title: str, legend_size: int):
-    """Labels of a plot over latent positions (whole numbers on the x axis)."""
+def _per_position_axes(ax, ylabel: str, title: str, legend_size: int, num_positions: int):
+    """Labels of a plot over latent positions (ticks 1..K)."""
     ax.set_xlabel("latent position")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_axis(ax.xaxis, range(1, num_positions + 1))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
@@ -211,7 +293,7 @@ def plot_accuracy(grid: dict[str, dict[int, float]], baseline: float | None = No
     if baseline is not None:
         ax.axhline(baseline, color="grey", ls="--", label="majority answer")
     ax.set_xlabel("K (latent slots at inference)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_axis(ax.xaxis, sorted({k for row in grid.values() for k in row}), max_ticks=64)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(title or "accuracy without thought images")

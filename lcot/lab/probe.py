@@ -58,7 +58,17 @@ class ProbeGrid:
         steps = len(self.chance)
         rows = [[f"latent {j + 1}", *row] for j, row in enumerate(self.accuracy)]
         rows.append(["chance (majority)", *self.chance])
-        return table(["probe accuracy", *[f"state {i + 1}" for i in range(steps)]], rows)
+        text = table(["probe accuracy", *[f"state {i + 1}" for i in range(steps)]], rows)
+        warning = self.warning()
+        return text + (f"\n{warning}" if warning else "")
+
+    def warning(self, margin: float = 0.02) -> str | None:
+        """A warning when no latent position predicts any state better than always guessing its majority state."""
+        cells = [(a, c) for row in self.accuracy for a, c in zip(row, self.chance) if a is not None and c is not None]
+        if not cells or any(a > c + margin for a, c in cells):
+            return None
+        return (f"WARNING: no probe beats its majority-state rate by more than {margin}: no intermediate state can be "
+                "read off these latents linearly (the probe answers like a constant predictor)")
 
     def to_json(self) -> dict:
         return {"accuracy": self.accuracy, "chance": self.chance, "n_test": self.n_test}

@@ -23,10 +23,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from lcot.core.collate import Collator
-from lcot.core.mask import SEGMENT_NAMES, Seg
+from lcot.core.mask import Seg
 from lcot.core.record import Record
 from lcot.core.tokens import IGNORE, TokenIds
 from lcot.lab.plots import SEG_COLORS, plot_mask, plot_mask_row, segment_runs
+from lcot.lab.segments import PART_NAMES, PARTS, display_segments
 
 # What each stage's batches hold (stage3 and inference differ in the answer: given vs. to be generated).
 STAGES: dict[str, dict] = {
@@ -77,7 +78,7 @@ def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, qu
     `allowed`, the keys it may not attend are greyed and struck through, and the query is outlined.
     """
     ids = batch["input_ids"][row].tolist()
-    seg = batch["segments"][row].cpu()
+    seg = display_segments(batch)[row].cpu()
     lab = batch["labels"][row].tolist()
     texts = token_texts(tokenizer, ids)
     vis = allowed.bool().tolist() if allowed is not None else None
@@ -88,11 +89,11 @@ def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, qu
             continue
         if collapse_images and s in IMAGE_SEGMENTS:
             n_vis = sum(vis[a:b]) if vis is not None else None
-            text = f"[{SEGMENT_NAMES[s]} \u00d7{b - a}" + (f", {n_vis} visible" if vis is not None else "") + "]"
+            text = f"[{PART_NAMES[s]} \u00d7{b - a}" + (f", {n_vis} visible" if vis is not None else "") + "]"
             style = "opacity:0.35;text-decoration:line-through;" if vis is not None and n_vis == 0 else ""
             if query is not None and a <= query < b:
                 style += "outline:2px solid black;"
-            parts.append(_span(text, s, style, f"{a}-{b - 1}: {SEGMENT_NAMES[s]}"))
+            parts.append(_span(text, s, style, f"{a}-{b - 1}: {PART_NAMES[s]}"))
             continue
         for p in range(a, b):
             style = ""
@@ -102,9 +103,9 @@ def sequence_html(batch: dict, tokenizer, row: int = 0, labels: bool = False, qu
                 style += "opacity:0.35;text-decoration:line-through;"
             if p == query:
                 style += "outline:2px solid black;"
-            parts.append(_span(texts[p], s, style, f"{p}: {SEGMENT_NAMES[s]}" + (" (labelled)" if lab[p] != IGNORE
+            parts.append(_span(texts[p], s, style, f"{p}: {PART_NAMES[s]}" + (" (labelled)" if lab[p] != IGNORE
                                                                                     else "")))
-    legend = " ".join(_span(SEGMENT_NAMES[s], s) for s in Seg)
+    legend = " ".join(_span(PART_NAMES[s], s) for s in PARTS)
     note = " &nbsp; <b>bold, framed</b> = labelled (CE target)" if labels else ""
     if vis is not None:
         note += " &nbsp; <s>struck</s> = the query may not attend"
@@ -150,6 +151,11 @@ class MaskViewer(widgets.VBox):
         return self.batch["segments"][0]
 
     @property
+    def parts(self) -> torch.Tensor:
+        """(L,) display parts of the sequence: its segments, with the latent delimiters as "latent markers"."""
+        return display_segments(self.batch)[0]
+
+    @property
     def row(self) -> torch.Tensor:
         """(L,) bool: the keys the selected query may attend (its row of the batch's 4D mask)."""
         return self.batch["attention_mask_4d"][0, 0, self.query.value]
@@ -161,13 +167,13 @@ class MaskViewer(widgets.VBox):
         return c([self.records[self.sample.value]])
 
     def visible_by_segment(self) -> dict[str, tuple[int, int]]:
-        """{key segment: (keys the query may attend, keys at or before the query)}."""
-        q, seg, row = self.query.value, self.segments, self.row
+        """{key part: (keys the query may attend, keys at or before the query)} (display parts)."""
+        q, seg, row = self.query.value, self.parts, self.row
         out = {}
-        for s in Seg:
+        for s in PARTS:
             earlier = int((seg[: q + 1] == s).sum())
             if earlier:
-                out[SEGMENT_NAMES[s]] = (int((row & (seg == s)).sum()), earlier)
+                out[PART_NAMES[s]] = (int((row & (seg == s)).sum()), earlier)
         return out
 
     def _default_query(self) -> int:
@@ -203,7 +209,7 @@ class MaskViewer(widgets.VBox):
         self.batch = self.collate()
         seg = self.segments
         texts = token_texts(self.processor.tokenizer, self.batch["input_ids"][0].tolist())
-        options = [(f"{p:>4}  {SEGMENT_NAMES[Seg(int(s))]:<14} {t}", p) for p, (s, t) in enumerate(zip(seg, texts))
+        options = [(f"{p:>4}  {PART_NAMES[int(s)]:<14} {t}", p) for p, (s, t) in enumerate(zip(self.parts, texts))
                    if s != Seg.PAD]
         target = self._default_query()
         if old is not None:
@@ -233,19 +239,20 @@ class MaskViewer(widgets.VBox):
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 7.4), gridspec_kw={"height_ratios": [6, 1]})
         shown = "on" if self.thought.value else "off"
         title = f"{self.stage.value}, K={self.num_latents.value}, thought images {shown}"
-        plot_mask(self.batch["attention_mask_4d"][0, 0], self.segments, title=title, ax=ax1, highlight=q)
-        plot_mask_row(self.row, self.segments, q, ax=ax2)
+        plot_mask(self.batch["attention_mask_4d"][0, 0], self.parts, title=title, ax=ax1, highlight=q)
+        plot_mask_row(self.row, self.parts, q, ax=ax2)
         fig.tight_layout()
         return fig
 
     def _summary_html(self) -> str:
-        q, seg = self.query.value, self.segments
+        q, seg = self.query.value, self.parts
         tok = token_texts(self.processor.tokenizer, [int(self.batch["input_ids"][0, q])])[0]
+        by_name = {name: part for part, name in PART_NAMES.items()}
         cells = "".join(
-            f"<tr><td>{_span(name, Seg[name.upper().replace(' ', '_')])}</td><td>{v}</td><td>{n}</td>"
+            f"<tr><td>{_span(name, by_name[name])}</td><td>{v}</td><td>{n}</td>"
             f"<td>{'all' if v == n else 'none' if v == 0 else 'some'}</td></tr>"
             for name, (v, n) in self.visible_by_segment().items())
-        head = (f"<b>query {q}</b> {html.escape(tok)} ({SEGMENT_NAMES[Seg(int(seg[q]))]}) may attend "
+        head = (f"<b>query {q}</b> {html.escape(tok)} ({PART_NAMES[int(seg[q])]}) may attend "
                 f"<b>{int(self.row.sum())}</b> of {q + 1} keys at or before it")
         return (f"<div>{head}</div><table style='font-size:12px'><tr><th>key segment</th><th>visible</th>"
                 f"<th>at or before</th><th></th></tr>{cells}</table>")
