@@ -179,7 +179,8 @@ def test_stage2_overfits_a_fixed_batch(chain, records):
 
 def test_resume_continues_with_the_same_steps_and_optimizer_state(tiny_dir, data_dir, tmp_path):
     base = ["--stage", "stage1", "--model_name_or_path", str(tiny_dir), "--train_jsonl",
-            str(data_dir / "train.jsonl"), "--latent_size", "2", "--max_steps", "4", *FAST, "--save_steps", "2"]
+            str(data_dir / "train.jsonl"), "--latent_size", "2", "--max_steps", "4", *FAST, "--save_steps", "2",
+            "--save_final_checkpoint"]  # checkpoint-4 too: its trainer_state.json holds the whole loss history
     cli.main([*base, "--output_dir", str(tmp_path / "full")])
     # a run that stopped after step 2: only its checkpoint-2 survives; resume it in a new folder
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
