@@ -127,6 +127,19 @@ def apply_lora(model, args: TrainConfig):
     return get_peft_model(model, cfg)
 
 
+def report_to(value: str) -> list[str]:
+    """--report_to as Trainer's list; a tracker that is not installed stops here, not with a traceback."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [t.strip() for t in value.split(",") if t.strip() not in ("", "none")]
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise LcotInputError("--report_to", f"{missing[0]} is not installed (or not a tracker transformers knows)",
+                             f"pip install {missing[0]}, or --report_to none; installed: "
+                             f"{', '.join(get_available_reporting_integrations()) or 'none'}")
+    return names
+
+
 def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.bsz,
@@ -138,7 +151,7 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
         data_seed=args.seed, logging_steps=args.logging_steps, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
-        report_to=[t.strip() for t in args.report_to.split(",") if t.strip() not in ("", "none")],
+        report_to=report_to(args.report_to),
         dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=not freeze_vision, save_only_model=False,
