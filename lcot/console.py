@@ -21,13 +21,16 @@ def _notebook_bars() -> bool:
     return any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
 
 
-def progress(iterable: Iterable | None = None, *, desc: str, **kwargs: Any):
+def progress(iterable: Iterable | None = None, *, desc: str, in_pipe: bool = True, **kwargs: Any):
     """One labelled tqdm.auto bar (a widget in a notebook). Into a pipe or a file it redraws every
-    PIPE_REDRAW_S seconds: tqdm's tenth of a second made a log of hundreds of `\\r` redraws per loop."""
+    PIPE_REDRAW_S seconds (tqdm's tenth of a second made a log of hundreds of `\\r` redraws per loop), or not at
+    all with in_pipe=False (for a loop that prints its own progress lines)."""
     from tqdm.auto import tqdm
 
     if not (sys.stderr.isatty() or _notebook_bars()):
         kwargs.setdefault("mininterval", PIPE_REDRAW_S)
+        if not in_pipe:
+            kwargs["disable"] = True
     return tqdm(iterable, desc=desc, **kwargs)
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ def test_stage2_prints_a_header_a_bar_and_loss_lines_and_reports_to_tensorboard(
     assert lines[0] == f"step 1/3  ce {rows[0]['ce']:.4g}  align {rows[0]['align']:.3g}  cos {rows[0]['cos']:.3f}"
     assert re.search(r"^stage2: 3 steps in \d+ s, mean loss [\d.]+$", printed.out, re.M)
     assert "{'loss'" not in printed.out + printed.err  # Trainer's dicts are gone
-    assert "stage2: " in printed.err and "3/3" in printed.err  # the labelled bar (stderr)
+    assert "stage2:" not in printed.err  # no bar into a pipe or file (capsys): the loss lines show the progress
     assert "new PAD/BOS/EOS" not in printed.err and "non_blocking" not in printed.err
     # no checkpoint-3 next to the final model; the ones before it stay for resume
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
@@ -156,12 +157,44 @@ def test_an_unknown_or_missing_tracker_is_an_input_error():
         report_to("tensorboard,nosuchtracker")
 
 
-def test_the_loss_line_shows_stage3s_mean_k_only_when_it_varies():
+def test_bars_are_labelled_redraw_rarely_into_a_pipe_and_the_stage_bar_shows_in_a_terminal(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lcot import console
+    from lcot.pipeline.trainer import ConsoleCallback, TrainConfig
+
+    bar = console.progress(range(3), desc="x")  # capsys: not a terminal
+    assert bar.mininterval == console.PIPE_REDRAW_S and not bar.disable
+    assert console.progress(total=3, desc="x", in_pipe=False).disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cfg = TrainConfig(stage="stage3", model_name_or_path="m", train_jsonl="t", output_dir="o", num_latents=4)
+    cb = ConsoleCallback(cfg, 48)
+    args = SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=2, world_size=1, output_dir="o")
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=30, logging_steps=2, global_step=0)
+    capsys.readouterr()
+    cb.on_train_begin(args, state, None)
+    assert cb.bar.mininterval == 0.1 and not cb.bar.disable and cb.every == 4  # ceil(30 / 10 / 2) logs a line
+    for step in range(1, 31):
+        state.global_step = step
+        cb.on_step_end(args, state, None)
+        if step % 2 == 0:
+            cb.on_log(args, state, None, logs={"loss": 1.0, "ce": 1.0, "k": 2.0})
+    cb.on_log(args, state, None, logs={"train_runtime": 3.2, "train_loss": 1.0})
+    cb.on_train_end(args, state, None)
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [
+        "stage3 · 48 records · K=1..4 · 30 steps of 8 records (5 epochs) -> o",
+        *[f"step {i}/30  ce 1  K 2" for i in (4, 8, 12, 16, 20, 24, 28, 30)], "stage3: 30 steps in 3 s, mean loss 1"]
+    assert "stage3: 100%" in printed.err and "30/30" in printed.err  # the labelled bar, on stderr
+
+
+def test_the_loss_line_shows_stage3s_mean_k():
     from lcot.pipeline.trainer import loss_line
 
     logs = {"loss": 2.5, "ce": 1.23456, "align": 0.00412, "cos": 0.99612, "k": 2.5}
-    assert loss_line(logs, 40, 96) == "step 40/96  ce 1.235  align 0.00412  cos 0.996  K 2.5"
+    assert loss_line(logs, 40, 96, k=True) == "step 40/96  ce 1.235  align 0.00412  cos 0.996  K 2.5"
     assert loss_line({"loss": 0.5, "ce": 0.5, "k": 4.0}, 1, 2) == "step 1/2  ce 0.5"
+    assert loss_line({"loss": 0.5, "k": 4.0}, 2, 2) == "step 2/2  loss 0.5"
 
 
 # -- generate: K latents counted, not spelled out ------------------------------------------------------------

@@ -389,7 +389,8 @@ class NoFinalCheckpoint(TrainerCallback):
 
 class ConsoleCallback(TrainerCallback):
     """What a stage prints (main process): a header line, one labelled bar, a loss line about every tenth of
-    the run (at logging steps) and a closing line. Informational lines go to stdout, the bar to stderr."""
+    the run (at logging steps) and a closing line. Informational lines go to stdout, the bar to stderr; into a
+    pipe or a file there is no bar (the loss lines, `step i/N`, show the progress)."""
 
     LINES = 10
 
@@ -412,10 +413,11 @@ class ConsoleCallback(TrainerCallback):
         print(self.header(args, state), flush=True)
         logs_per_line = math.ceil(state.max_steps / self.LINES / max(state.logging_steps, 1))
         self.every = max(logs_per_line, 1) * max(state.logging_steps, 1)
-        self.bar = progress(total=state.max_steps, desc=self.config.stage, unit="step", dynamic_ncols=True)
+        self.bar = progress(total=state.max_steps, desc=self.config.stage, unit="step", dynamic_ncols=True,
+                            in_pipe=False)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -425,7 +427,8 @@ class ConsoleCallback(TrainerCallback):
             self.bar.write(f"{self.config.stage}: {state.global_step} steps in {logs['train_runtime']:.0f} s, "
                            f"mean loss {logs.get('train_loss', float('nan')):.4g}", file=sys.stdout)
         elif "loss" in logs and (state.global_step % self.every == 0 or state.global_step >= state.max_steps):
-            self.bar.write(loss_line(logs, state.global_step, state.max_steps), file=sys.stdout)
+            line = loss_line(logs, state.global_step, state.max_steps, k=self.config.stage == "stage3")
+            self.bar.write(line, file=sys.stdout)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -433,13 +436,13 @@ class ConsoleCallback(TrainerCallback):
             self.bar = None
 
 
-def loss_line(logs: dict, step: int, max_steps: int) -> str:
-    """`step 40/96  ce 1.23  align 0.004  cos 0.996` (K too when it varies: stage3's mean K)."""
+def loss_line(logs: dict, step: int, max_steps: int, k: bool = False) -> str:
+    """`step 40/96  ce 1.23  align 0.004  cos 0.996` (k: and the mean K, stage3's)."""
     parts = [f"step {step}/{max_steps}"]
     for key, fmt in (("ce", ".4g"), ("align", ".3g"), ("cos", ".3f"), ("loss", ".4g")):
         if key in logs and not (key == "loss" and "ce" in logs):
             parts.append(f"{key} {logs[key]:{fmt}}")
-    if "k" in logs and logs["k"] != round(logs["k"]):
+    if k and "k" in logs:
         parts.append(f"K {logs['k']:.2g}")
     return "  ".join(parts)
 
