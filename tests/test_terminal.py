@@ -197,6 +197,20 @@ def test_the_loss_line_shows_stage3s_mean_k():
     assert loss_line({"loss": 0.5, "k": 4.0}, 2, 2) == "step 2/2  loss 0.5"
 
 
+def test_experiment_v_makes_its_training_jobs_verbose_without_changing_the_plan(tmp_path, capsys):
+    import lcot.experiment as E
+
+    argv = ["--name", "v", "--task", "hops", "--n", "20", "--seeds", "1", "--rows", "pause", "--dry_run",
+            "--run_dir", str(tmp_path / "runs"), "--results_dir", str(tmp_path / "results")]
+    for extra, verbose in (([], False), (["-v"], True)):  # the same run folder: -v is not part of the plan
+        capsys.readouterr()
+        E.run_experiment(E.config.parse(E.ExperimentConfig, [*argv, *extra], "x"))
+        lines = capsys.readouterr().out.splitlines()
+        training = [line for line in lines if " python -m lcot.main " in line]
+        assert len(training) >= 4 and all(line.endswith(" --verbose") == verbose for line in training)
+        assert not any("--verbose" in line for line in lines if line not in training)
+
+
 # -- generate: K latents counted, not spelled out ------------------------------------------------------------
 def test_generate_prints_the_latents_counted_and_the_raw_form_with_raw(tiny_dir, tmp_path, capsys):
     from lcot.pipeline.generate import Generation
