@@ -87,7 +87,7 @@ def test_generation_answers_in_the_latent_format(chain, data_dir, capsys):
         assert g.latents.shape == (KMAX, hidden) and torch.isfinite(g.latents).all()  # K states really computed
         assert not torch.allclose(g.latents[0], g.latents[-1])  # each fed back, not one state repeated
     generate_main(["--model_name_or_path", str(chain / "s3"), "--jsonl", str(data_dir / "test.jsonl"),
-                   "--max_new_tokens", "6"])
+                   "--max_new_tokens", "6", "--raw"])  # the decoded text, every latent token spelled out
     parts = re.split(r"^\[(\d+)\] ", capsys.readouterr().out, flags=re.M)[1:]  # idx, output, idx, output...
     assert [int(i) for i in parts[::2]] == [r.idx for r in test]
     # the CLI's default K is the trained Kmax: its outputs are those of generate() at K=Kmax

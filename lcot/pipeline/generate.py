@@ -176,8 +176,8 @@ class GenerateConfig(ModelOptions):
                                      aliases=("-k",))
     temperature: float = option(0.0, "0 = greedy")
     output: str | None = option(None, "write the generations as JSONL here")
-    raw: bool = option(False, "print each output as decoded, all K latent tokens spelled out (default: "
-                       "`<abs_vis_token>[K latents]</abs_vis_token> answer`; --output always holds the raw text)")
+    raw: bool = option(False, "print each output as decoded, all K latent tokens spelled out, instead of "
+                       "`<abs_vis_token>[K latents]</abs_vis_token> answer` (--output always holds the decoded text)")
 
 
 def default_k(model_path: str) -> int:
