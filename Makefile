@@ -2,18 +2,22 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Caches of matplotlib, IPython, Jupyter, HF and torch.compile go into a run folder, not $HOME.
+# Caches of matplotlib, HF and torch.compile go into a run folder, not $HOME (`make clean` keeps it).
 RUNTMP := $(CURDIR)/runs/.cache
 export MPLCONFIGDIR := $(RUNTMP)/mpl
-export IPYTHONDIR := $(RUNTMP)/ipython
-export JUPYTER_CONFIG_DIR := $(RUNTMP)/jupyter
-export JUPYTER_DATA_DIR := $(RUNTMP)/jupyter-data
-export JUPYTER_RUNTIME_DIR := $(RUNTMP)/jupyter-runtime
 export HF_HOME := $(RUNTMP)/hf
 export HF_HUB_OFFLINE := 1
 export TORCHINDUCTOR_CACHE_DIR := $(RUNTMP)/inductor
+# `make test` runs the tests and notebooks (nbval) with IPython and Jupyter folders of its own, so that it writes nothing
+# into $HOME; `make lab` keeps the user's Jupyter and IPython settings.
+NB_ISOLATION := IPYTHONDIR=$(RUNTMP)/ipython JUPYTER_CONFIG_DIR=$(RUNTMP)/jupyter \
+	JUPYTER_DATA_DIR=$(RUNTMP)/jupyter-data JUPYTER_RUNTIME_DIR=$(RUNTMP)/jupyter-runtime
+# Jupyter refuses to run as root (e.g. in a container) without --allow-root.
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+# More options for `make lab` and `make tensorboard`: make lab ARGS="--no-browser --port 8899"
+ARGS ?=
 
-.PHONY: setup test lint demo lab clean
+.PHONY: setup test lint demo lab tensorboard clean
 
 setup: $(VENV)/.lcot-installed
 
@@ -33,21 +37,26 @@ lint: setup
 	$(PY) -m ruff check lcot tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax notebooks
+	$(NB_ISOLATION) $(PY) -m pytest -q tests
+	$(NB_ISOLATION) $(PY) -m pytest -q --nbval-lax notebooks
 
 demo: setup
 	$(PY) -m lcot.demo
 
 lab: setup
-	$(PY) -m jupyter lab --notebook-dir=notebooks
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(LAB_ROOT) $(ARGS)
 
+# The training runs' event files (python -m lcot.main ... --report_to tensorboard) under runs/.
+tensorboard: setup
+	$(PY) -m tensorboard.main --logdir runs/ $(ARGS)
+
+# Every run under runs/, but not runs/.cache (the caches, and the Jupyter folders of `make test`).
 clean:
-	rm -rf runs
+	find runs -mindepth 1 -maxdepth 1 ! -name .cache -exec rm -rf {} + 2>/dev/null || true
 
 # The only command that rewrites the committed figures/: every notebook (into figures/) and the demo (into
 # figures/demo/). Runs (`make demo`, notebooks in JupyterLab, `make test`) write their figures into runs/ instead.
 .PHONY: figures
 figures: setup
-	LCOT_FIGURES_DIR=$(CURDIR)/figures $(PY) -m pytest -q --nbval-lax notebooks
+	$(NB_ISOLATION) LCOT_FIGURES_DIR=$(CURDIR)/figures $(PY) -m pytest -q --nbval-lax notebooks
 	$(PY) -m lcot.demo --figures figures/demo

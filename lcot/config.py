@@ -1,6 +1,6 @@
 """One dataclass per command: its fields are the command's flags, with their help, defaults and choices.
 
-`parser(Config)` builds the argparse parser (defaults shown in --help), `parse(Config, argv)` gives the
+`parser(Config)` builds the argparse parser (every default shown in --help), `parse(Config, argv)` gives the
 config, and Python callers (the notebooks) build the same dataclass directly. A field's CLI spelling may
 differ from its name (`option(flag="latent_size")` for `num_latents`: the seed's flag, one name in the code).
 """
@@ -70,12 +70,13 @@ def parser(cls: type, prog: str, description: str | None = None) -> argparse.Arg
                 kw["choices"] = meta["choices"]
             if meta.get("const") is not None:
                 kw.update(nargs="?", const=meta["const"])
-            if not required:
-                kw["help"] += f" (default: {default})"
         if required:
             kw["required"] = True
         else:
             kw["default"] = default
+            shown = " ".join(map(str, default)) or "none" if isinstance(default, list) else default
+            shown = '""' if shown == "" else shown
+            kw["help"] += f" (default: {shown})".replace("%", "%%")  # argparse formats help with %
         p.add_argument(flag(f), *meta.get("aliases", ()), **kw)
     return p
 

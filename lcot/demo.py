@@ -20,6 +20,7 @@ import torch
 
 from lcot import config
 from lcot.config import option
+from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
 from lcot.lab import plots
 from lcot.lab.analysis import accuracy_cell
@@ -48,6 +49,8 @@ class DemoConfig:
     stage3_steps: int = option(400, "optimizer steps of stage3")
     bsz: int = option(16, "records per optimizer step")
     lr: float = option(1e-3, "learning rate")
+    verbose: bool = option(False, "print everything the libraries print (transformers' dict of every log, its "
+                           "bars at each load and save)", aliases=("-v",))
 STAGES = ("warmup", "stage2", "stage3")
 
 
@@ -84,16 +87,19 @@ def measure(run: Path, stage: str, records, num_latents: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = config.parse(DemoConfig, argv, "python -m lcot.demo", __doc__)
+    quiet_libraries(args.verbose)
     torch.manual_seed(0)
     t0 = time.time()
     run = Path(args.run_dir)
     tiny = build_tiny(run / "tiny", seed=0)
     data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
+    print(f"demo · tiny model {run / 'tiny'} · hops task {run / 'hops'} ({args.n} records)", flush=True)
     common = dict(train_jsonl=train, num_latents=args.num_latents, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
                   lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
-                  latent_grad="truncated", preprocess=True, overwrite_output_dir=True)
+                  latent_grad="truncated", preprocess=True, overwrite_output_dir=True, verbose=args.verbose)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
+    print(f"teacher latents · K={args.num_latents} · from {run / 'warmup'} -> {run / 'teacher'}", flush=True)
     precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),
                      "--output_dir", str(run / "teacher"), "--k_max", str(args.num_latents), "--bsz", "32",
                      "--benefit_records", "100"])
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(stage="stage3", model_name_or_path=run / "stage2", output_dir=run / "stage3",
               max_steps=args.stage3_steps, **common, **teacher)
     test_records = read_records(test)
+    print(f"evaluation · {len(test_records)} test records · {len(STAGES)} models", flush=True)
     results = {stage: measure(run, stage, test_records, args.num_latents) for stage in STAGES}
     made = figures(run, Path(args.figures), args.num_latents, train)
     (run / "results.json").write_text(json.dumps({s: {t: a for t, (a, _) in r.items()} for s, r in results.items()},

@@ -49,6 +49,7 @@ import torch
 
 from lcot import config
 from lcot.config import option
+from lcot.console import quiet_libraries
 from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import write_json
 
@@ -671,6 +672,9 @@ class ExperimentConfig:
     dry_run: bool = option(False, "print the jobs and exit")
     aggregate_only: bool = option(False, "run nothing: read RUN_DIR/NAME (its plan.json and measurements, e.g. "
                                   "copied from a GPU machine) and write the results again")
+    verbose: bool = option(False, "the training jobs print everything transformers prints into their logs in "
+                           "RUN_DIR/NAME/logs/ (default: a header, a bar and about ten loss lines a job)",
+                           aliases=("-v",))
 
 
 @dataclass
@@ -792,6 +796,8 @@ def run_experiment(args) -> dict:
         if plan.model in ("tiny", "8m"):
             build_tiny(_base(plan, seed, run), seed=seed, shape=plan.model)
     jobs = [j for seed in plan.seeds for j in jobs_for_seed(plan, seed, run)]
+    if args.verbose:  # not part of the plan: a rerun with or without -v resumes the same jobs
+        jobs = [Job(j.name, [*j.argv, "--verbose"] if j.argv[0] == "lcot.main" else j.argv, j.deps) for j in jobs]
     if args.dry_run:
         for j in jobs:
             print(f"{j.name}: python -m {' '.join(j.argv)}")
@@ -841,7 +847,9 @@ def main(argv: list[str] | None = None) -> None:
         args = config.parse(MeasureConfig, argv[1:], f"{PROG} measure", MeasureConfig.__doc__)
         write_json(Path(args.out), measure(args))
         return
-    run_experiment(config.parse(ExperimentConfig, argv, PROG, __doc__))
+    args = config.parse(ExperimentConfig, argv, PROG, __doc__)
+    quiet_libraries(args.verbose)
+    run_experiment(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ splits the records across processes.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                         num_workers=args.num_workers)
     state.wait_for_everyone()
     print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
-          f"(process {state.process_index + 1}/{state.num_processes})", file=sys.stderr)
+          f"(process {state.process_index + 1}/{state.num_processes})")
     if args.benefit_records > 0 and state.is_main_process:
         sample = records[: args.benefit_records]
         # in the setting the model was trained in: a visual-CoT warm-up's answer sees the thought images
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         acc = {t: evaluate(model.eval(), processor, sample, [args.k_max], thought_images=t, batch_size=args.bsz,
                            feed=feed, visual_cot=visual_cot and t, progress=False)["accuracy"][args.k_max]
                for t in (True, False)}
-        print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]),
-              file=sys.stderr)
+        print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]))
 
 
 if __name__ == "__main__":

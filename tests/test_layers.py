@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).parents[1] / "lcot"
-RANK = {"errors": 0, "io": 0, "config": 0, "core": 1, "pipeline": 2, "toy": 3, "lab": 4}  # anything else: a command (5)
+# anything else: a command (5)
+RANK = {"errors": 0, "io": 0, "config": 0, "console": 0, "core": 1, "pipeline": 2, "toy": 3, "lab": 4}
 
 
 def module_name(path: Path) -> str:

@@ -87,7 +87,7 @@ def test_generation_answers_in_the_latent_format(chain, data_dir, capsys):
         assert g.latents.shape == (KMAX, hidden) and torch.isfinite(g.latents).all()  # K states really computed
         assert not torch.allclose(g.latents[0], g.latents[-1])  # each fed back, not one state repeated
     generate_main(["--model_name_or_path", str(chain / "s3"), "--jsonl", str(data_dir / "test.jsonl"),
-                   "--max_new_tokens", "6"])
+                   "--max_new_tokens", "6", "--raw"])  # the decoded text, every latent token spelled out
     parts = re.split(r"^\[(\d+)\] ", capsys.readouterr().out, flags=re.M)[1:]  # idx, output, idx, output...
     assert [int(i) for i in parts[::2]] == [r.idx for r in test]
     # the CLI's default K is the trained Kmax: its outputs are those of generate() at K=Kmax
@@ -179,7 +179,8 @@ def test_stage2_overfits_a_fixed_batch(chain, records):
 
 def test_resume_continues_with_the_same_steps_and_optimizer_state(tiny_dir, data_dir, tmp_path):
     base = ["--stage", "stage1", "--model_name_or_path", str(tiny_dir), "--train_jsonl",
-            str(data_dir / "train.jsonl"), "--latent_size", "2", "--max_steps", "4", *FAST, "--save_steps", "2"]
+            str(data_dir / "train.jsonl"), "--latent_size", "2", "--max_steps", "4", *FAST, "--save_steps", "2",
+            "--save_final_checkpoint"]  # checkpoint-4 too: its trainer_state.json holds the whole loss history
     cli.main([*base, "--output_dir", str(tmp_path / "full")])
     # a run that stopped after step 2: only its checkpoint-2 survives; resume it in a new folder
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")

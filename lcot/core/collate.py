@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
+from lcot.console import progress as bar
 from lcot.core.mask import Seg, build_mask
 from lcot.core.record import Record, load_image
 from lcot.core.tokens import IGNORE, TokenIds
@@ -185,7 +185,7 @@ class Collator:
         """Fill the cache (cache=True) for every record, with a progress bar: images are read once."""
         if self.cache is None:
             raise ValueError("prepare() needs a Collator built with cache=True")
-        for rec in tqdm(records, desc="preprocess records", unit="rec", disable=not progress):
+        for rec in bar(records, desc="preprocess records", unit="rec", disable=not progress):
             self.encode(rec)
 
     # -- batch ------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                                results["without thought images"]["accuracy"][k], f"K={k}:"))
     if args.output:
         write_json(args.output, results, indent=1)
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from lcot import config
 from lcot.config import option
+from lcot.console import progress as bar
 from lcot.core.collate import Collator
 from lcot.core.latent import embed_inputs
 from lcot.core.record import Record
@@ -43,6 +43,11 @@ class Generation:
     @property
     def text(self) -> str:
         return f"{LATENT_START}{LATENT_PAD * self.k}{LATENT_END}{self.raw}"
+
+    @property
+    def short(self) -> str:
+        """The K latent tokens counted, not spelled out: `<abs_vis_token>[32 latents]</abs_vis_token> 7`."""
+        return f"{LATENT_START}[{self.k} latent{'s' if self.k != 1 else ''}]{LATENT_END} {self.answer}"
 
 
 def _next_token(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -138,7 +143,7 @@ def generate(model, processor, records: Sequence[Record], num_latents: int, batc
              **kwargs) -> list[Generation]:
     """All records, in batches, with a progress bar. kwargs go to generate_batch."""
     results: list[Generation] = []
-    for start in tqdm(range(0, len(records), batch_size), desc=f"generate K={num_latents}", disable=not progress):
+    for start in bar(range(0, len(records), batch_size), desc=f"generate K={num_latents}", disable=not progress):
         results += generate_batch(model, processor, records[start:start + batch_size], num_latents, **kwargs)
     return results
 
@@ -185,6 +190,8 @@ class GenerateConfig(ModelOptions):
                                      aliases=("-k",))
     temperature: float = option(0.0, "0 = greedy")
     output: str | None = option(None, "write the generations as JSONL here")
+    raw: bool = option(False, "print each output as decoded, all K latent tokens spelled out, instead of "
+                       "`<abs_vis_token>[K latents]</abs_vis_token> answer` (--output always holds the decoded text)")
 
 
 DEFAULT_K = 32  # K for a model without lcot.json (the seed's --latent_size)
@@ -232,11 +239,11 @@ def main(argv: list[str] | None = None) -> None:
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     feed=trained_feed(args.model_name_or_path))
     rows = [{"idx": g.idx, "k": g.k, "output": g.text, "answer": g.answer} for g in gens]
-    for row in rows:
-        print(f"[{row['idx']}] {row['output']}")
+    for g in gens:
+        print(f"[{g.idx}] {g.text if args.raw else g.short}")
     if args.output:
         write_atomic(args.output, lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from lcot.console import progress as progress_bar
 from lcot.core.collate import Collator
 from lcot.core.model import latent_hidden_states
 from lcot.core.record import Record
@@ -141,7 +141,7 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     collate = Collator(processor, model.config, k_max, thought_images=True)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(todo), desc="teacher latents", unit="rec", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="teacher latents", unit="rec", disable=not progress)
     chunks = batches_by_shape(todo, batch_size)
     loader = DataLoader(chunks, batch_size=None, collate_fn=collate, num_workers=num_workers,
                         pin_memory=model.device.type == "cuda")

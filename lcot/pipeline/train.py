@@ -19,6 +19,7 @@ import torch
 from transformers import TrainingArguments
 
 from lcot import config
+from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
 from lcot.core.graph import graph_parallel_pass
 from lcot.core.latent import compile_parallel_pass
@@ -132,6 +133,19 @@ def apply_lora(model, args: TrainConfig):
     return get_peft_model(model, cfg)
 
 
+def report_to(value: str) -> list[str]:
+    """--report_to as Trainer's list; a tracker that is not installed stops here, not with a traceback."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [t.strip() for t in value.split(",") if t.strip() not in ("", "none")]
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        raise LcotInputError("--report_to", f"{missing[0]} is not installed (or not a tracker transformers knows)",
+                             f"pip install {missing[0]}, or --report_to none; installed: "
+                             f"{', '.join(get_available_reporting_integrations()) or 'none'}")
+    return names
+
+
 def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.bsz,
@@ -142,13 +156,15 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_ratio, seed=args.seed,
         data_seed=args.seed, logging_steps=args.logging_steps, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, report_to=[],
+        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
+        report_to=report_to(args.report_to),
         dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=not freeze_vision, save_only_model=False,
         # no host-device sync inside a step: batches are copied from pinned memory without blocking, and
-        # LatentTrainer checks losses itself (at the optimizer step) instead of Trainer's per-batch NaN filter
-        accelerator_config={"non_blocking": True}, logging_nan_inf_filter=False)
+        # LatentTrainer checks losses itself (at the optimizer step) instead of Trainer's per-batch NaN filter;
+        # on a CPU there is no copy, and Trainer would warn that non_blocking goes without pinned memory
+        accelerator_config={"non_blocking": torch.cuda.is_available()}, logging_nan_inf_filter=False)
 
 
 def one_gpu_per_process(targs: TrainingArguments) -> TrainingArguments:
@@ -245,6 +261,7 @@ def run_stage(**kwargs) -> Path:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = config.parse(TrainConfig, argv, "python -m lcot.main", __doc__)
+    quiet_libraries(args.verbose)
     try:
         out = train(args)
     except NonFiniteLossError as err:

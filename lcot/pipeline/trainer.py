@@ -14,13 +14,18 @@ import math
 import os
 import random
 import shutil
+import sys
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import align_special_tokens
 
 from lcot.config import option
+from lcot.console import progress, transformers_errors_only
 from lcot.core.collate import Collator, drop_latents
 from lcot.core.loss import ALIGNS, align_loss
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
@@ -116,6 +121,15 @@ class TrainConfig:
     resume_from_checkpoint: str | None = option(None, "resume from a checkpoint folder, or from the last one in "
                                                 "--output_dir when given without a value", const="last")
     overwrite_output_dir: bool = option(False, "allow a non-empty --output_dir (its content is replaced)")
+    save_final_checkpoint: bool = option(False, "also write checkpoint-N (with optimizer state) at the last step; "
+                                         "by default only the final model is written there, the --save_steps "
+                                         "checkpoints before it stay for resume")
+    report_to: str = option("none", "send the logged metrics (CE, alignment, cosine per position, K, ...) to "
+                            "experiment trackers through the Trainer: none, tensorboard (event files in "
+                            "OUTPUT_DIR/runs/, see `make tensorboard`), wandb, or several comma-separated")
+    verbose: bool = option(False, "print everything transformers prints (its dict of every log, its own bars); "
+                           "without it: a header, one bar and a loss line about every tenth of the run",
+                           aliases=("-v",))
 
     @property
     def thought_images(self) -> bool:
@@ -196,6 +210,13 @@ class LatentTrainer(Trainer):
     def __init__(self, *args, config: TrainConfig, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config, self.teacher_mean = config, teacher_mean
+        if not config.save_final_checkpoint:
+            self.add_callback(NoFinalCheckpoint)
+        if not config.verbose:  # Trainer's bar, which prints every log as a raw dict, gives way to ours
+            for cb in [cb for cb in self.callback_handler.callbacks if _prints_logs(cb)]:
+                self.remove_callback(cb)
+            records = len(self.train_dataset) if isinstance(self.train_dataset, Sized) else None
+            self.add_callback(ConsoleCallback(config, records))
         self._sums: dict[str, float] = {}
         self._cos_sum: torch.Tensor | None = None
         self._count = 0
@@ -223,6 +244,15 @@ class LatentTrainer(Trainer):
         # read back at the optimizer step (`_read_metrics`): a copy to the host here would stall the GPU
         self._pending.append((list(metrics), values, records, float(inputs["num_latents"])))
         return (loss, out) if return_outputs else loss
+
+    def train(self, *args, **kwargs):
+        # Trainer aligns the model's and generation config's PAD/BOS/EOS ids with the tokenizer's and warns that
+        # it did so, at every stage: expected here (lcot's tokenizer defines them; Qwen's generation config and
+        # the tiny model's config differ), so the same alignment is done first, without the warning.
+        if isinstance(self.processing_class, (PreTrainedTokenizerBase, ProcessorMixin)):
+            with transformers_errors_only():
+                align_special_tokens(self.model, self.processing_class)
+        return super().train(*args, **kwargs)
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Trainer calls this once per optimizer step, after clipping and before optimizer.step():
@@ -358,6 +388,8 @@ class LatentTrainer(Trainer):
                         f.seek(-1, os.SEEK_END)
                         torn = f.read(1) != b"\n"
                     f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
+            if "cos_per_position" in row:  # scalars for Trainer's integrations (tensorboard, wandb): cos_pos1..K
+                logs.update({f"cos_pos{j + 1}": v for j, v in enumerate(row["cos_per_position"]) if v is not None})
             self._sums, self._cos_sum, self._count = {}, None, 0
         super().log(logs, *args, **kwargs)
 
@@ -377,6 +409,81 @@ def _non_finite_rows(pending: list, flat: list[float]) -> list[tuple[str, float,
             bad.append(("loss", value, records))
         at += v.numel()
     return bad
+
+
+def _prints_logs(cb: TrainerCallback) -> bool:
+    """Trainer's bar or printer, which print every log as a dict (NotebookProgressCallback in a notebook)."""
+    return isinstance(cb, (PrinterCallback, ProgressCallback)) or type(cb).__name__ == "NotebookProgressCallback"
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """No checkpoint-N at the last step (Trainer saves there whatever --save_steps says): the final model is
+    written to the output folder anyway, and the checkpoint's optimizer state would double its size on disk.
+    --save_final_checkpoint keeps Trainer's save."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+
+
+class ConsoleCallback(TrainerCallback):
+    """What a stage prints (main process): a header line, one labelled bar, a loss line about every tenth of
+    the run (at logging steps) and a closing line. Informational lines go to stdout, the bar to stderr; into a
+    pipe or a file there is no bar (the loss lines, `step i/N`, show the progress)."""
+
+    LINES = 10
+
+    def __init__(self, config: TrainConfig, records: int | None) -> None:
+        self.config, self.records = config, records
+        self.bar, self.every = None, 1
+
+    def header(self, args, state) -> str:
+        cfg, per_step = self.config, args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        k = f"K=1..{cfg.num_latents}" if cfg.stage == "stage3" else f"K={cfg.num_latents}"
+        if not self.records:  # a dataset without a length
+            return f"{cfg.stage} · {k} · {state.max_steps} steps of {per_step} records -> {args.output_dir}"
+        epochs = state.max_steps * per_step / self.records
+        return (f"{cfg.stage} · {self.records} records · {k} · {state.max_steps} steps of {per_step} records "
+                f"({epochs:.3g} epochs) -> {args.output_dir}")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        print(self.header(args, state), flush=True)
+        logs_per_line = math.ceil(state.max_steps / self.LINES / max(state.logging_steps, 1))
+        self.every = max(logs_per_line, 1) * max(state.logging_steps, 1)
+        self.bar = progress(total=state.max_steps, desc=self.config.stage, unit="step", dynamic_ncols=True,
+                            in_pipe=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "train_runtime" in logs:
+            self.bar.write(f"{self.config.stage}: {state.global_step} steps in {logs['train_runtime']:.0f} s, "
+                           f"mean loss {logs.get('train_loss', float('nan')):.4g}", file=sys.stdout)
+        elif "loss" in logs and (state.global_step % self.every == 0 or state.global_step >= state.max_steps):
+            line = loss_line(logs, state.global_step, state.max_steps, k=self.config.stage == "stage3")
+            self.bar.write(line, file=sys.stdout)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def loss_line(logs: dict, step: int, max_steps: int, k: bool = False) -> str:
+    """`step 40/96  ce 1.23  align 0.004  cos 0.996` (k: and the mean K, stage3's)."""
+    parts = [f"step {step}/{max_steps}"]
+    for key, fmt in (("ce", ".4g"), ("align", ".3g"), ("cos", ".3f"), ("loss", ".4g")):
+        if key in logs and not (key == "loss" and "ce" in logs):
+            parts.append(f"{key} {logs[key]:{fmt}}")
+    if k and "k" in logs:
+        parts.append(f"K {logs['k']:.2g}")
+    return "  ".join(parts)
 
 
 def _remove_leftovers(run_dir: Path) -> None:

@@ -18,10 +18,10 @@ from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from lcot import config
 from lcot.config import option
+from lcot.console import progress
 from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import build_folder
 from lcot.toy import hops
@@ -190,7 +190,7 @@ def _hops_record(root: Path, i: int, seed: int, cols: int, rows: int, max_hops: 
 def _write_dataset(root: Path, n: int, n_test: int, record) -> None:
     (root / "images").mkdir()
     lines = [json.dumps(record(root, i), ensure_ascii=False) + "\n"
-             for i in tqdm(range(n), desc="synthetic records", unit="rec")]
+             for i in progress(range(n), desc="synthetic records", unit="rec")]
     (root / "train.jsonl").write_text("".join(lines[: n - n_test]), encoding="utf-8")
     (root / "test.jsonl").write_text("".join(lines[n - n_test:]), encoding="utf-8")
 
