@@ -249,7 +249,8 @@ def test_soak_five_sigkills_across_precompute_and_stage3_end_identical_to_an_uni
     rng = random.Random(SOAK_SEED)
     n = len(read_records(small["jsonl"]))
     pre = ["--model_name_or_path", tiny_dir, "--train_jsonl", small["jsonl"], "--k_max", "3", "--bsz", "1"]
-    argv = ["--max_steps", "8", "--save_steps", "2", "--seed", "0", "--save_total_limit", "2"]
+    argv = ["--max_steps", "8", "--save_steps", "2", "--seed", "0", "--save_total_limit", "2",
+            "--save_final_checkpoint"]  # checkpoint-8's log history is compared
     precompute_main([str(a) for a in [*pre, "--output_dir", tmp_path / "ref_teacher"]])
     train_main(stage_argv("stage3", tiny_dir, {**small, "teacher": tmp_path / "ref_teacher"}, tmp_path / "ref", *argv))
     ref = losses(tmp_path / "ref")
@@ -274,7 +275,7 @@ def test_soak_five_sigkills_across_precompute_and_stage3_end_identical_to_an_uni
     def rerun_precompute() -> str:
         capsys.readouterr()
         precompute_main([str(a) for a in [*pre, "--output_dir", teacher]])
-        return capsys.readouterr().err
+        return capsys.readouterr().out
 
     for at in (first, second):  # 1, 2: mid-precompute
         log = tmp_path / f"pre{at}.log"
