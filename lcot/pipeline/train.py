@@ -24,7 +24,7 @@ from lcot.core.graph import graph_parallel_pass
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.errors import LcotInputError, cli_errors
+from lcot.errors import LcotInputError, cli_errors, writing
 from lcot.io import inside
 from lcot.pipeline.data import read_records
 from lcot.pipeline.runs import last_checkpoint, read_lcot_config, write_lcot_config
@@ -203,12 +203,18 @@ def train(args: TrainConfig) -> Path:
 def save_final(model, processor, out: Path, info: dict, state_dict: dict | None = None) -> None:
     """The final model into `out`, each file complete: written to a staging folder, then moved in.
 
-    lcot.json comes last, so its presence marks a finished stage.
+    lcot.json comes last, so its presence marks a finished stage. A failed save (a full disk: reported naming
+    `out`) removes the staging folder.
     """
     staging = out / ".tmp-final"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state_dict)
-    processor.save_pretrained(staging)
+    try:
+        with writing(out):
+            model.save_pretrained(staging, state_dict=state_dict)
+            processor.save_pretrained(staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for f in sorted(staging.iterdir()):
         if f.is_dir() and (out / f.name).is_dir():
             shutil.rmtree(out / f.name)

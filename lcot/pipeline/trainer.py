@@ -25,6 +25,7 @@ from lcot.core.collate import Collator, drop_latents
 from lcot.core.loss import ALIGNS, align_loss
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
 from lcot.core.record import Record
+from lcot.errors import DISK_FULL, writing
 from lcot.pipeline.runs import METRICS_FILE, checkpoints, last_checkpoint, write_lcot_config
 from lcot.pipeline.teacher import prefix_lengths, processor_layout, read_teacher, teacher_file
 
@@ -289,7 +290,8 @@ class LatentTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed when complete.
 
-        A kill mid-save leaves only `.tmp-checkpoint-N` (ignored by resume, removed at the next save);
+        A kill mid-save leaves only `.tmp-checkpoint-N` (ignored by resume, removed at the next save; on a full
+        disk it is removed at once and the error names `checkpoint-N`);
         `checkpoint-N` appears, whole, by one rename. lcot.json is written inside before the rename.
         Old checkpoints beyond --save_total_limit are renamed away before they are deleted.
         """
@@ -302,7 +304,12 @@ class LatentTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
         try:
-            super()._save_checkpoint(model, trial)
+            with writing(run_dir / name):
+                super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if main and err.errno in DISK_FULL:  # the partial checkpoint only takes space the rerun needs
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every process wrote its part (e.g. its RNG state)

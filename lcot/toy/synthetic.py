@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lcot import config
 from lcot.config import option
+from lcot.errors import cli_errors
 from lcot.io import build_folder
 from lcot.toy import hops
 
@@ -262,6 +263,7 @@ class SyntheticConfig:
     overwrite: bool = option(False, "replace an existing dataset with other params")
 
 
+@cli_errors  # a full disk: one line, exit code 4 (lcot.errors)
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.toy.synthetic"
     about = "Generate a synthetic dataset (JSONL + PNGs): shape counting or the multi-hop pointer task."
