@@ -1,24 +1,32 @@
 """A full disk (ENOSPC injected at the write inside torch.save, safetensors and PIL) through each command's
 main([...]): one message, exit code 4, nothing half-written under a final name, and a rerun completes.
+Two runs on one output folder: the second is refused while the first lives, and a killed one's lock is stale.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from test_faults import absolute_jsonl
+from test_faults import absolute_jsonl, env
 from transformers import modeling_utils
 
-from lcot.errors import EXIT_DISK_FULL
+from lcot.errors import EXIT_DISK_FULL, LcotInputError
 from lcot.main import main as train_main
+from lcot.pipeline import runs
 from lcot.pipeline.data import read_records
+from lcot.pipeline.runs import lock_file, run_lock
 from lcot.pipeline.teacher import read_teacher, teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
 from lcot.toy import synthetic
@@ -167,3 +175,96 @@ def test_full_disk_while_writing_a_dataset(task, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
     synthetic.main([str(a) for a in argv])
     assert (out / "dataset.json").is_file() and len((out / "train.jsonl").read_text().splitlines()) == 5
+
+
+# -- two runs, one folder -------------------------------------------------------------------------------------------
+HOLD = ("import sys, time\nfrom lcot.pipeline.runs import folder_lock\n"
+        "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+
+
+@pytest.fixture
+def holder():
+    """Start a process that holds a folder's lock; every one started is SIGKILLed at the end."""
+    procs = []
+
+    def start(folder: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                                env=env())
+        procs.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_ones_lock_is_stale(tiny_dir, data, tmp_path,
+                                                                                     holder, capsys):
+    out, teacher = tmp_path / "out", tmp_path / "teacher"
+    host = socket.gethostname()
+    first = holder(out)
+    code, err = fails(train_main, stage1(tiny_dir, data, out, "--max_steps", "1"), capsys)
+    assert code == 2
+    m = re.search(rf"lcot: error: {re.escape(str(out))}: another run is writing this folder \(pid (\d+) on "
+                  rf"{re.escape(host)}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)\n  hint: wait for it", err)
+    assert m and int(m.group(1)) == first.pid, err
+    assert not out.exists()
+    busy = tmp_path / "busy"  # a live run's folder has files: it is called busy, not "not empty"
+    busy.mkdir()
+    (busy / "checkpoint-1").mkdir()
+    third = holder(busy)
+    code, err = fails(train_main, stage1(tiny_dir, data, busy, "--max_steps", "1"), capsys)
+    assert code == 2 and f"lcot: error: {busy}: another run is writing this folder (pid {third.pid} on" in err
+    third.kill()
+    third.wait()
+    shutil.rmtree(busy)
+    lock_file(busy).unlink()
+    pre = holder(teacher)
+    code, err = fails(precompute_main, precompute_argv(tiny_dir, data, teacher), capsys)
+    assert code == 2 and f"{teacher}: another run is writing this folder (pid {pre.pid} on {host}" in err
+    assert not teacher.exists()
+
+    for proc in (first, pre):  # killed: the kernel drops the lock, the file stays behind (stale)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    assert lock_file(out).is_file() and lock_file(teacher).is_file()
+    train_main([str(a) for a in stage1(tiny_dir, data, out, "--max_steps", "2", "--save_steps", "1")])
+    precompute_main([str(a) for a in precompute_argv(tiny_dir, data, teacher)])
+    assert (out / "model.safetensors").is_file() and len(list(teacher.iterdir())) == 6
+    assert not lock_file(out).exists() and not lock_file(teacher).exists()  # removed when each run ended
+    assert hidden(out) == [] and hidden(tmp_path) == []
+    # the same user's next runs on the folder: overwrite, then resume
+    train_main([str(a) for a in stage1(tiny_dir, data, out, "--max_steps", "1", "--overwrite_output_dir")])
+    train_main([str(a) for a in stage1(tiny_dir, data, out, "--max_steps", "2", "--resume_from_checkpoint")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "teacher"]
+
+
+def test_every_process_of_a_run_learns_that_the_lock_was_refused(tmp_path, monkeypatch):
+    """Under accelerate launch only the main process takes the lock; the others get its answer (broadcast)."""
+    import accelerate
+    import accelerate.utils
+
+    sent, waits = [], []
+
+    class State:  # rank 1 of 2
+        is_main_process, num_processes = False, 2
+
+        def wait_for_everyone(self) -> None:  # every rank's own checks are done before the lock is taken
+            waits.append(lock_file(tmp_path / "out").exists())
+
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs, from_process: sent.append(objs) or
+                        [("FOLDER", "another run is writing this folder (pid 1)", "hint")])
+    with pytest.raises(LcotInputError, match=r"FOLDER: another run is writing this folder \(pid 1\)"):
+        with run_lock(tmp_path / "out"):
+            pass
+    assert sent == [[None]] and waits == [False]
+    assert not lock_file(tmp_path / "out").exists()  # rank 1 never touched the lock
+    State.is_main_process = True  # rank 0 takes it and shares None: every rank goes on
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs, from_process: objs)
+    with run_lock(tmp_path / "out"):
+        assert runs.lock_file(tmp_path / "out").is_file()
+    assert not lock_file(tmp_path / "out").exists()

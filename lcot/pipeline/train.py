@@ -27,7 +27,7 @@ from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, cli_errors, writing
 from lcot.io import inside
 from lcot.pipeline.data import read_records
-from lcot.pipeline.runs import last_checkpoint, read_lcot_config, write_lcot_config
+from lcot.pipeline.runs import check_unlocked, last_checkpoint, read_lcot_config, run_lock, write_lcot_config
 from lcot.pipeline.trainer import (
     LatentTrainer,
     LcotConfigCallback,
@@ -47,6 +47,7 @@ def check(args: TrainConfig) -> None:
     if inside(out, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{out} is the input model folder (or inside it)",
                              "write each stage to a new folder; the input model is never written to")
+    check_unlocked(out)  # a folder another live run writes is busy, not merely "not empty"
     if out.is_dir() and any(out.iterdir()) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise LcotInputError("--output_dir", f"{out} is not empty",
                              "pass --resume_from_checkpoint to continue, --overwrite_output_dir to replace, "
@@ -146,10 +147,18 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
 
 
 def train(args: TrainConfig) -> Path:
-    """Run one stage; returns the output folder (the final model, loadable with from_pretrained)."""
+    """Run one stage; returns the output folder (the final model, loadable with from_pretrained).
+
+    The output folder is locked for the whole run (`runs.run_lock`): a second run started on it is refused.
+    """
+    check(args)
+    with run_lock(args.output_dir):
+        return _train(args)
+
+
+def _train(args: TrainConfig) -> Path:
     from lcot.pipeline.load import load
 
-    check(args)
     resume = resume_point(args)
     # stage3 shows no thought images, but its teacher files exist only for records that have them
     records = read_records(args.train_jsonl, need_thought_images=args.uses_teacher or args.thought_images,
