@@ -22,11 +22,10 @@ from safetensors import SafetensorError
 from test_faults import absolute_jsonl, env
 from transformers import modeling_utils
 
-from lcot.errors import EXIT_DISK_FULL, LcotInputError
+from lcot.errors import EXIT_DISK_FULL
 from lcot.main import main as train_main
-from lcot.pipeline import runs
 from lcot.pipeline.data import read_records
-from lcot.pipeline.runs import lock_file, run_lock
+from lcot.pipeline.runs import lock_file
 from lcot.pipeline.teacher import read_teacher, teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
 from lcot.toy import synthetic
@@ -242,29 +241,38 @@ def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_ones_lock_is_stal
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "teacher"]
 
 
-def test_every_process_of_a_run_learns_that_the_lock_was_refused(tmp_path, monkeypatch):
-    """Under accelerate launch only the main process takes the lock; the others get its answer (broadcast)."""
-    import accelerate
-    import accelerate.utils
+RANKS = """import sys
+from accelerate import PartialState
+from lcot.errors import LcotInputError
+from lcot.pipeline.runs import lock_file, run_lock
 
-    sent, waits = [], []
+state = PartialState(cpu=True)  # the ranks of one run, on a CPU (gloo)
+try:
+    with run_lock(sys.argv[1]):
+        print(f"rank {state.process_index}/{state.num_processes} in, locked {lock_file(sys.argv[1]).exists()}")
+        state.wait_for_everyone()
+except LcotInputError as err:
+    print(f"rank {state.process_index}/{state.num_processes} refused: {err.problem}")
+    sys.exit(2)
+"""
 
-    class State:  # rank 1 of 2
-        is_main_process, num_processes = False, 2
 
-        def wait_for_everyone(self) -> None:  # every rank's own checks are done before the lock is taken
-            waits.append(lock_file(tmp_path / "out").exists())
+def test_the_ranks_of_one_run_share_the_lock_and_stop_together(tmp_path, holder):
+    """Two real processes of one run (torchrun, gloo): only the main one locks, both learn the outcome."""
+    script, out = tmp_path / "ranks.py", tmp_path / "out"
+    script.write_text(RANKS)
 
-    monkeypatch.setattr(accelerate, "PartialState", State)
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs, from_process: sent.append(objs) or
-                        [("FOLDER", "another run is writing this folder (pid 1)", "hint")])
-    with pytest.raises(LcotInputError, match=r"FOLDER: another run is writing this folder \(pid 1\)"):
-        with run_lock(tmp_path / "out"):
-            pass
-    assert sent == [[None]] and waits == [False]
-    assert not lock_file(tmp_path / "out").exists()  # rank 1 never touched the lock
-    State.is_main_process = True  # rank 0 takes it and shares None: every rank goes on
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs, from_process: objs)
-    with run_lock(tmp_path / "out"):
-        assert runs.lock_file(tmp_path / "out").is_file()
-    assert not lock_file(tmp_path / "out").exists()
+    def launch() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(out)], capture_output=True, text=True,
+                              env=env(), timeout=120)
+
+    run = launch()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(run.stdout.splitlines()) == ["rank 0/2 in, locked True", "rank 1/2 in, locked True"]
+    assert not lock_file(out).exists()
+    other = holder(out)
+    run = launch()
+    assert run.returncode != 0
+    refused = f"refused: another run is writing this folder (pid {other.pid} on {socket.gethostname()}, since"
+    assert sorted(line[:9] for line in run.stdout.splitlines() if refused in line) == ["rank 0/2 ", "rank 1/2 "]
