@@ -1,15 +1,27 @@
-"""One exception type for bad user input, so CLIs can print it without a traceback; the output-path check."""
+"""One exception type for bad user input, so CLIs can print it without a traceback; the output-path check;
+and the one place that turns a full disk into one clear message."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, disk quota exceeded
+EXIT_DISK_FULL = 4
+# torch's and safetensors' writers (C++, Rust) drop the errno: these words in a message, or almost no free
+# space left where a RuntimeError interrupted a write, mean the same (torch.save to a path says only
+# "unexpected pos ..." then)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+LOW_SPACE = 16 << 20
 
 
 class LcotInputError(ValueError):
@@ -21,8 +33,46 @@ class LcotInputError(ValueError):
         super().__init__(msg + (f"\n  hint: {hint}" if hint else ""))
 
 
+def disk_full(err: BaseException, path: str | Path | None = None) -> bool:
+    """Did a write fail for lack of space? An ENOSPC/EDQUOT errno anywhere in the exception chain, the
+    system's words for it in a message, or (given the path written) a RuntimeError with < 16 MiB left there."""
+    seen: BaseException | None = err
+    for _ in range(16):  # the chain (cause or context), bounded
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if path is not None and isinstance(err, RuntimeError):
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            return shutil.disk_usage(folder).free < LOW_SPACE
+        except OSError:
+            return False
+    return False
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name `path` in a full-disk error raised inside: it leaves as OSError(ENOSPC, ..., path), which
+    cli_errors prints as one line. An error that already names a file keeps it (the more precise one)."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, OSError) and err.errno in DISK_FULL and err.filename:
+            raise
+        if disk_full(err, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+        raise
+
+
 def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
-    """Turn LcotInputError into one clear message on stderr and exit code 2 (no traceback).
+    """Turn LcotInputError into one clear message on stderr and exit code 2 (no traceback), a full disk
+    into one message and exit code 4.
 
     Ctrl-C prints one line and exits 130: teacher files and checkpoints already written are complete.
     """
@@ -34,6 +84,15 @@ def cli_errors(main: Callable[..., T]) -> Callable[..., T]:
         except LcotInputError as err:
             print(f"lcot: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            what = "no space left on device" if err.errno == errno.ENOSPC else "disk quota exceeded"
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(f"lcot: error: {what}{where}\n  hint: free space on that disk, then run the same command again: "
+                  "files already written are complete, nothing half-written is kept (training: add "
+                  "--resume_from_checkpoint)", file=sys.stderr)
+            raise SystemExit(EXIT_DISK_FULL) from None
         except KeyboardInterrupt:
             print("lcot: interrupted; files already written are complete: run the same command again to resume "
                   "(training: add --resume_from_checkpoint)", file=sys.stderr)

@@ -5,7 +5,8 @@
 
 Writes TEACHER/latent_last_layer_jsonl_{idx:06d}.pt per record. A rerun keeps complete, matching
 files (so a killed run resumes). Several GPUs: `accelerate launch -m lcot.precompute_teacher_latents`
-splits the records across processes.
+splits the records across processes. The output folder is locked while the command runs: a second
+precompute (or training) started on it is refused.
 """
 
 from __future__ import annotations
@@ -62,28 +63,30 @@ def main(argv: list[str] | None = None) -> None:
     from lcot.pipeline.evaluate import benefit_line, evaluate
     from lcot.pipeline.generate import trained_feed
     from lcot.pipeline.load import load
-    from lcot.pipeline.runs import read_lcot_config
+    from lcot.pipeline.runs import read_lcot_config, run_lock
 
     state = PartialState()
-    records = read_records(args.train_jsonl, need_thought_images=True, skip_missing_thought=args.skip_missing_thought)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
-    feed = trained_feed(args.model_name_or_path)
-    counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
-                        model_name=str(args.model_name_or_path), rank=state.process_index,
-                        world_size=state.num_processes, progress=state.is_local_main_process, feed=feed,
-                        num_workers=args.num_workers)
-    state.wait_for_everyone()
-    print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
-          f"(process {state.process_index + 1}/{state.num_processes})")
-    if args.benefit_records > 0 and state.is_main_process:
-        sample = records[: args.benefit_records]
-        # in the setting the model was trained in: a visual-CoT warm-up's answer sees the thought images
-        visual_cot = read_lcot_config(args.model_name_or_path).get("stage") == "vcot"
-        acc = {t: evaluate(model.eval(), processor, sample, [args.k_max], thought_images=t, batch_size=args.bsz,
-                           feed=feed, visual_cot=visual_cot and t, progress=False)["accuracy"][args.k_max]
-               for t in (True, False)}
-        print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]))
+    with run_lock(args.output_dir):  # one run writes a folder at a time (all processes of it)
+        records = read_records(args.train_jsonl, need_thought_images=True,
+                               skip_missing_thought=args.skip_missing_thought)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
+        feed = trained_feed(args.model_name_or_path)
+        counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
+                            model_name=str(args.model_name_or_path), rank=state.process_index,
+                            world_size=state.num_processes, progress=state.is_local_main_process, feed=feed,
+                            num_workers=args.num_workers)
+        state.wait_for_everyone()
+        print(f"lcot: teacher latents in {args.output_dir}: {counts['computed']} computed, {counts['kept']} kept "
+              f"(process {state.process_index + 1}/{state.num_processes})")
+        if args.benefit_records > 0 and state.is_main_process:
+            sample = records[: args.benefit_records]
+            # in the setting the model was trained in: a visual-CoT warm-up's answer sees the thought images
+            visual_cot = read_lcot_config(args.model_name_or_path).get("stage") == "vcot"
+            acc = {t: evaluate(model.eval(), processor, sample, [args.k_max], thought_images=t, batch_size=args.bsz,
+                               feed=feed, visual_cot=visual_cot and t, progress=False)["accuracy"][args.k_max]
+                   for t in (True, False)}
+            print(f"lcot: on {len(sample)} training records, K={args.k_max}: " + benefit_line(acc[True], acc[False]))
 
 
 if __name__ == "__main__":

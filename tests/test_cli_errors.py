@@ -301,6 +301,10 @@ def _rewrite(path: Path, **changes) -> None:
     torch.save(blob, path)
 
 
+def _relayout(path: Path, **changes) -> None:
+    _rewrite(path, layout={**torch.load(path, weights_only=True)["layout"], **changes})
+
+
 TEACHER_CASES = {
     "k_above_kmax": (lambda j, t: None, ["--latent_size", "3"], 0,
                      "--latent_size 3 is above the teacher's k_max 2"),
@@ -314,6 +318,13 @@ TEACHER_CASES = {
                    "teacher latent file is corrupted"),
     "truncated_pt": (lambda j, t: teacher_file(t, 0).write_bytes(teacher_file(t, 0).read_bytes()[:300]), [], 0,
                      "teacher latent file is corrupted"),
+    # the precompute ran at the tiny model's max_pixels 12544: 56x84 images (4704 pixels) keep their size there,
+    # at 3136 they shrink, and every later token moves
+    "max_pixels": (lambda j, t: None, ["--max_pixels", "3136"], 0,
+                   "teacher latents were computed with max_pixels 12544, this run has max_pixels 3136"),
+    # --preprocess encodes every record first, so the prefix length is checked before training too
+    "prefix_len": (lambda j, t: _relayout(teacher_file(t, 1), prefix_len=5), ["--preprocess"], 1,
+                   "the teacher's sequence up to <abs_vis_token> has 5 tokens, this run's has "),
 }
 
 
@@ -336,6 +347,50 @@ def test_matching_teacher_trains_and_k_below_kmax_is_fine(teacher_run, tiny_dir,
     train_main([str(a) for a in stage2(tiny_dir, jsonl, tmp_path / "out", teacher, "--latent_size", "1")])
     assert "stage2 done" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_teacher_resolution_is_recorded_and_checked(teacher_run, tiny_dir, tmp_path, capsys):
+    """max_pixels of the precompute vs training; prefix length per batch; old files without a layout load."""
+    jsonl, teacher = _copy(teacher_run, tmp_path)
+    layout = torch.load(teacher_file(teacher, 0), weights_only=True)["layout"]
+    assert {k: v for k, v in layout.items() if k != "prefix_len"} == {
+        "min_pixels": 3136, "max_pixels": 12544, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    # q.png 56x56 (4 image tokens), t0/t1 56x84 and 84x56 (6 each), and the text around them
+    assert 16 < layout["prefix_len"] < 80
+    # the same settings train (test_matching_teacher_trains...); a prefix that differs stops the batch reading it
+    real = torch.load(teacher_file(teacher, 2), weights_only=True)["layout"]["prefix_len"]
+    _relayout(teacher_file(teacher, 2), prefix_len=real + 1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # mid-training: the message follows the progress bar on its line
+        train_main([str(a) for a in stage2(tiny_dir, jsonl, tmp_path / "out", teacher, "--max_steps", "3",
+                                           "--bsz", "1")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert (f"lcot: error: {teacher_file(teacher, 2)} (record {jsonl}:3): the teacher's sequence up to "
+            f"<abs_vis_token> has {real + 1} tokens, this run's has {real}") in err
+    # stage3 shows no thought images: only the processor settings compare, so it trains on that file
+    train_main([str(a) for a in stage2(tiny_dir, jsonl, tmp_path / "s3", teacher, "--stage", "stage3")])
+    assert "stage3 done" in capsys.readouterr().out
+    err = fails(train_main, stage2(tiny_dir, jsonl, tmp_path / "s3b", teacher, "--stage", "stage3",
+                                   "--max_pixels", "6272"), capsys)
+    assert "teacher latents were computed with max_pixels 12544, this run has max_pixels 6272" in err
+    assert "--max_pixels as the precompute" in err
+
+    # files written before the layout was recorded: training loads them (one note); the precompute redoes them
+    for i in range(3):
+        blob = torch.load(teacher_file(teacher, i), weights_only=True)
+        del blob["layout"]
+        torch.save(blob, teacher_file(teacher, i))
+    train_main([str(a) for a in stage2(tiny_dir, jsonl, tmp_path / "old", teacher, "--max_pixels", "3136")])
+    err = capsys.readouterr().err
+    assert err.count(f"lcot: note: teacher files in {teacher} do not record the image resolution") == 1
+    pre = ["--model_name_or_path", tiny_dir, "--train_jsonl", jsonl, "--output_dir", teacher, "--k_max", "2",
+           "--benefit_records", "0"]
+    for extra, counts in (([], "3 computed, 0 kept"), ([], "0 computed, 3 kept"),
+                          (["--max_pixels", "3136"], "3 computed, 0 kept")):
+        precompute_main([str(a) for a in [*pre, *extra]])
+        assert counts in capsys.readouterr().err
+    assert torch.load(teacher_file(teacher, 0), weights_only=True)["layout"]["max_pixels"] == 3136
 
 
 def test_latent_size_below_one_and_stage_without_teacher(teacher_run, tiny_dir, tmp_path, capsys):

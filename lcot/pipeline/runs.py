@@ -1,12 +1,20 @@
 """A run folder's metadata, read and written in one place: lcot.json (the stage's settings, in every
-checkpoint and in the final model), the latent metrics log, and the list of complete checkpoints."""
+checkpoint and in the final model), the latent metrics log, the list of complete checkpoints, and the lock
+that keeps a second run out of a folder a live run is writing."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from lcot.errors import LcotInputError
 from lcot.io import write_json
 
 LCOT_CONFIG = "lcot.json"
@@ -59,3 +67,99 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
             rows.append(row)
     by_step = {r["step"]: r for r in rows}  # a resumed run logs steps again: the later row wins
     return [by_step[s] for s in sorted(by_step)]
+
+
+def lock_file(folder: str | Path) -> Path:
+    """The lock of an output folder: `.NAME.lock` beside it, so --overwrite_output_dir's rmtree of the folder
+    keeps it and the finished folder holds no clutter (it is removed when the run ends)."""
+    folder = Path(folder).resolve()  # one lock whichever link or relative path names the folder
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(info["since"]))
+        return f"pid {info['pid']} on {info['host']}, since {since}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written its line yet
+        return "a process that has not said who it is yet"
+
+
+def _busy(folder: str | Path, holder: str) -> LcotInputError:
+    return LcotInputError(str(Path(folder).resolve()), f"another run is writing this folder ({holder})",
+                          "wait for it to finish or stop it; two runs in one folder would mix their files. Or "
+                          f"choose another output folder. The lock is {lock_file(folder)}")
+
+
+def check_unlocked(folder: str | Path) -> None:
+    """Refuse now if a live run holds the folder's lock (a probe that creates nothing: commands call it before
+    their other folder checks, so a busy folder is called busy rather than "not empty")."""
+    try:
+        fd = os.open(lock_file(folder), os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: conflicts only with a holder's exclusive lock
+    except BlockingIOError:
+        raise _busy(folder, _holder(fd)) from None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold the folder's lock (fcntl.flock, exclusive) for this process, or refuse: another live process holds it.
+
+    The kernel drops the lock when its holder dies, so a killed run's leftover lock file is stale and is
+    taken over. The file is removed (still locked) on release; a process that opened it just before then
+    finds another inode at the path and tries again.
+    """
+    path = lock_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise _busy(folder, holder) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # we locked a file its holder removed meanwhile: lock the one at the path now
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """folder_lock for one run of one or several processes (accelerate launch): the main process takes the
+    lock and every process learns the outcome, so all stop together when it is refused. Every process has
+    passed its own checks (e.g. check_unlocked) before the lock is taken, so none of them finds its own run's."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+    with ExitStack() as stack:
+        refused = None
+        if state.is_main_process:
+            try:
+                stack.enter_context(folder_lock(folder))
+            except LcotInputError as err:
+                refused = (err.where, err.problem, err.hint)
+        if state.num_processes > 1:
+            refused = broadcast_object_list([refused], from_process=0)[0]
+        if refused:
+            raise LcotInputError(*refused)
+        yield

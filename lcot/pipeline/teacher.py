@@ -2,16 +2,20 @@
 
 File `latent_last_layer_jsonl_{idx:06d}.pt` holds a dict: `latents` [k_max, hidden] (the outputs at
 the latent slots, in the model's dtype), `k_max`, `hidden_size`, `dtype`, `model` (where it came
-from), `model_fingerprint` (of the weights), `record_digest` (hash of the JSONL record) and `idx`.
-Files are written to a temporary name and renamed, so a kill leaves only complete files; a rerun keeps
-the valid ones (same record, k_max, dtype and weights) and recomputes the rest.
+from), `model_fingerprint` (of the weights), `record_digest` (hash of the JSONL record), `idx` and `layout`:
+what fixes the token sequence the latents belong to, i.e. the image processor's settings (`LAYOUT_KEYS`)
+and `prefix_len`, the record's length up to and including <abs_vis_token>. Files are written to a temporary
+name and renamed, so a kill leaves only complete files; a rerun keeps the valid ones (same record, k_max,
+dtype, weights and processor settings) and recomputes the rest. Files written before `layout` existed still
+load for training (unchecked, with a note); the precompute recomputes them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from lcot.console import progress as progress_bar
 from lcot.core.collate import Collator
+from lcot.core.mask import Seg
 from lcot.core.model import latent_hidden_states
 from lcot.core.record import Record
 from lcot.errors import LcotInputError
@@ -60,12 +65,59 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+LAYOUT_KEYS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
+_NOTED_OLD: set[Path] = set()  # teacher folders whose files predate `layout` (noted once per process)
+
+
+def processor_layout(processor) -> dict[str, int]:
+    """The image processor's settings that fix how many tokens each image becomes (LAYOUT_KEYS)."""
+    ip = processor.image_processor
+    size = getattr(ip, "size", None)
+    bounds = {"min_pixels": getattr(size, "shortest_edge", None) or getattr(ip, "min_pixels", None),
+              "max_pixels": getattr(size, "longest_edge", None) or getattr(ip, "max_pixels", None)}
+    return {k: int(v) for k, v in {**bounds, **{k: getattr(ip, k, None) for k in LAYOUT_KEYS[2:]}}.items()
+            if v is not None}
+
+
+def prefix_lengths(batch: Mapping) -> list[int]:
+    """Each row's length up to and including <abs_vis_token> (the collator pads on the left of latent_start)."""
+    return (batch["segments"][:, : batch["latent_start"]] != Seg.PAD).sum(1).tolist()
+
+
+def _check_layout(data: dict, layout: Mapping[str, int], need: bool, path: Path, where: str) -> None:
+    saved = data.get("layout")
+    if saved is None:
+        if need:  # the precompute's resume check: unknown layout, so compute it again
+            raise LcotInputError(where, "teacher file does not record its image layout (an older lcot wrote it)")
+        if path.parent not in _NOTED_OLD:
+            _NOTED_OLD.add(path.parent)
+            print(f"lcot: note: teacher files in {path.parent} do not record the image resolution they were computed "
+                  "at (written before lcot recorded it): --max_pixels is not checked against them; re-run the "
+                  "precompute to record it", file=sys.stderr)
+        return
+    for key, want in layout.items():
+        have = saved.get(key)
+        if have is None or have == want:
+            continue
+        if key == "prefix_len":
+            raise LcotInputError(where, f"the teacher's sequence up to <abs_vis_token> has {have} tokens, this run's "
+                                 f"has {want}", "the record's images, the chat template or the tokenizer changed "
+                                 "since the precompute: re-run `python -m lcot.precompute_teacher_latents`")
+        raise LcotInputError(where, f"teacher latents were computed with {key} {have}, this run has {key} {want}",
+                             "train with the same --max_pixels as the precompute, or re-run `python -m "
+                             "lcot.precompute_teacher_latents` with this run's --max_pixels (the image tokens and "
+                             "every later position differ: the latents belong to another sequence)")
+
+
 def read_teacher(path: Path, record: Record, hidden_size: int | None = None, num_latents: int | None = None,
-                 dtype: torch.dtype | None = None, fingerprint: str | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, fingerprint: str | None = None,
+                 layout: Mapping[str, int] | None = None, need_layout: bool = False) -> torch.Tensor:
     """Load and check one teacher file against its record and the model; returns latents [k_max, H].
 
     fingerprint: require the file to come from exactly these weights (the precompute's resume check;
     training on it later uses other weights by design).
+    layout: the values (processor settings, and `prefix_len` where comparable) the file's `layout` must
+    match; a file without one passes with a one-time note, unless need_layout.
     """
     where = f"{path} (record {record.where})"
     hint = "re-run `python -m lcot.precompute_teacher_latents` for this JSONL and model"
@@ -90,13 +142,18 @@ def read_teacher(path: Path, record: Record, hidden_size: int | None = None, num
     if dtype is not None and latents.dtype != dtype:
         raise LcotInputError(where, f"teacher dtype {latents.dtype} != training dtype {dtype}",
                              "precompute and train with the same precision (both with or both without --bf16)")
+    if layout is not None:
+        _check_layout(data, layout, need_layout, path, where)
     return latents
 
 
 def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype: torch.dtype,
-                fingerprint: str | None = None) -> bool:
+                fingerprint: str | None = None, layout: Mapping[str, int] | None = None) -> bool:
+    """A valid file for this record and model, computed with these processor settings (`layout`; a file
+    without a recorded layout is computed again). prefix_len is not compared: it would cost encoding every
+    kept record, and for the same record and images it follows from the processor settings."""
     try:
-        latents = read_teacher(path, record, hidden_size, k_max, dtype, fingerprint)
+        latents = read_teacher(path, record, hidden_size, k_max, dtype, fingerprint, layout, need_layout=True)
     except LcotInputError:
         return False
     return latents.shape[0] == k_max
@@ -136,8 +193,9 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     hidden, dtype = model.config.text_config.hidden_size, model.dtype
     mine = [r for i, r in enumerate(records) if i % world_size == rank]
     remove_partial_files(out_dir, {r.idx for r in mine})
-    fingerprint = weights_fingerprint(model)
-    todo = [r for r in mine if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype, fingerprint)]
+    fingerprint, layout = weights_fingerprint(model), processor_layout(processor)
+    todo = [r for r in mine
+            if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype, fingerprint, layout)]
     collate = Collator(processor, model.config, k_max, thought_images=True)
     was_training = model.training
     model.eval()
@@ -146,13 +204,14 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     loader = DataLoader(chunks, batch_size=None, collate_fn=collate, num_workers=num_workers,
                         pin_memory=model.device.type == "cuda")
     for chunk, batch in zip(chunks, loader):
+        prefixes = prefix_lengths(batch)
         batch = to_device(batch, model.device)
         _, latents = latent_hidden_states(model, batch, feed=feed)
-        for rec, lat in zip(chunk, latents):
+        for rec, lat, prefix in zip(chunk, latents, prefixes):
             save_torch(teacher_file(out_dir, rec.idx),
                        {"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
                         "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,
-                        "record_digest": rec.digest, "idx": rec.idx})
+                        "record_digest": rec.digest, "idx": rec.idx, "layout": {**layout, "prefix_len": prefix}})
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)

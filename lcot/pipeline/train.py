@@ -25,10 +25,10 @@ from lcot.core.graph import graph_parallel_pass
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.errors import LcotInputError, cli_errors
+from lcot.errors import LcotInputError, cli_errors, writing
 from lcot.io import inside
 from lcot.pipeline.data import read_records
-from lcot.pipeline.runs import last_checkpoint, read_lcot_config, write_lcot_config
+from lcot.pipeline.runs import check_unlocked, last_checkpoint, read_lcot_config, run_lock, write_lcot_config
 from lcot.pipeline.trainer import (
     LatentTrainer,
     LcotConfigCallback,
@@ -54,6 +54,7 @@ def check(args: TrainConfig) -> None:
     if inside(out, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{out} is the input model folder (or inside it)",
                              "write each stage to a new folder; the input model is never written to")
+    check_unlocked(out)  # a folder another live run writes is busy, not merely "not empty"
     if out.is_dir() and any(out.iterdir()) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise LcotInputError("--output_dir", f"{out} is not empty",
                              "pass --resume_from_checkpoint to continue, --overwrite_output_dir to replace, "
@@ -181,10 +182,18 @@ def one_gpu_per_process(targs: TrainingArguments) -> TrainingArguments:
 
 
 def train(args: TrainConfig) -> Path:
-    """Run one stage; returns the output folder (the final model, loadable with from_pretrained)."""
+    """Run one stage; returns the output folder (the final model, loadable with from_pretrained).
+
+    The output folder is locked for the whole run (`runs.run_lock`): a second run started on it is refused.
+    """
+    check(args)
+    with run_lock(args.output_dir):
+        return _train(args)
+
+
+def _train(args: TrainConfig) -> Path:
     from lcot.pipeline.load import load
 
-    check(args)
     resume = resume_point(args)
     # stage3 shows no thought images, but its teacher files exist only for records that have them
     records = read_records(args.train_jsonl, need_thought_images=args.uses_teacher or args.thought_images,
@@ -238,12 +247,18 @@ def train(args: TrainConfig) -> Path:
 def save_final(model, processor, out: Path, info: dict, state_dict: dict | None = None) -> None:
     """The final model into `out`, each file complete: written to a staging folder, then moved in.
 
-    lcot.json comes last, so its presence marks a finished stage.
+    lcot.json comes last, so its presence marks a finished stage. A failed save (a full disk: reported naming
+    `out`) removes the staging folder.
     """
     staging = out / ".tmp-final"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, state_dict=state_dict)
-    processor.save_pretrained(staging)
+    try:
+        with writing(out):
+            model.save_pretrained(staging, state_dict=state_dict)
+            processor.save_pretrained(staging)
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for f in sorted(staging.iterdir()):
         if f.is_dir() and (out / f.name).is_dir():
             shutil.rmtree(out / f.name)

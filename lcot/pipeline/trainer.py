@@ -30,8 +30,9 @@ from lcot.core.collate import Collator, drop_latents
 from lcot.core.loss import ALIGNS, align_loss
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
 from lcot.core.record import Record
+from lcot.errors import DISK_FULL, writing
 from lcot.pipeline.runs import METRICS_FILE, checkpoints, last_checkpoint, write_lcot_config
-from lcot.pipeline.teacher import read_teacher, teacher_file
+from lcot.pipeline.teacher import prefix_lengths, processor_layout, read_teacher, teacher_file
 
 STAGING_PREFIX = ".tmp-"  # a checkpoint being written: .tmp-checkpoint-N, renamed to checkpoint-N when complete
 TRASH_PREFIX = ".old-"  # a checkpoint being deleted (renamed first, so no half-deleted checkpoint-N stays)
@@ -162,6 +163,11 @@ class TrainCollate:
 
     cache=True keeps the teacher latents in memory after the first read (`prepare` reads them all up front,
     together with the collator's own cache).
+    Each file must match this run's token layout (`teacher.processor_layout`): the image processor's
+    settings always; the record's length up to <abs_vis_token> (`prefix_len`) only where this collator
+    builds the teacher's prefix (question and thought images shown: stage2). stage3 shows no thought images,
+    so its prefix is shorter than the teacher's by design and only the processor settings compare (they fix
+    the question-image tokens, the part the two sequences share).
     """
 
     def __init__(self, collator: Collator, teacher_dir: str | Path | None, hidden_size: int,
@@ -169,21 +175,36 @@ class TrainCollate:
         self.collator, self.hidden, self.dtype = collator, hidden_size, dtype
         self.teacher_dir = Path(teacher_dir) if teacher_dir else None
         self._teachers: dict[int, torch.Tensor] | None = {} if cache else None
+        self.layout = processor_layout(collator.processor)
+        self.same_prefix = collator.thought_images and collator.question_images
+        self._prefix_checked: set[int] = set()  # cached records whose prefix length was compared
 
-    def teacher(self, rec: Record) -> torch.Tensor:
-        if self._teachers is not None and rec.idx in self._teachers:
+    def teacher(self, rec: Record, prefix_len: int | None = None) -> torch.Tensor:
+        """The record's teacher latents [K, H]; prefix_len (given where comparable) is checked once per record."""
+        cached = self._teachers is not None and rec.idx in self._teachers
+        if cached and (prefix_len is None or rec.idx in self._prefix_checked):
             return self._teachers[rec.idx]
         k = self.collator.num_latents
-        lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, k, self.dtype)[:k].clone()
+        layout = {**self.layout, "prefix_len": prefix_len} if prefix_len is not None else self.layout
+        lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, k, self.dtype,
+                           layout=layout)[:k].clone()
         if self._teachers is not None:
             self._teachers[rec.idx] = lat
+            if prefix_len is not None:
+                self._prefix_checked.add(rec.idx)
         return lat
 
+    def _prefix_len(self, rec: Record) -> int | None:
+        """The record's prefix length where comparable and known without encoding it (the collator's cache)."""
+        cached = self.collator.cache.get(rec.idx) if self.collator.cache is not None else None
+        return len(cached.prefix) if self.same_prefix and cached is not None else None
+
     def check_teachers(self, records: list[Record]) -> None:
-        """Every record has a valid teacher file (read and checked once; kept when caching)."""
+        """Every record has a valid teacher file of this run's layout (read and checked once; kept when
+        caching). Uncached, each batch checks its prefix lengths again as it reads the files."""
         if self.teacher_dir is not None:
             for rec in records:
-                self.teacher(rec)
+                self.teacher(rec, self._prefix_len(rec))
 
     def prepare(self, records: list[Record]) -> None:
         self.collator.prepare(records)
@@ -200,7 +221,8 @@ class TrainCollate:
     def __call__(self, records: list[Record]) -> dict:
         batch = self.collator(records)
         if self.teacher_dir is not None:
-            batch["teacher"] = torch.stack([self.teacher(r) for r in records])
+            prefixes = prefix_lengths(batch) if self.same_prefix else [None] * len(records)
+            batch["teacher"] = torch.stack([self.teacher(r, n) for r, n in zip(records, prefixes)])
         return batch
 
 
@@ -320,7 +342,8 @@ class LatentTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed when complete.
 
-        A kill mid-save leaves only `.tmp-checkpoint-N` (ignored by resume, removed at the next save);
+        A kill mid-save leaves only `.tmp-checkpoint-N` (ignored by resume, removed at the next save; on a full
+        disk it is removed at once and the error names `checkpoint-N`);
         `checkpoint-N` appears, whole, by one rename. lcot.json is written inside before the rename.
         Old checkpoints beyond --save_total_limit are renamed away before they are deleted.
         """
@@ -333,7 +356,12 @@ class LatentTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
         try:
-            super()._save_checkpoint(model, trial)
+            with writing(run_dir / name):
+                super()._save_checkpoint(model, trial)
+        except OSError as err:
+            if main and err.errno in DISK_FULL:  # the partial checkpoint only takes space the rerun needs
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             del self._get_output_dir
         self.accelerator.wait_for_everyone()  # every process wrote its part (e.g. its RNG state)

@@ -284,7 +284,7 @@ def check(args: SyntheticConfig) -> None:
                                  "and --max_hops below the number of nodes") from None
 
 
-@cli_errors
+@cli_errors  # a full disk: one line, exit code 4 (lcot.errors)
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.toy.synthetic"
     about = "Generate a synthetic dataset (JSONL + PNGs): shape counting or the multi-hop pointer task."
