@@ -58,14 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     if inside(args.output_dir, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{Path(args.output_dir).resolve()} is the model folder (or inside it)",
                              "write teacher latents to a folder of their own")
-    from accelerate import PartialState
-
     from lcot.pipeline.evaluate import benefit_line, evaluate
     from lcot.pipeline.generate import trained_feed
     from lcot.pipeline.load import load
-    from lcot.pipeline.runs import read_lcot_config, run_lock
+    from lcot.pipeline.runs import process_state, read_lcot_config, run_lock
 
-    state = PartialState()
+    state = process_state()
     with run_lock(args.output_dir):  # one run writes a folder at a time (all processes of it)
         records = read_records(args.train_jsonl, need_thought_images=True,
                                skip_missing_thought=args.skip_missing_thought)

@@ -389,7 +389,7 @@ def test_teacher_resolution_is_recorded_and_checked(teacher_run, tiny_dir, tmp_p
     for extra, counts in (([], "3 computed, 0 kept"), ([], "0 computed, 3 kept"),
                           (["--max_pixels", "3136"], "3 computed, 0 kept")):
         precompute_main([str(a) for a in [*pre, *extra]])
-        assert counts in capsys.readouterr().err
+        assert counts in capsys.readouterr().out
     assert torch.load(teacher_file(teacher, 0), weights_only=True)["layout"]["max_pixels"] == 3136
 
 
@@ -551,7 +551,7 @@ def k2_model(tiny_dir, tmp_path_factory) -> Path:
 
 def test_k_without_lcot_json_is_said_and_k_above_the_trained_one_is_refused(corpus, tiny_dir, k2_model, tmp_path,
                                                                             capsys):
-    fast = ["--question", "How many?", "--image", corpus / "q.png", "--max_new_tokens", "1"]
+    fast = ["--question", "How many?", "--image", corpus / "q.png", "--max_new_tokens", "1", "--raw"]
     capsys.readouterr()
     generate_main([str(a) for a in ["--model_name_or_path", tiny_dir, *fast]])
     out = capsys.readouterr()

@@ -140,15 +140,26 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def process_state():
+    """accelerate's PartialState of this run's processes, set up as Trainer sets it up: gloo on a machine
+    without CUDA (Trainer's use_cpu; PartialState() alone would leave each CPU process on its own), the
+    process group's timeout Trainer's ddp_timeout default (30 min: a long checkpoint save on one rank)."""
+    from datetime import timedelta
+
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=1800))
+
+
 @contextmanager
 def run_lock(folder: str | Path) -> Iterator[None]:
     """folder_lock for one run of one or several processes (accelerate launch): the main process takes the
     lock and every process learns the outcome, so all stop together when it is refused. Every process has
     passed its own checks (e.g. check_unlocked) before the lock is taken, so none of them finds its own run's."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState()
+    state = process_state()
     if state.num_processes > 1:
         state.wait_for_everyone()
     with ExitStack() as stack:
