@@ -234,9 +234,13 @@ def test_generate_prints_the_latents_counted_and_the_raw_form_with_raw(tiny_dir,
 
 
 # -- Makefile ----------------------------------------------------------------------------------------------
+# under `make test` a nested make prints "Entering directory" lines unless told not to
+MAKE = ["make", "--no-print-directory"]
+
+
 def make(*args: str, env: dict | None = None) -> str:
     """`make -n` (a dry run: prints the commands) in a copy of the Makefile; setup counts as done."""
-    done = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), "-o", ".venv/.lcot-installed", *args],
+    done = subprocess.run([*MAKE, "-n", "-f", str(ROOT / "Makefile"), "-o", ".venv/.lcot-installed", *args],
                           cwd=ROOT, capture_output=True, text=True, env=env, check=True)
     return done.stdout
 
@@ -249,7 +253,7 @@ def test_make_lab_passes_args_allows_root_and_keeps_the_users_jupyter_settings()
                    "--no-browser --port 8899").join([".venv/bin/python ", ""])
     assert "JUPYTER" not in cmd and "IPYTHONDIR" not in cmd
     # nothing exported to every target redirects Jupyter or IPython (only `make test` isolates them)
-    env = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "-o", ".venv/.lcot-installed", "lab",
+    env = subprocess.run([*MAKE, "-s", "-f", str(ROOT / "Makefile"), "-o", ".venv/.lcot-installed", "lab",
                           "PY=env; true"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "HF_HUB_OFFLINE=1" in env  # the trick works: `env` printed what the lab command would see
     assert not [line for line in env.splitlines() if line.startswith(("JUPYTER_", "IPYTHONDIR="))
@@ -267,6 +271,6 @@ def test_make_tensorboard_and_clean(tmp_path):
     for d in ("runs/demo/stage2", "runs/.cache/jupyter-data/lab/workspaces", "runs/experiments/x"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "runs" / "notes.txt").write_text("x")
-    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True)
+    subprocess.run([*MAKE, "-s", "clean"], cwd=tmp_path, check=True)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".cache"]
     assert (tmp_path / "runs/.cache/jupyter-data/lab/workspaces").is_dir()
