@@ -160,17 +160,7 @@ def test_unreadable_image_is_named(corpus, tiny_dir, tmp_path, monkeypatch, caps
     path = tmp_path / "locked.png"
     shutil.copy(corpus / "q.png", path)
     jsonl = write_jsonl(tmp_path, [rec(question_image_paths=["locked.png"], thought_image_paths=[])])
-    if os.geteuid() != 0:
-        path.chmod(0)
-    else:  # root reads any file: make the open fail as it does for other users
-        real_open = data_mod.Image.open
-
-        def deny(p, *a, **k):
-            if Path(p) == path:
-                raise PermissionError(13, "Permission denied", str(p))
-            return real_open(p, *a, **k)
-
-        monkeypatch.setattr(data_mod.Image, "open", deny)
+    _deny_open(monkeypatch, path)
     err = fails(train_main, stage1(tiny_dir, jsonl, tmp_path / "out"), capsys)
     assert f"{jsonl}:1: field 'question_image_paths': not a readable image: {path}" in err
     assert "Permission denied" in err
