@@ -253,8 +253,9 @@ def test_make_lab_passes_args_allows_root_and_keeps_the_users_jupyter_settings()
                    "--no-browser --port 8899").join([".venv/bin/python ", ""])
     assert "JUPYTER" not in cmd and "IPYTHONDIR" not in cmd
     # nothing exported to every target redirects Jupyter or IPython (only `make test` isolates them)
+    shell = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER_", "IPYTHONDIR"))}  # a user's shell
     env = subprocess.run([*MAKE, "-s", "-f", str(ROOT / "Makefile"), "-o", ".venv/.lcot-installed", "lab",
-                          "PY=env; true"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                          "PY=env; true"], cwd=ROOT, capture_output=True, text=True, check=True, env=shell).stdout
     assert "HF_HUB_OFFLINE=1" in env  # the trick works: `env` printed what the lab command would see
     assert not [line for line in env.splitlines() if line.startswith(("JUPYTER_", "IPYTHONDIR="))
                 and "runs/.cache" in line]
