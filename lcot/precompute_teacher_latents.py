@@ -19,6 +19,7 @@ import torch
 
 from lcot import config
 from lcot.config import option
+from lcot.console import quiet_libraries
 from lcot.errors import LcotInputError, cli_errors
 from lcot.io import inside
 from lcot.pipeline.data import read_records
@@ -41,6 +42,8 @@ class PrecomputeConfig:
                                         "of stopping")
     benefit_records: int = option(200, "answer this many records with and without thought images and print the "
                                   "teacher's thought-image benefit (0: skip)")
+    verbose: bool = option(False, "print everything transformers prints (its bars at each model load)",
+                           aliases=("-v",))
 
 
 PROG = "python -m lcot.precompute_teacher_latents"
@@ -53,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = config.parse(PrecomputeConfig, argv, PROG, __doc__)
+    quiet_libraries(args.verbose)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
     if inside(args.output_dir, args.model_name_or_path):

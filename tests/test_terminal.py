@@ -275,3 +275,23 @@ def test_make_tensorboard_and_clean(tmp_path):
     subprocess.run([*MAKE, "-s", "clean"], cwd=tmp_path, check=True)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".cache"]
     assert (tmp_path / "runs/.cache/jupyter-data/lab/workspaces").is_dir()
+
+
+def test_generate_and_evaluate_quiet_transformers_bars_unless_verbose(tiny_dir, data_dir, capsys):
+    """transformers' own bars ("Loading weights") are off by default in every CLI, on with -v."""
+    from transformers.utils import logging as hf_logging
+
+    from lcot.pipeline.evaluate import main as evaluate_main
+    from lcot.pipeline.generate import main as generate_main
+
+    image = sorted((data_dir / "images").iterdir())[0]
+    for main, argv in ((generate_main, ["--question", "How many?", "--image", str(image)]),
+                       (evaluate_main, ["--eval_jsonl", str(data_dir / "test.jsonl")])):
+        common = ["--model_name_or_path", str(tiny_dir), "--latent_size" if main is generate_main else
+                  "--latent_sizes", "1", "--max_new_tokens", "1"]
+        hf_logging.enable_progress_bar()
+        main([*common, *argv])
+        assert not hf_logging.is_progress_bar_enabled()
+        main([*common, *argv, "-v"])
+        assert hf_logging.is_progress_bar_enabled()
+    capsys.readouterr()

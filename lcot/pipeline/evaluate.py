@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from lcot import config
 from lcot.config import option
+from lcot.console import quiet_libraries
 from lcot.core.record import Record
 from lcot.errors import cli_errors
 from lcot.io import write_json
@@ -145,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     args = config.parse(EvaluateConfig, argv, PROG, __doc__)
+    quiet_libraries(args.verbose)
     from lcot.pipeline.runs import read_lcot_config
 
     args.check()

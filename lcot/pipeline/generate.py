@@ -20,6 +20,7 @@ import torch
 from lcot import config
 from lcot.config import option
 from lcot.console import progress as bar
+from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
 from lcot.core.latent import embed_inputs
 from lcot.core.record import Record
@@ -158,6 +159,8 @@ class ModelOptions:
     max_pixels: int | None = option(None, "image processor max_pixels (None: the model's)")
     batch_size: int = option(8, "records per generate call")
     max_new_tokens: int = option(32, "answer tokens at most")
+    verbose: bool = option(False, "print everything transformers prints (its bars at each model load)",
+                           aliases=("-v",))
 
     def check(self) -> None:
         """Refuse flags that cannot work before the model loads: no model folder, counts below their least."""
@@ -229,6 +232,7 @@ def trained_feed(model_path: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.pipeline.generate"
     args = config.parse(GenerateConfig, argv, prog, __doc__)
+    quiet_libraries(args.verbose)
     if bool(args.jsonl) == bool(args.question):
         config.parser(GenerateConfig, prog).error("give exactly one of --jsonl and --question")
     args.check()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lcot import config
 from lcot.config import option
+from lcot.console import quiet_libraries
 from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import build_folder
 
@@ -299,6 +300,7 @@ class TinyConfig:
     overwrite: bool = option(False, "replace OUTPUT_DIR if it holds something else")
     shape: str = option("tiny", "tiny: ~1M parameters (tests, demo); 8m: ~8M, 6 text layers (the GPU testbed)",
                         choices=BUILT)
+    verbose: bool = option(False, "print everything transformers prints (its bars at each save)", aliases=("-v",))
 
 
 @cli_errors
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
              "processor, offline and deterministically, in Hugging Face format. Load it like a real checkpoint, "
              "e.g. with lcot.pipeline.load.load(DIR).")
     args = config.parse(TinyConfig, argv, prog, about)
+    quiet_libraries(args.verbose)
     check_output("--output_dir", args.output_dir)
     try:
         path = build_tiny(args.output_dir, seed=args.seed, overwrite=args.overwrite, shape=args.shape)
