@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher latents · K={args.num_latents} · from {run / 'warmup'} -> {run / 'teacher'}", flush=True)
     precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),
                      "--output_dir", str(run / "teacher"), "--k_max", str(args.num_latents), "--bsz", "32",
-                     "--benefit_records", "100"])
+                     "--benefit_records", "100", *(["-v"] if args.verbose else [])])
     teacher = dict(teacher_latent_dir=run / "teacher", align_weight=1.0, align="centered")
     run_stage(stage="stage2", model_name_or_path=run / "warmup", output_dir=run / "stage2",
               max_steps=args.stage2_steps, **common, **teacher)

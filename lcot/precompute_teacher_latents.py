@@ -20,7 +20,7 @@ import torch
 from lcot import config
 from lcot.config import option
 from lcot.console import quiet_libraries
-from lcot.errors import LcotInputError, cli_errors
+from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import inside
 from lcot.pipeline.data import read_records
 from lcot.pipeline.teacher import precompute
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries(args.verbose)
     if args.k_max < 1:
         raise LcotInputError("--k_max", f"must be >= 1, got {args.k_max}")
+    check_output("--output_dir", args.output_dir)
     if inside(args.output_dir, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{Path(args.output_dir).resolve()} is the model folder (or inside it)",
                              "write teacher latents to a folder of their own")

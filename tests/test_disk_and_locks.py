@@ -281,3 +281,24 @@ def test_the_ranks_of_one_run_share_the_lock_and_stop_together(tmp_path, holder)
     assert run.returncode != 0
     refused = rf"rank (\d)/2 refused: another run is writing this folder \(pid {other.pid} on {socket.gethostname()}, "
     assert sorted(re.findall(refused, run.stdout)) == ["0", "1"], run.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "precompute"])
+def test_bad_input_leaves_no_folder_made_for_the_lock(command, tiny_dir, tmp_path, capsys):
+    """The lock sits beside the output folder, so its parents are made before the input is read: a refused run
+    removes the ones it made (the README: on bad input nothing is written)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("")  # empty: refused after the lock is taken
+    out = tmp_path / "new" / "deep" / "out"
+    if command == "train":
+        code, err = fails(train_main, stage1(tiny_dir, bad, out), capsys)
+    else:
+        code, err = fails(precompute_main, precompute_argv(tiny_dir, bad, out), capsys)
+    assert code == 2 and "lcot: error:" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_an_output_folder_under_a_file_is_an_input_error(tiny_dir, data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = fails(train_main, stage1(tiny_dir, data, tmp_path / "afile" / "out"), capsys)
+    assert code == 2 and f"cannot be created: {tmp_path / 'afile'} is a file, not a folder" in err

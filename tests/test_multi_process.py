@@ -107,3 +107,28 @@ def test_one_process_with_several_gpus_trains_on_one(capsys):
     single = SimpleNamespace(n_gpu=1, _n_gpu=1, device="cuda:0")
     one_gpu_per_process(single)
     assert single._n_gpu == 1 and capsys.readouterr().err == ""
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_with_exit_4(data_dir, tiny_dir, teacher, tmp_path):
+    """Rank 1's part of checkpoint-2 meets a full disk: both processes exit 4 naming the file, instead of rank 0
+    waiting at the save's barrier until a launcher or the group's timeout stops it."""
+    out = tmp_path / "out"
+    argv = [str(a) for a in ["--fault", "disk", "--bad_rank", 1, "--bad_step", 2, "--", "--stage", "stage2",
+                             "--model_name_or_path", tiny_dir, "--train_jsonl", data_dir / "train.jsonl",
+                             "--output_dir", out, "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
+                             "--grad_accum_steps", 1, "--max_steps", 4, "--save_steps", 1, "--warmup_ratio", 0]]
+    procs = launch(argv, 2, tmp_path)
+    end = time.time() + 240
+    while any(p.poll() is None for p in procs) and time.time() < end:
+        time.sleep(0.1)
+    codes = [p.poll() for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    assert codes == [4, 4], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
+    for log in logs:
+        named = r"lcot: error: no space left on device while writing \S*checkpoint-2\S*rng_state_1.pth"
+        assert re.search(named, log), log[-2000:]
+        assert "Traceback" not in log
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]  # no .tmp-checkpoint-2

@@ -115,7 +115,21 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     finds another inode at the path and tries again.
     """
     path = lock_file(folder)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # innermost first
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(folder, path):
+            yield path
+    finally:
+        for p in made:  # folders made only for the lock (e.g. a run refused for bad input): none stays behind
+            try:
+                p.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
+
+
+@contextmanager
+def _locked(folder: str | Path, path: Path) -> Iterator[int]:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -134,7 +148,7 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
-        yield path
+        yield fd
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
@@ -169,6 +183,9 @@ def run_lock(folder: str | Path) -> Iterator[None]:
                 stack.enter_context(folder_lock(folder))
             except LcotInputError as err:
                 refused = (err.where, err.problem, err.hint)
+            except OSError as err:  # e.g. a folder it cannot write: said to every process, not left in a collective
+                refused = (str(folder), f"cannot take the folder's lock {lock_file(folder)} ({err})",
+                           "choose an output folder you can write to")
         if state.num_processes > 1:
             refused = broadcast_object_list([refused], from_process=0)[0]
         if refused:

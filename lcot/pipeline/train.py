@@ -25,16 +25,24 @@ from lcot.core.graph import graph_parallel_pass
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.errors import LcotInputError, cli_errors, writing
+from lcot.errors import LcotInputError, check_output, cli_errors, writing
 from lcot.io import inside
 from lcot.pipeline.data import read_records
-from lcot.pipeline.runs import check_unlocked, last_checkpoint, read_lcot_config, run_lock, write_lcot_config
+from lcot.pipeline.runs import (
+    check_unlocked,
+    last_checkpoint,
+    process_state,
+    read_lcot_config,
+    run_lock,
+    write_lcot_config,
+)
 from lcot.pipeline.trainer import (
     LatentTrainer,
     LcotConfigCallback,
     NonFiniteLossError,
     TrainCollate,
     TrainConfig,
+    all_ranks_raise,
 )
 
 
@@ -54,6 +62,7 @@ def check(args: TrainConfig) -> None:
     if inside(out, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{out} is the input model folder (or inside it)",
                              "write each stage to a new folder; the input model is never written to")
+    check_output("--output_dir", out)
     check_unlocked(out)  # a folder another live run writes is busy, not merely "not empty"
     if out.is_dir() and any(out.iterdir()) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         raise LcotInputError("--output_dir", f"{out} is not empty",
@@ -207,7 +216,8 @@ def _train(args: TrainConfig) -> Path:
                         cache=args.preprocess)
     data_collator = TrainCollate(collator, args.teacher_latent_dir if args.uses_teacher else None, hidden, dtype,
                                  cache=args.preprocess)
-    data_collator.check_teachers(records)  # fail before training, not at hour 20
+    if not args.preprocess:  # with it, prepare() below reads and checks every teacher file once
+        data_collator.check_teachers(records)  # fail before training, not at hour 20
     freeze_vision = args.freeze_vision or args.stage == "stage1" and not args.question_images
     if freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -224,9 +234,7 @@ def _train(args: TrainConfig) -> Path:
     info = {**config.saved(args), "base_model": str(args.model_name_or_path),
             "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD}}
     if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
-        from accelerate import PartialState
-
-        state = PartialState()  # several processes: one removes the folder, the others wait for it
+        state = process_state()  # several processes: one removes the folder, the others wait for it
         if state.is_main_process:
             shutil.rmtree(args.output_dir)
         state.wait_for_everyone()
@@ -238,9 +246,13 @@ def _train(args: TrainConfig) -> Path:
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     # FSDP shards the weights: gathering the full state dict is collective, so every process takes part
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    failed = None
     if trainer.is_world_process_zero():
-        save_final(final, processor, Path(args.output_dir), info, state_dict)
-    trainer.accelerator.wait_for_everyone()
+        try:
+            save_final(final, processor, Path(args.output_dir), info, state_dict)
+        except Exception as err:
+            failed = err
+    all_ranks_raise(trainer.accelerator, failed)  # a failed save stops every process, not only the main one
     return Path(args.output_dir)
 
 
@@ -256,7 +268,7 @@ def save_final(model, processor, out: Path, info: dict, state_dict: dict | None 
         with writing(out):
             model.save_pretrained(staging, state_dict=state_dict)
             processor.save_pretrained(staging)
-    except Exception:
+    except BaseException:  # a full disk, or Ctrl-C: no half-written staging folder stays
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for f in sorted(staging.iterdir()):
@@ -280,12 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = train(args)
     except NonFiniteLossError as err:
-        print(f"lcot: error: {err}", file=sys.stderr)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank stopped at the same step (LatentTrainer agrees on the check); leaving the group
-            # first lets each process exit with code 3 instead of aborting in the group's threads
-            torch.distributed.destroy_process_group()
-        raise SystemExit(3) from None
+        print(f"lcot: error: {err}", file=sys.stderr)  # every rank stopped at the same step (LatentTrainer)
+        raise SystemExit(3) from None  # cli_errors leaves the process group first
     print(f"lcot: {args.stage} done: {out}")
 
 

@@ -355,16 +355,21 @@ class LatentTrainer(Trainer):
             _remove_leftovers(run_dir)
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes staging/checkpoint-N
+        failed = None
         try:
             with writing(run_dir / name):
                 super()._save_checkpoint(model, trial)
+        except Exception as err:
+            failed = err
+        finally:
+            del self._get_output_dir
+        # every process wrote its part (e.g. its RNG state), or all of them stop here with the first failure
+        try:
+            all_ranks_raise(self.accelerator, failed)
         except OSError as err:
             if main and err.errno in DISK_FULL:  # the partial checkpoint only takes space the rerun needs
                 shutil.rmtree(staging, ignore_errors=True)
             raise
-        finally:
-            del self._get_output_dir
-        self.accelerator.wait_for_everyone()  # every process wrote its part (e.g. its RNG state)
         if main:
             for cb in self.callback_handler.callbacks:
                 if isinstance(cb, LcotConfigCallback):
@@ -420,6 +425,31 @@ class LatentTrainer(Trainer):
                 logs.update({f"cos_pos{j + 1}": v for j, v in enumerate(row["cos_per_position"]) if v is not None})
             self._sums, self._cos_sum, self._count = {}, None, 0
         super().log(logs, *args, **kwargs)
+
+
+def all_ranks_raise(accelerator, err: BaseException | None) -> None:
+    """Instead of a barrier after work that can fail on some processes only (a save on a full disk): every
+    process learns whether any failed, and then all raise, so none waits in the next collective until the
+    timeout. A process that failed raises its own error; the others a copy of the first (a full disk keeps
+    its errno and file name, so the CLI prints the same line and exits with the same code everywhere)."""
+    if accelerator.num_processes == 1:
+        if err is not None:
+            raise err
+        return
+    flags = accelerator.gather(torch.tensor([float(err is not None)], device=accelerator.device))
+    if not flags.any().item():  # one host read at a save
+        return
+    from accelerate.utils import gather_object  # collective: every process saw the same flags
+
+    about = None if err is None else (accelerator.process_index, getattr(err, "errno", None),
+                                      getattr(err, "filename", None), f"{type(err).__name__}: {err}")
+    first = next(a for a in gather_object([about]) if a is not None)
+    if err is not None:
+        raise err
+    rank, code, filename, text = first
+    if code is not None:
+        raise OSError(code, os.strerror(code), filename)
+    raise RuntimeError(f"process {rank} failed: {text}")
 
 
 def _any_non_finite(pending: list, device: torch.device) -> torch.Tensor:
