@@ -4,7 +4,8 @@
 #     PYTHONPATH=. bash benchmarks/nan_one_rank_gpu.sh          # logs and summary in $OUT (runs/nan_one_rank)
 # 1. tests/test_multi_process.py: two processes started directly (each one's exit code is seen);
 # 2. the same injection under `accelerate launch` with DDP and with FSDP (configs/accelerate/*.yaml): the time
-#    from the failing step to the launcher's exit, and each process's message.
+#    from the failing step to the launcher's exit, and each process's message;
+# 3. a full disk on one rank during a checkpoint save (DDP): every process exits with code 4.
 set -u -o pipefail
 OUT=${OUT:-runs/nan_one_rank}
 W=${WORK:-/tmp/lcot_nan}
@@ -41,3 +42,15 @@ for cfg in ddp fsdp; do
 m, _ = load(last_checkpoint('$W/out_$cfg')); print('last checkpoint', last_checkpoint('$W/out_$cfg'), 'loads, finite:', \
 all(torch.isfinite(p).all().item() for p in m.parameters()))" 2>&1 | tail -n 1 | tee -a "$SUMMARY"
 done
+# 3. a full disk on rank 1 while it writes its part of checkpoint-3 (DDP): both processes must exit with code 4
+t0=$(date +%s.%N)
+timeout --kill-after=10 300 $PY -m accelerate.commands.launch --config_file configs/accelerate/ddp.yaml \
+    --num_processes 2 benchmarks/nan_one_rank.py --fault disk --bad_rank 1 --bad_step 3 -- --stage stage2 \
+    --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" --output_dir "$W/out_disk" \
+    --latent_size 3 --latent_grad truncated --teacher_latent_dir "$W/teacher" --bsz 2 --grad_accum_steps 1 \
+    --max_steps 6 --save_steps 1 --logging_steps 1 --warmup_ratio 0 > "$OUT/launch_disk.log" 2>&1
+rc=$?
+echo "accelerate ddp, full disk on rank 1 at checkpoint-3: launcher rc=$rc in $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")s," \
+     "exit codes: $(grep -o 'exitcode *: *-\?[0-9]*' "$OUT/launch_disk.log" | tr -s ' ' | tr '\n' ' ')," \
+     "messages: $(grep -c 'no space left on device while writing' "$OUT/launch_disk.log"), left: $(ls -A "$W/out_disk" | tr '\n' ' ')" \
+     | tee -a "$SUMMARY"
