@@ -42,6 +42,23 @@ def launch(argv: list[str], world: int, logs: Path) -> list[subprocess.Popen]:
     return procs
 
 
+def run_ranks(argv: list[str], world: int, logs: Path, timeout: float = 240) -> tuple[list, list[str], float]:
+    """Launch, wait for every process (killing any left after `timeout`): exit codes, logs, and the seconds
+    between the first and the last exit (processes that stop together, not one waiting for a timeout)."""
+    procs, exited = launch(argv, world, logs), {}
+    end = time.time() + timeout
+    while len(exited) < world and time.time() < end:
+        exited.update({r: time.time() for r, p in enumerate(procs) if r not in exited and p.poll() is not None})
+        time.sleep(0.05)
+    codes = [p.poll() for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    texts = [(logs / f"rank{r}.log").read_text() for r in range(world)]
+    spread = max(exited.values()) - min(exited.values()) if len(exited) == world else float("inf")
+    return codes, texts, spread
+
+
 @pytest.fixture(scope="module")
 def teacher(data_dir, tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mp") / "teacher"
@@ -57,18 +74,9 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step_with_exit_3(data_dir, tin
                              "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
                              "--grad_accum_steps", 1, "--max_steps", 5, "--save_steps", 1, "--logging_steps", 1,
                              "--warmup_ratio", 0]]
-    procs = launch(argv, 2, tmp_path)
-    end = time.time() + 240
-    while any(p.poll() is None for p in procs) and time.time() < end:
-        time.sleep(0.1)
-    finished = time.time()
-    codes = [p.poll() for p in procs]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    codes, logs, spread = run_ranks(argv, 2, tmp_path)
     assert codes == [3, 3], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
-    assert time.time() - finished < 1  # both had exited: no rank waited for a collective timeout
+    assert spread < 10  # they stopped together: no rank waited in a collective for its timeout (30 min)
     for log in logs:
         m = re.search(r"lcot: error: loss is nan at step 2 on rank 1 of 2, batch records \[(\d+), (\d+)\]", log)
         assert m, log[-2000:]
@@ -117,16 +125,9 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_exit_4(data_dir, tiny_dir
                              "--model_name_or_path", tiny_dir, "--train_jsonl", data_dir / "train.jsonl",
                              "--output_dir", out, "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
                              "--grad_accum_steps", 1, "--max_steps", 4, "--save_steps", 1, "--warmup_ratio", 0]]
-    procs = launch(argv, 2, tmp_path)
-    end = time.time() + 240
-    while any(p.poll() is None for p in procs) and time.time() < end:
-        time.sleep(0.1)
-    codes = [p.poll() for p in procs]
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(2)]
+    codes, logs, spread = run_ranks(argv, 2, tmp_path)
     assert codes == [4, 4], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
+    assert spread < 10
     for log in logs:
         named = r"lcot: error: no space left on device while writing \S*checkpoint-2\S*rng_state_1.pth"
         assert re.search(named, log), log[-2000:]
