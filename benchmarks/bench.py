@@ -38,8 +38,10 @@ import fnmatch
 import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,6 +179,21 @@ def measure(fn: Callable[[], dict | None], iters: int, warmup: int, device: torc
     return statistics.median(values), _peak(device), values
 
 
+def source_commit() -> str:
+    """The commit the benchmark ran from: git's, or $LCOT_COMMIT where the tree was copied without .git (a
+    lent GPU machine); "unknown" otherwise. A table names its device, commit and date."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode == 0 and done.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+            return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("LCOT_COMMIT", "unknown")
+
+
 def paired_ratio(fn: Callable, base: Callable, pairs: int, device: torch.device) -> tuple[float, list[float]]:
     """Median of time(fn) / time(base) over `pairs` calls taken alternately (base, fn, base, fn, ...): both
     sides see the same drift of clocks and host load, which separate rows (and processes) do not."""
@@ -309,6 +326,8 @@ class Bench:
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
             "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
+            "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "lcot_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LCOT_")},
         }
         print(json.dumps(self.env), file=sys.stderr, flush=True)
         self.write()

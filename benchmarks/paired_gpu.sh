@@ -8,6 +8,7 @@ set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
 PAIRS=${PAIRS:-7}
 PY=${PYTHON:-python3}
+# the tables name their commit: git's, or LCOT_COMMIT=<hash> given on a machine that got the tree without .git
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     TORCHINDUCTOR_CACHE_DIR=/tmp/lcot_bench_cache/inductor
 mkdir -p "$OUT"

@@ -22,6 +22,7 @@ BIG=${BIG:-3b}    # CPU dry run of this script: BIG=tiny LORA=tiny DTYPE=fp32 K=
 LORA=${LORA:-7b}
 DEADLINE=${DEADLINE:-510}
 PY=${PYTHON:-python}
+# the tables name their commit: git's, or LCOT_COMMIT=<hash> given on a machine that got the tree without .git
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MPLCONFIGDIR=/tmp/lcot_bench_cache/mpl HF_HOME=/tmp/lcot_bench_cache/hf \
     TORCHINDUCTOR_CACHE_DIR=/tmp/lcot_bench_cache/inductor

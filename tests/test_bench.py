@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["name"] for r in data["rows"]] == ROWS
     assert data["env"]["num_latents"] == 3 and data["env"]["device"].startswith("cpu")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert data["env"]["commit"].startswith(head or "unknown") and data["env"]["date"].endswith(" UTC")
+    assert "- commit: " in out.read_text() and "- date: " in out.read_text()
 
 
 def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
