@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
@@ -136,6 +136,13 @@ def _exit(code: int | str | None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def check_counts(counts: Iterable[tuple[str, float, float, str]]) -> None:
+    """Refuse the first (flag, value, least, hint) whose value is below its least, with that hint."""
+    for flag, value, least, hint in counts:
+        if value < least:
+            raise LcotInputError(flag, f"must be >= {least}, got {value}", hint)
 
 
 def check_output(flag: str, path: str | Path, folder: bool = True) -> None:

@@ -50,7 +50,7 @@ import torch
 from lcot import config
 from lcot.config import option
 from lcot.console import quiet_libraries
-from lcot.errors import LcotInputError, check_output, cli_errors
+from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import write_json
 
 ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
@@ -278,10 +278,9 @@ def check_measure(args) -> None:
     check_model_folder(args.model)
     choose_ks(args.model, args.ks, "--ks")
     check_output("--out", args.out, folder=False)
-    for flag, value, low in (("--batch_size", args.batch_size, 1), ("--limit", args.limit, 0),
-                             ("--probe_records", args.probe_records, 1)):
-        if value < low:
-            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"see `{PROG} measure --help`")
+    see = f"see `{PROG} measure --help`"
+    check_counts([("--batch_size", args.batch_size, 1, see), ("--limit", args.limit, 0, see),
+                  ("--probe_records", args.probe_records, 1, see)])
 
 
 def measure(args) -> dict:
@@ -719,9 +718,7 @@ def check(args: ExperimentConfig) -> None:
              "--eval_records": (args.eval_records, 0), "--procs": (args.procs, 0)}
     if args.task:
         least.update({"--n": (args.n, 1), "--max_hops": (args.max_hops, 1)})
-    for flag, (value, low) in least.items():
-        if value < low:
-            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"see `{PROG} --help` for what it counts")
+    check_counts((flag, value, low, f"see `{PROG} --help` for what it counts") for flag, (value, low) in least.items())
     if not args.lr > 0:
         raise LcotInputError("--lr", f"must be > 0, got {args.lr}", "e.g. --lr 1e-3")
     if args.model not in ("tiny", "8m") and not (Path(args.model) / "config.json").is_file():

@@ -25,7 +25,7 @@ from lcot.core.collate import Collator
 from lcot.core.latent import embed_inputs
 from lcot.core.record import Record
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
-from lcot.errors import LcotInputError, check_output, cli_errors
+from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import to_device, write_atomic
 from lcot.pipeline.data import question_record, read_records
 
@@ -167,10 +167,8 @@ class ModelOptions:
         from lcot.pipeline.load import check_model_folder
 
         check_model_folder(self.model_name_or_path)
-        for flag, value, least, what in (("--batch_size", self.batch_size, 1, "records per generate call"),
-                                         ("--max_new_tokens", self.max_new_tokens, 0, "answer tokens at most")):
-            if value < least:
-                raise LcotInputError(flag, f"must be >= {least}, got {value}", f"it is the number of {what}")
+        check_counts([("--batch_size", self.batch_size, 1, "it is the number of records per generate call"),
+                      ("--max_new_tokens", self.max_new_tokens, 0, "it is the number of answer tokens at most")])
         output = getattr(self, "output", None)
         if output:
             check_output("--output", output, folder=False)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from lcot import config
 from lcot.config import option
 from lcot.console import progress
-from lcot.errors import LcotInputError, check_output, cli_errors
+from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import build_folder
 from lcot.toy import hops
 
@@ -270,9 +270,7 @@ def check(args: SyntheticConfig) -> None:
     if args.task == "hops":
         least.update({"--cols": (args.cols, 1, "grid columns"), "--rows": (args.rows, 1, "grid rows"),
                       "--max_hops": (args.max_hops, 1, "hops at most")})
-    for flag, (value, low, what) in least.items():
-        if value < low:
-            raise LcotInputError(flag, f"must be >= {low}, got {value}", f"it is the number of {what}")
+    check_counts((flag, value, low, f"it is the number of {what}") for flag, (value, low, what) in least.items())
     if not 0.0 <= args.test_fraction <= 1.0:
         raise LcotInputError("--test_fraction", f"must be in [0, 1], got {args.test_fraction}",
                              "it is the share of records in test.jsonl, e.g. 0.2")
