@@ -17,7 +17,8 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
   recurrence. latent_truncated: grad="truncated", recurrence on the dynamic cache, prefix computed twice
   (no-gradient pass for the cache, then the full pass with gradients); _static, _graph: the recurrence on the
   static cache, eager or as a CUDA graph; latent_bptt{1,2}: --latent_grad bptt:m (m more parallel passes, the
-  gradient through m feedback links). Training rows:
+  gradient through m feedback links); latent_adjoint: --latent_grad adjoint (the full gradient: the truncated
+  pass plus K-1 vector-Jacobian products on a pass over the slots, CUDA-graphed). Training rows:
   CE + cosine alignment to a random teacher, backward; no optimizer step unless --optim.
 - forward: one no-gradient forward of the batch with its 4D mask (baseline of the teacher rows);
   teacher{,_static,_graph}: teacher precompute (latent mode, no gradients) on each path.
@@ -425,6 +426,9 @@ class Bench:
             self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
                      lambda fast=fast: self.latent_train_step(b, "truncated", fast), f"{p}sft",
                      note=graph_note if fast == "graph" else "")
+        self.row(f"{p}latent_adjoint", "latent step, full gradient by the adjoint solve (--latent_grad adjoint), "
+                 "static cache + CUDA graph", lambda: self.latent_train_step(b, "adjoint", "graph"), f"{p}sft",
+                 note=graph_note)
         for m in (1, 2):  # truncated backprop through m feedback links: m more parallel passes
             self.row(f"{p}latent_bptt{m}", f"latent step, --latent_grad bptt:{m}, static cache + CUDA graph",
                      lambda m=m: self.latent_train_step(b, f"bptt:{m}", "graph"), f"{p}sft", note=graph_note)

@@ -19,7 +19,7 @@ SMALL = ["--shape", "tiny", "--batch", "2", "--latent_size", "3", "--iters", "1"
          "--decode_tokens", "2", "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4",
          "--dtype", "fp32", "--device", "cpu"]
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
-        "latent_bptt1", "latent_bptt2",
+        "latent_adjoint", "latent_bptt1", "latent_bptt2",
         "forward",
         "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
         "gen_latent_graph", "numerics_fp32"]

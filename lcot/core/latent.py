@@ -101,8 +101,9 @@ def key_count(cache: Cache | None, stop: int) -> int:
 
 
 def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
-                 cols: slice, cache: Cache | None = None) -> torch.Tensor:
-    """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not)."""
+                 cols: slice, cache: Cache | None = None, graphed: bool = True) -> torch.Tensor:
+    """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not).
+    graphed=False: never the CUDA graphs of --graph_pass (grad="adjoint" runs a second backward through it)."""
     start = cols.start or 0
     if cache is None and start:
         raise ValueError("a pass that starts after column 0 needs the cache of the columns before it")
@@ -112,7 +113,8 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
         raise ValueError(f"the mask covers {mask.shape[-1]} keys, the cache holds {keys}: "
                          "a static cache needs mask rows over all its slots (see lcot.core.graph)")
     lm = model.model.language_model
-    graphed = _GRAPHED_PASS.get(model) if cache is None and torch.is_grad_enabled() and model.training else None
+    graphed = _GRAPHED_PASS.get(model) if graphed and cache is None and torch.is_grad_enabled() and model.training \
+        else None
     if graphed is not None:
         out = graphed(embeds, attn_mask(model, mask, embeds.dtype), position_ids[:, :, cols])
         if out is not None:

@@ -18,12 +18,13 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
+from lcot.core.adjoint import full_gradient, prefix_cache
 from lcot.core.graph import runner
 from lcot.core.latent import attn_mask, checkpointing_on, embed_inputs, no_checkpointing, text_forward
 from lcot.core.loss import ce_loss
 from lcot.core.vision import decode_pixels
 
-GradMode = str  # "full", "truncated" or "bptt:m" (see latent_hidden_states)
+GradMode = str  # "full", "adjoint", "truncated" or "bptt:m" (see latent_hidden_states)
 FeedMode = Literal["continuous", "pause"]
 FEEDS = ("continuous", "pause")
 BATCH_KEYS = ("input_ids", "attention_mask_4d", "position_ids", "latent_start", "num_latents", "pixel_values",
@@ -39,12 +40,13 @@ class LatentOutput(ModelOutput):
 
 
 def bptt_links(grad: GradMode) -> int | None:
-    """m of grad="bptt:m" (m >= 0), None for "full" and "truncated"; anything else is an error."""
-    if grad in ("full", "truncated"):
+    """m of grad="bptt:m" (m >= 0), None for "full", "adjoint" and "truncated"; anything else is an error."""
+    if grad in ("full", "adjoint", "truncated"):
         return None
     name, _, m = grad.partition(":")
     if name != "bptt" or not m.isdigit():
-        raise ValueError(f"grad must be 'full', 'truncated' or 'bptt:M' (M >= 0 feedback links), got {grad!r}")
+        raise ValueError(f"grad must be 'full', 'adjoint', 'truncated' or 'bptt:M' (M >= 0 feedback links), "
+                         f"got {grad!r}")
     return int(m)
 
 
@@ -66,6 +68,9 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     feedback links (truncated backprop through time): bptt:0 is "truncated", bptt:K equals "full" exactly
     (K passes rebuild the whole chain), at the cost of m + 1 parallel passes and no sequential step with
     gradients. Works with gradient checkpointing.
+    grad="adjoint": the full gradient (equal to "full"), computed without a recurrence with gradients: the
+    truncated pass, plus K-1 vector-Jacobian products on a pass over the slots alone, solved in its backward
+    (lcot.core.adjoint). Without gradients it is "truncated".
     fast: how a recurrence without gradients runs (grad="truncated", or any call under torch.no_grad):
     None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
     dynamic cache otherwise), or "off", "static", "graph" (see lcot.core.graph). With gradients: always the
@@ -81,12 +86,19 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     if feed == "pause":
         hidden = text_forward(model, embeds, mask, pos, slice(0, length))
         return hidden, hidden[:, s:s + k]
-    if (grad == "truncated" or links is not None) and k:
+    adjoint = grad == "adjoint" and torch.is_grad_enabled()
+    if (grad in ("truncated", "adjoint") or links is not None) and k:
         with torch.no_grad(), no_checkpointing(model):
             steps = runner(model, rows, length, fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
-        hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length))
+            prefix = prefix_cache(model, steps.cache, s) if adjoint else None
+        if adjoint:
+            latent_in = latent_in.to(embeds.dtype).requires_grad_()
+        hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length),
+                              graphed=not adjoint)
+        if adjoint:
+            hidden = full_gradient(model, hidden, latent_in, prefix, mask, pos, s)
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
             hidden = text_forward(model, _with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
                                   slice(0, length))

@@ -91,18 +91,25 @@ def check(args: TrainConfig) -> None:
     try:
         bptt_links(args.latent_grad)
     except ValueError as err:
-        raise LcotInputError("--latent_grad", str(err), "e.g. --latent_grad truncated, or bptt:2") from None
+        raise LcotInputError("--latent_grad", str(err), "e.g. --latent_grad adjoint, truncated, or bptt:2") from None
     if args.graph_pass and (args.compile or args.gradient_checkpointing):
         other = "--compile" if args.compile else "--gradient_checkpointing"
         raise LcotInputError("--graph_pass", f"does not combine with {other}",
                              "choose one: --graph_pass for small models (host-bound steps), --compile or "
                              "--gradient_checkpointing otherwise")
-    if args.graph_pass and args.latent_grad == "full" and args.latent_feed == "continuous":
-        print("lcot: note: --graph_pass has nothing to graph with --latent_grad full (its passes run through a KV "
-              "cache); this stage runs as without it", file=sys.stderr)
+    if args.graph_pass and args.latent_grad in ("full", "adjoint") and args.latent_feed == "continuous":
+        why = "its passes run through a KV cache" if args.latent_grad == "full" else "it runs a second backward " \
+            "through the pass, which a graph cannot"
+        print(f"lcot: note: --graph_pass has nothing to graph with --latent_grad {args.latent_grad} ({why}); this "
+              "stage runs as without it", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
-        raise LcotInputError("--gradient_checkpointing", "needs --latent_grad truncated",
-                             "gradient checkpointing drops the KV cache the full-gradient latent chain uses")
+        raise LcotInputError("--gradient_checkpointing", "does not work with --latent_grad full",
+                             "gradient checkpointing drops the KV cache the full-gradient latent chain uses; "
+                             "--latent_grad adjoint gives the same gradient and works with it")
+    if args.latent_grad == "adjoint" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise LcotInputError("--latent_grad", "adjoint is not supported with FSDP (accelerate is configured for "
+                             "FSDP: ACCELERATE_USE_FSDP=true): its second backward would run FSDP's gradient hooks",
+                             "use DDP (`accelerate launch --multi_gpu`), or --latent_grad full or truncated")
 
 
 def resume_point(args: TrainConfig) -> str | None:

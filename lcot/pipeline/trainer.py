@@ -71,11 +71,13 @@ class TrainConfig:
     align: str = option("cosine", "alignment: 1 - cosine along hidden, MSE, or centered: 1 - cosine after "
                         "subtracting the teacher's mean latent per position (over the training records) from both; "
                         "see lcot.core.loss.align_loss", choices=ALIGNS, saved=True, resume=True)
-    latent_grad: str = option("full", "full: backprop through the whole latent chain; truncated: the chain runs "
-                              "without gradients, then one parallel pass with gradients (much faster on GPU; "
-                              "works with --gradient_checkpointing); bptt:M: truncated plus M more parallel passes, "
-                              "the gradient flows back through M feedback links (bptt:K = full)", saved=True,
-                              resume=True)
+    latent_grad: str = option("full", "full: backprop through the whole latent chain (a recurrence with "
+                              "gradients); adjoint: the same gradient, computed from the truncated pass and K-1 "
+                              "vector-Jacobian products over the slots (much faster on GPU; works with "
+                              "--gradient_checkpointing); truncated: the chain runs without gradients, then one "
+                              "parallel pass with gradients (cheapest); bptt:M: truncated plus M more parallel "
+                              "passes, the gradient flows back through M feedback links (bptt:K = full)",
+                              saved=True, resume=True)
     latent_curriculum: bool = option(False, "stage3 only: a curriculum over K after Coconut's stages; the "
                                      "optimizer steps are cut into latent_size equal phases and phase c samples K "
                                      "in 1..c (default: K in 1..latent_size from the first step)", saved=True,
@@ -97,7 +99,7 @@ class TrainConfig:
     save_steps: int = option(500, "write a checkpoint every N optimizer steps")
     save_total_limit: int = option(2, "keep only the newest N checkpoints")
     bf16: bool = option(False, "load and train in bfloat16 (GPU)")
-    gradient_checkpointing: bool = option(False, "recompute activations (needs --latent_grad truncated)")
+    gradient_checkpointing: bool = option(False, "recompute activations (not with --latent_grad full)")
     freeze_vision: bool = option(False, "freeze the vision tower (frozen anyway in stage1 without --question_images)")
     lora: bool = option(False, "train LoRA adapters (peft) on the language model; merged at the end", saved=True,
                         resume=True)

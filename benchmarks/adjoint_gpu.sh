@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# --latent_grad adjoint on one GPU (issue 11's affordable full gradient): the CUDA test of its graphed products,
+# then paired timings against the plain SFT step. From the repo root:
+#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b     # 3B full fine-tuning, stage2; graphed and eager products
+#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 7b     # 7B LoRA + gradient checkpointing, stage2 and stage3
+# Tables in $OUT (default runs/bench_adjoint). Batch 2, K=32, bf16, random weights.
+set -u -o pipefail
+OUT=${OUT:-runs/bench_adjoint}
+PAIRS=${PAIRS:-5}
+PY=${PYTHON:-python3}
+export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+COMMON=(--batch 2 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check)
+one() {  # one NAME LIMIT [ENV=..] ARGS...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=15 "$limit" env "$@" --out "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+  grep -E "^\| " "$OUT/$name.md" 2>/dev/null | cut -c1-260
+}
+case ${1:-3b} in
+  3b)
+    t0=$SECONDS
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_adjoint.py > "$OUT/pytest_adjoint.log" 2>&1
+    echo "=== pytest tests/test_adjoint.py rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+    tail -3 "$OUT/pytest_adjoint.log"
+    one b3_adjoint 260 $PY benchmarks/bench.py --shape 3b --stages stage2 \
+        --rows sft,latent_truncated_graph,latent_adjoint "${COMMON[@]}"
+    one b3_adjoint_eager_products 170 LCOT_ADJOINT_GRAPH=0 $PY benchmarks/bench.py --shape 3b --stages stage2 \
+        --rows sft,latent_adjoint "${COMMON[@]}" ;;
+  7b)
+    one b7_lora_gc 560 $PY benchmarks/bench.py --shape 7b --lora --gradient_checkpointing --freeze_vision \
+        --stages stage2,stage3 --rows sft,latent_truncated_graph,latent_adjoint,stage3:sft,stage3:latent_truncated_graph,stage3:latent_adjoint \
+        "${COMMON[@]}" ;;
+esac
