@@ -3,6 +3,7 @@
 # then paired timings against the plain SFT step. From the repo root:
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b     # 3B full fine-tuning, stage2; graphed and eager products
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 7b     # 7B LoRA + gradient checkpointing, stage2 and stage3
+#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b_all # issue 11 3B rows in one process; the teacher at batch 8
 # Tables in $OUT (default runs/bench_adjoint). Batch 2, K=32, bf16, random weights.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_adjoint}
@@ -33,3 +34,12 @@ case ${1:-3b} in
         --stages stage2,stage3 --rows sft,latent_truncated_graph,latent_adjoint,stage3:sft,stage3:latent_truncated_graph,stage3:latent_adjoint \
         "${COMMON[@]}" ;;
 esac
+# all of issue 11's 3B rows in one process (stage2, stage3, the teacher, both gradients), and the teacher at the
+# precompute's batch of 8
+if [ "${1:-}" = "3b_all" ]; then
+  one b3_all 330 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 \
+      --rows sft,latent_truncated_graph,latent_adjoint,forward,teacher_graph,stage3:sft,stage3:latent_truncated_graph,stage3:latent_adjoint \
+      "${COMMON[@]}"
+  one b3_teacher_bsz8 200 $PY benchmarks/bench.py --shape 3b --stages stage2 --rows forward,teacher_graph \
+      --batch 8 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check
+fi
