@@ -181,8 +181,11 @@ def measure(fn: Callable[[], dict | None], iters: int, warmup: int, device: torc
 
 
 def source_commit() -> str:
-    """The commit the benchmark ran from: git's, or $LCOT_COMMIT where the tree was copied without .git (a
-    lent GPU machine); "unknown" otherwise. A table names its device, commit and date."""
+    """The commit the benchmark ran from: $LCOT_COMMIT when given (a lent GPU machine gets a copy of the tree
+    whose .git, if any, may be stale), else git's; "unknown" otherwise. A table names its device, commit and
+    date."""
+    if os.environ.get("LCOT_COMMIT"):
+        return os.environ["LCOT_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                               capture_output=True, text=True, timeout=10)
@@ -192,7 +195,7 @@ def source_commit() -> str:
             return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("LCOT_COMMIT", "unknown")
+    return "unknown"
 
 
 def paired_ratio(fn: Callable, base: Callable, pairs: int, device: torch.device) -> tuple[float, list[float]]:

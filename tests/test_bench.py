@@ -146,3 +146,11 @@ def test_bench_paired_notes_the_alternating_ratio(tmp_path, one_thread):
     for name in ("latent_truncated_graph", "teacher_graph"):
         assert "paired ratio" in by_name[name]["note"] and "of 2 alternating pairs" in by_name[name]["note"], name
     assert "paired" not in by_name["sft"]["note"]  # a baseline has no ratio
+
+
+def test_a_given_commit_wins_over_git(monkeypatch):
+    """A lent GPU machine may carry a stale .git: the commit given with LCOT_COMMIT is the one a table names."""
+    monkeypatch.setenv("LCOT_COMMIT", "abc1234")
+    assert bench.source_commit() == "abc1234"
+    monkeypatch.delenv("LCOT_COMMIT")
+    assert bench.source_commit() != "abc1234"
