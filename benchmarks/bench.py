@@ -18,9 +18,7 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
   (no-gradient pass for the cache, then the full pass with gradients); _static, _graph: the recurrence on the
   static cache, eager or as a CUDA graph; latent_bptt{1,2}: --latent_grad bptt:m (m more parallel passes, the
   gradient through m feedback links); latent_adjoint: --latent_grad adjoint (the full gradient: the truncated
-  pass plus K-1 vector-Jacobian products on a pass over the slots, CUDA-graphed); latent_truncated_graph_mask
-  (only where the batch's mask is plain causal, e.g. stage3 without padding, which then runs without a mask): the
-  same step with the dense 4D mask. Training rows:
+  pass plus K-1 vector-Jacobian products on a pass over the slots, CUDA-graphed). Training rows:
   CE + cosine alignment to a random teacher, backward; no optimizer step unless --optim.
 - forward: one no-gradient forward of the batch with its 4D mask (baseline of the teacher rows);
   teacher{,_static,_graph}: teacher precompute (latent mode, no gradients) on each path.
@@ -329,7 +327,6 @@ class Bench:
                                                                   if p.requires_grad),
             "dtype": a.dtype, "batch": a.batch, "num_latents": a.num_latents, "stages": a.stages,
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
-            "causal_mask": {s: bool(x["causal"]) for s, x in self.batches.items()},  # sdpa without a mask
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
             "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
@@ -357,11 +354,11 @@ class Bench:
         ce_loss(m.lm_head, out.last_hidden_state, b["labels"]).backward()
         self._optim_step()
 
-    def latent_train_step(self, b: dict, grad: str, fast: str, causal: bool = True) -> None:
+    def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
         from lcot.core.loss import align_loss
 
         out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
-                         position_ids=b["position_ids"], pixel_values=b["pixel_values"], causal=b["causal"] and causal,
+                         position_ids=b["position_ids"], pixel_values=b["pixel_values"],
                          image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
                          latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
                          return_logits=False)
@@ -432,11 +429,6 @@ class Bench:
             self.row(f"{p}latent_truncated{suffix}", f"latent step, truncated gradient, {label}",
                      lambda fast=fast: self.latent_train_step(b, "truncated", fast), f"{p}sft",
                      note=graph_note if fast == "graph" else "")
-        if b["causal"]:  # a plain causal batch runs its pass with gradients without a mask: the dense mask's cost
-            self.row(f"{p}latent_truncated_graph_mask", "latent step, truncated gradient, static cache + CUDA graph, "
-                     "the dense 4D mask (what a batch with padding or hidden thought images runs)",
-                     lambda: self.latent_train_step(b, "truncated", "graph", causal=False), f"{p}sft",
-                     note=graph_note)
         self.row(f"{p}latent_adjoint", "latent step, full gradient by the adjoint solve (--latent_grad adjoint), "
                  "static cache + CUDA graph", lambda: self.latent_train_step(b, "adjoint", "graph"), f"{p}sft",
                  note=graph_note)

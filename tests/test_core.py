@@ -63,39 +63,6 @@ def test_matches_stock_qwen_with_causal_mask(loaded, tiny_dir, records):
     torch.testing.assert_close(via_4d[m], ref[m], atol=1e-5, rtol=1e-5)
 
 
-def test_a_causal_batch_drops_the_mask_with_the_same_values(loaded, records):
-    """The collator flags a plain causal mask (no padding, no hidden thought image); the passes without a cache
-    then give attention no mask (sdpa's causal kernel) and compute the same values."""
-    from lcot.core.collate import is_causal
-
-    model, processor = loaded
-    one = collate(loaded, records[:1], k=3, thought=False)
-    lengths = {collate(loaded, [r], k=3, thought=False)["input_ids"].shape[1] for r in records[:4]}
-    padded = collate(loaded, records[:4], k=3, thought=False)
-    hidden_from_answer = collate(loaded, records[:1], k=3, thought=True)
-    visual_cot = Collator(processor, model.config, 3, thought_images=True, visual_cot=True)(records[:1])
-    assert len(lengths) > 1 and not bool(padded["attention_mask"].all())
-    assert one["causal"] and not padded["causal"] and not hidden_from_answer["causal"] and visual_cot["causal"]
-    assert drop_latents(one, 1)["causal"] and is_causal(drop_latents(one, 1)["attention_mask_4d"])
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
-    try:
-        for b in (one, visual_cot):
-            with torch.no_grad():
-                for grad, feed in (("truncated", "continuous"), ("full", "continuous"), ("full", "pause")):
-                    seen.clear()
-                    fast_h, fast_l = latent_hidden_states(model, b, grad=grad, feed=feed)
-                    dropped = any(seen)
-                    seen.clear()
-                    ref_h, ref_l = latent_hidden_states(model, dict(b, causal=False), grad=grad, feed=feed)
-                    assert dropped == ((grad, feed) != ("full", "continuous")) and not any(seen)
-                    torch.testing.assert_close(fast_h, ref_h, atol=1e-5, rtol=1e-5)
-                    torch.testing.assert_close(fast_l, ref_l, atol=1e-5, rtol=1e-5)
-    finally:
-        hook.remove()
-
-
 def test_eager_attention_with_additive_mask_matches_sdpa(loaded, tiny_dir, records):
     from lcot.pipeline.load import load
 

@@ -209,10 +209,9 @@ class Collator:
             pixel_values = torch.cat(pixels if coded else [self.codec.decode(p) for p in pixels])
             grid_thw = torch.cat([e.grids for e in enc if e.grids is not None])
         labels = torch.where((segments == Seg.ANSWER) & self.with_answer, input_ids, IGNORE)
-        mask = build_mask(segments, self.visual_cot)
         return {
             "input_ids": input_ids, "attention_mask": (segments != Seg.PAD).long(), "segments": segments,
-            "attention_mask_4d": mask, "causal": is_causal(mask), "position_ids": position_ids,
+            "attention_mask_4d": build_mask(segments, self.visual_cot), "position_ids": position_ids,
             "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
             "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.num_latents,
             "idx": [r.idx for r in records],  # a list: stays on the host (the trainer reads it every step)
@@ -231,14 +230,6 @@ class Collator:
             full = self.rope(input_ids, mm_types, grid_thw, valid.long())
             pos = torch.where(thought[None], full, pos)
         return pos
-
-
-def is_causal(mask4d: torch.Tensor) -> bool:
-    """Is the 4D mask plain causal (no padding, no hidden thought image)? Then a pass without a cache may give
-    attention no mask at all: sdpa runs its causal kernel (flash), faster than with a dense mask. Read on the host,
-    where the collator builds the mask. Dropping latent columns (drop_latents) keeps a causal mask causal."""
-    length = mask4d.shape[-1]
-    return bool(torch.equal(mask4d, torch.ones(length, length, dtype=torch.bool).tril().expand_as(mask4d)))
 
 
 def drop_latents(batch: dict, num_latents: int) -> dict:

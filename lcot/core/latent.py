@@ -101,11 +101,9 @@ def key_count(cache: Cache | None, stop: int) -> int:
 
 
 def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
-                 cols: slice, cache: Cache | None = None, graphed: bool = True, causal: bool = False) -> torch.Tensor:
+                 cols: slice, cache: Cache | None = None, graphed: bool = True) -> torch.Tensor:
     """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not).
-    graphed=False: never the CUDA graphs of --graph_pass (grad="adjoint" runs a second backward through it).
-    causal=True: the mask is plain causal (the collator's `causal`); a pass without a cache then runs without
-    one, on sdpa's causal kernel."""
+    graphed=False: never the CUDA graphs of --graph_pass (grad="adjoint" runs a second backward through it)."""
     start = cols.start or 0
     if cache is None and start:
         raise ValueError("a pass that starts after column 0 needs the cache of the columns before it")
@@ -123,9 +121,6 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
             return out
     if cache is None:
         lm = _COMPILED.get(model, lm)
-        if causal:  # 3D M-RoPE positions: transformers builds no packed-sequence mask from them
-            return lm(inputs_embeds=embeds, attention_mask=None, position_ids=position_ids[:, :, cols],
-                      use_cache=False).last_hidden_state
     elif embeds.shape[1] == 1 and isinstance(cache, StaticCache):
         lm = _COMPILED_STEP.get(model, lm)
     out = lm(

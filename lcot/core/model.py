@@ -27,8 +27,8 @@ from lcot.core.vision import decode_pixels
 GradMode = str  # "full", "adjoint", "truncated" or "bptt:m" (see latent_hidden_states)
 FeedMode = Literal["continuous", "pause"]
 FEEDS = ("continuous", "pause")
-BATCH_KEYS = ("input_ids", "attention_mask_4d", "causal", "position_ids", "latent_start", "num_latents",
-              "pixel_values", "image_grid_thw", "pixel_lut")  # what latent mode reads from a collator batch
+BATCH_KEYS = ("input_ids", "attention_mask_4d", "position_ids", "latent_start", "num_latents", "pixel_values",
+              "image_grid_thw", "pixel_lut")  # what latent mode reads from a collator batch
 
 
 @dataclass
@@ -81,11 +81,10 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     ids, mask, pos = batch["input_ids"], batch["attention_mask_4d"], batch["position_ids"]
     s, k = batch["latent_start"], batch["num_latents"]
-    causal = bool(batch.get("causal", False))  # the passes without a cache may drop the mask (text_forward)
     embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"))
     rows, length = ids.shape
     if feed == "pause":
-        hidden = text_forward(model, embeds, mask, pos, slice(0, length), causal=causal)
+        hidden = text_forward(model, embeds, mask, pos, slice(0, length))
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
     if (grad in ("truncated", "adjoint") or links is not None) and k:
@@ -97,12 +96,12 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         if adjoint:
             latent_in = latent_in.to(embeds.dtype).requires_grad_()
         hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length),
-                              graphed=not adjoint, causal=causal)
+                              graphed=not adjoint)
         if adjoint:
             hidden = full_gradient(model, hidden, latent_in, prefix, mask, pos, s)
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
             hidden = text_forward(model, _with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
-                                  slice(0, length), causal=causal)
+                                  slice(0, length))
         return hidden, hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
@@ -128,8 +127,7 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
-                causal: bool = False, latent_mode: bool = False, latent_start: int | None = None,
-                num_latents: int = 0,
+                latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
                 grad: GradMode = "full", fast: str | bool | None = None,
                 feed: FeedMode = "continuous", pixel_lut: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None,
@@ -141,14 +139,13 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             if attention_mask_4d is not None:
                 if position_ids is None:
                     raise ValueError("attention_mask_4d needs explicit position_ids (the collator gives them)")
-                attention_mask = None if causal else attn_mask(self, attention_mask_4d, self.dtype)
+                attention_mask = attn_mask(self, attention_mask_4d, self.dtype)
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    pixel_values=pixel_values, image_grid_thw=image_grid_thw, labels=labels,
                                    **kwargs)
         if attention_mask_4d is None or position_ids is None or latent_start is None:
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
-        batch = {"input_ids": input_ids, "attention_mask_4d": attention_mask_4d, "causal": causal,
-                 "position_ids": position_ids,
+        batch = {"input_ids": input_ids, "attention_mask_4d": attention_mask_4d, "position_ids": position_ids,
                  "latent_start": latent_start, "num_latents": num_latents, "pixel_values": pixel_values,
                  "image_grid_thw": image_grid_thw, "pixel_lut": pixel_lut}
         hidden, latents = latent_hidden_states(self, batch, grad, fast, feed)
