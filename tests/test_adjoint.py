@@ -11,11 +11,11 @@ from lcot.core.loss import align_loss
 from lcot.core.model import bptt_links, latent_hidden_states
 
 
-def _grads(model, b, grad: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _grads(model, b, grad: str, fast: str = "off") -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward values and parameter gradients of CE on the answer plus an alignment of every latent."""
     model.zero_grad(set_to_none=True)
     s, k = b["latent_start"], b["num_latents"]
-    hidden, lat = latent_hidden_states(model, b, grad=grad)
+    hidden, lat = latent_hidden_states(model, b, grad=grad, fast=fast)
     target = torch.linspace(-1, 1, lat.shape[-1], device=lat.device).expand_as(lat)
     ce = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, s + k:-1]).flatten(0, 1),
                                            b["input_ids"][:, s + k + 1:].flatten())
@@ -29,12 +29,24 @@ def _largest_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(("k", "thought"), [(1, False), (4, False), (3, True)])
-def test_adjoint_gradient_is_the_full_gradient(loaded, records, k, thought):
+def _padded_pair(processor, config, k, thought, records) -> list:
+    """Two records whose prefixes differ in length: the collator left-pads one."""
+    length = {i: Collator(processor, config, k, thought_images=thought)([r])["latent_start"]
+              for i, r in enumerate(records[:12])}
+    first = min(length, key=length.get)
+    return [records[first], records[max(length, key=length.get)]]
+
+
+@pytest.mark.parametrize(("k", "thought", "fast", "padded"), [
+    (1, False, "off", False), (2, False, "static", False), (4, False, "off", True), (3, True, "static", True)])
+def test_adjoint_gradient_is_the_full_gradient(loaded, records, k, thought, fast, padded):
+    """fast="static": the chain (and the prefix the products use) on the static cache, as on a GPU."""
     model, processor = loaded
-    b = Collator(processor, model.config, k, thought_images=thought)(records[:2])
+    recs = _padded_pair(processor, model.config, k, thought, records) if padded else records[:2]
+    b = Collator(processor, model.config, k, thought_images=thought)(recs)
+    assert bool((b["attention_mask"] == 0).any()) == padded
     h_full, g_full = _grads(model, b, "full")
-    h_adj, g_adj = _grads(model, b, "adjoint")
+    h_adj, g_adj = _grads(model, b, "adjoint", fast)
     _, g_trunc = _grads(model, b, "truncated")
     torch.testing.assert_close(h_adj, h_full, atol=1e-5, rtol=1e-5)
     for a, c in zip(g_adj, g_full):
@@ -45,14 +57,36 @@ def test_adjoint_gradient_is_the_full_gradient(loaded, records, k, thought):
         assert _largest_gap(g_trunc, g_full) > 1e-4
 
 
-def test_adjoint_twice_in_a_row_and_without_gradients(loaded, records):
-    """The graph it keeps for the backward pass is released: a second step gives the same gradients; under
-    no_grad it is the truncated forward."""
+def test_adjoint_twice_in_a_row_and_without_gradients(loaded, records, monkeypatch):
+    """What it keeps for the backward pass is released with it, even while the output lives on: a second step
+    gives the same gradients; a second backward of one forward is refused; under no_grad it is the truncated
+    forward."""
+    import gc
+    import weakref
+
+    from lcot.core import adjoint
+
+    kept = []
+
+    class Recorded(adjoint.Products):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            kept.append(weakref.ref(self))
+
+    monkeypatch.setattr(adjoint, "Products", Recorded)
     model, processor = loaded
     b = Collator(processor, model.config, 3, thought_images=True)(records[2:4])
     _, first = _grads(model, b, "adjoint")
     _, second = _grads(model, b, "adjoint")
     assert _largest_gap(first, second) == 0
+    hidden, _ = latent_hidden_states(model, b, grad="adjoint")
+    loss = hidden.pow(2).mean()
+    loss.backward(retain_graph=True)
+    gc.collect()
+    assert len(kept) == 3 and all(ref() is None for ref in kept)  # the output `hidden` is still alive here
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         h_adj, lat_adj = latent_hidden_states(model, b, grad="adjoint")
         h_trunc, lat_trunc = latent_hidden_states(model, b, grad="truncated")
@@ -73,6 +107,43 @@ def test_adjoint_with_gradient_checkpointing(tiny_dir, records):
         torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
 
 
+def test_adjoint_pass_is_never_the_compiled_one(loaded, records):
+    """--compile's module cannot run a second backward (its buffers are donated): adjoint's pass bypasses it."""
+    from lcot.core import latent
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("adjoint ran the compiled pass")
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    _, g_full = _grads(model, b, "full")
+    latent._COMPILED[model] = refuse
+    try:
+        _, g_adj = _grads(model, b, "adjoint")
+        with pytest.raises(AssertionError, match="compiled pass"):  # the sentinel is live: truncated takes it
+            _grads(model, b, "truncated")
+    finally:
+        latent._COMPILED.pop(model, None)
+    for a, c in zip(g_adj, g_full):
+        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+
+
+def test_no_latent_slots_take_one_pass_in_every_mode(tiny_dir, records):
+    """K=0: nothing is fed back, one parallel pass (also with gradient checkpointing, which has no cache)."""
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir)
+    model.train()
+    b = Collator(processor, model.config, 0, thought_images=False)(records[:2])
+    ref, g_ref = _grads(model, b, "full")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for grad in ("full", "adjoint", "truncated"):
+        hidden, g = _grads(model, b, grad)
+        torch.testing.assert_close(hidden, ref, atol=0, rtol=0)
+        for a, c in zip(g, g_ref):
+            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+
+
 def test_adjoint_is_a_grad_mode():
     assert bptt_links("adjoint") is None
     with pytest.raises(ValueError, match="adjoint"):
@@ -89,12 +160,12 @@ def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_dir, recor
     b = Collator(processor, model.config, 5, thought_images=True)(records[:2])
     b = {key: v.cuda() if torch.is_tensor(v) and key != "image_grid_thw" else v for key, v in b.items()}
     _, g_full = _grads(model, b, "full")
-    before = len(adjoint.CAPTURED)
-    _, g_graph = _grads(model, b, "adjoint")
-    assert adjoint.CAPTURED[before:] == [5] and not adjoint.CAPTURE_ERRORS
+    before = adjoint.CAPTURED[5]
+    _, g_graph = _grads(model, b, "adjoint", "graph")
+    assert adjoint.CAPTURED[5] == before + 1 and not adjoint.CAPTURE_ERRORS
     monkeypatch.setenv(adjoint.GRAPH_ENV, "0")
-    _, g_eager = _grads(model, b, "adjoint")
-    assert len(adjoint.CAPTURED) == before + 1
+    _, g_eager = _grads(model, b, "adjoint", "graph")
+    assert adjoint.CAPTURED[5] == before + 1
     for a, c, f in zip(g_graph, g_eager, g_full):
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a, f, atol=2e-5, rtol=1e-4)

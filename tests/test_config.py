@@ -64,6 +64,22 @@ def test_latent_grad_values_are_checked_before_loading(tmp_path):
         train.check(TrainConfig(**base, latent_grad="bptt:two"))
 
 
+def test_adjoint_is_checked_against_fsdp_and_notes_compile(tmp_path, monkeypatch, capsys):
+    from lcot.errors import LcotInputError
+    from lcot.pipeline import train
+
+    base = dict(stage="stage2", model_name_or_path=str(tmp_path / "m"), train_jsonl="t", output_dir=str(tmp_path / "o"),
+                align_weight=0.0, latent_grad="adjoint")
+    train.check(TrainConfig(**base, gradient_checkpointing=True))  # the full gradient with checkpointing
+    with pytest.raises(LcotInputError, match="--latent_grad adjoint"):
+        train.check(TrainConfig(**{**base, "latent_grad": "full"}, gradient_checkpointing=True))
+    train.check(TrainConfig(**base, compile=True))
+    assert "--compile has no effect on the pass with gradients of --latent_grad adjoint" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LcotInputError, match="adjoint is not supported with FSDP"):
+        train.check(TrainConfig(**base))
+
+
 def test_resume_refuses_another_k_also_from_a_checkpoint_written_before_the_rename(tmp_path):
     import json
 

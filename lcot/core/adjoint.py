@@ -8,9 +8,12 @@ loss L(θ, e) of that pass, the total gradient is
 
 J is strictly lower triangular (slot j's output sees slots ≤ j), so K-1 vector-Jacobian products solve for a
 exactly. The products run on a pass over the K-1 slots alone, on a copy of the prefix's cache: far cheaper than
-the parallel pass, and no sequence of K steps with gradients is kept. In the backward pass, the gradient that
-reaches the pass's hidden states gets λ added at those columns, so the one backward of the parallel pass
-yields the full gradient. CPU test: equal to grad="full" (tests/test_adjoint.py).
+the parallel pass, and no sequence of K steps with gradients is kept. In the backward pass, ∂L/∂e costs one more
+backward through the parallel pass (to its inputs only; with gradient checkpointing, one more recomputation),
+then the gradient that reaches the pass's hidden states gets λ added at those columns, so the backward of the
+parallel pass yields the full gradient. One backward per forward. Exact without dropout (each pass draws its own
+masks). CPU test: equal to grad="full" (tests/test_adjoint.py). Needs non-reentrant gradient checkpointing, if
+any (lcot's default): a reentrant checkpoint refuses torch.autograd.grad.
 
 On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound:
 one token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels).
@@ -20,30 +23,34 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 
 import torch
 from transformers import Cache, DynamicCache
 
-from lcot.core.latent import no_checkpointing, text_forward
+from lcot.core.graph import CAPTURE_ERRORS
+from lcot.core.latent import new_cache, no_checkpointing, text_forward
+
+GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
+GRAPH_FROM_K = 4  # fewer slots: too few products to pay for a capture
+CAPTURED: Counter[int] = Counter()  # K -> product graphs captured (tests read it)
+_GRAPHS = {"on": True}  # off for the rest of the process after a failed capture (it would fail every step)
+_POOLS: dict[torch.device, tuple] = {}  # one memory pool per device: the graphs run one after another
 
 
 def prefix_cache(model, cache: Cache, start: int) -> DynamicCache:
     """A DynamicCache holding the columns before `start` of a filled cache (static or dynamic): the prefix."""
-    out = DynamicCache(config=model.config.text_config)
+    out = new_cache(model)
     for i, layer in enumerate(cache.layers):
         out.update(layer.keys[:, :, :start], layer.values[:, :, :start], i)  # DynamicCache copies (cat)
     return out
 
 
-GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
-CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager products with a warning)
-CAPTURED: list[int] = []  # the K of every captured product graph (tests read it)
-
-
 class Products:
-    """v -> Jᵀv for the pass over the slots (x in, out out), any number of times; on CUDA the second and later
-    calls replay a CUDA graph of the first. The pass must have run on `stream` (not the current one), so that
-    its backward does too and can be captured there."""
+    """v -> Jᵀv for the pass over the slots (x in, out out), any number of times; on CUDA a graph of the
+    product is captured at the second call and replayed from then on (the first, eager, was its warm-up). The
+    pass must have run on `stream` (not the current one), so that its backward does too and can be captured
+    there."""
 
     def __init__(self, x: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
         self.x, self.out, self.stream = x, out, stream
@@ -72,28 +79,32 @@ class Products:
         here = torch.cuda.current_stream(v.device)
         self.stream.wait_stream(here)
         graph = torch.cuda.CUDAGraph()
+        pool = _POOLS.setdefault(v.device, torch.cuda.graph_pool_handle())
         with torch.cuda.stream(self.stream):
             self.v = v.clone()
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 self.result = self.eager(self.v)
             finally:
                 try:
                     graph.capture_end()
-                except RuntimeError as err:  # the capture failed: the products stay eager
-                    CAPTURE_ERRORS.append(str(err))
+                except RuntimeError as err:  # the capture failed: the products stay eager, from now on
+                    CAPTURE_ERRORS.append(f"adjoint products: {err}")
+                    _GRAPHS["on"] = False
                     warnings.warn(f"lcot: the adjoint products could not be captured as a CUDA graph ({err}); "
-                                  "they run eagerly", stacklevel=2)
+                                  "they run eagerly for the rest of this process", stacklevel=2)
                     self.v = self.result = None
                     here.wait_stream(self.stream)
                     return
         here.wait_stream(self.stream)
         self.graph = graph
-        CAPTURED.append(self.x.shape[1])
+        CAPTURED[self.x.shape[1]] += 1
 
 
 def _graph_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    if x.device.type != "cuda" or os.environ.get(GRAPH_ENV, "1") == "0":
+    """A side stream for the pass over the slots when its products will be graphed, else None."""
+    if x.device.type != "cuda" or x.shape[1] < GRAPH_FROM_K or not _GRAPHS["on"] or \
+            os.environ.get(GRAPH_ENV, "1") == "0":
         return None
     return torch.cuda.Stream(x.device)
 
@@ -108,7 +119,10 @@ class _AddAdjoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        solve, ctx.solve = ctx.solve, None
+        solve, ctx.solve = ctx.solve, None  # released: the output may outlive the backward pass
+        if solve is None:
+            raise RuntimeError("grad='adjoint' supports one backward pass per forward (retain_graph=True and a "
+                               "second backward are not supported); use grad='full' for that")
         return solve(grad), None
 
 
@@ -120,11 +134,12 @@ def full_gradient(model, hidden: torch.Tensor, latent_in: torch.Tensor, prefix: 
     products = None
     if k > 1:  # the slots 1..K-1 once more, with gradients to their inputs only: J's vector products
         x = latent_in.detach().requires_grad_()
-        stream = _graph_stream(x) if k > 2 else None
+        stream = _graph_stream(x)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.enable_grad(), no_checkpointing(model), torch.cuda.stream(stream):
-            out = text_forward(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix)
+            out = text_forward(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix,
+                               plain=True)
         if stream is not None:
             torch.cuda.current_stream(x.device).wait_stream(stream)
         products = Products(x, out, stream)
@@ -132,10 +147,10 @@ def full_gradient(model, hidden: torch.Tensor, latent_in: torch.Tensor, prefix: 
     def solve(grad: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             b, = torch.autograd.grad(hidden, latent_in, grad, retain_graph=True, allow_unused=True)
-        b = torch.zeros_like(latent_in) if b is None else b.to(latent_in.dtype)
+        b = torch.zeros_like(latent_in, dtype=torch.float32) if b is None else b.float()
         a = b
         for _ in range(k - 1 if products else 0):  # a_j is exact after K-j products: the chain's last slot first
-            a = b + products(a[:, 1:]).to(b.dtype)
+            a = b + products(a[:, 1:]).float()
         grad = grad.clone()
         grad[:, start - 1:start + k - 1] += a.to(grad.dtype)
         return grad

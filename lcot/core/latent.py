@@ -101,9 +101,10 @@ def key_count(cache: Cache | None, stop: int) -> int:
 
 
 def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
-                 cols: slice, cache: Cache | None = None, graphed: bool = True) -> torch.Tensor:
+                 cols: slice, cache: Cache | None = None, plain: bool = False) -> torch.Tensor:
     """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not).
-    graphed=False: never the CUDA graphs of --graph_pass (grad="adjoint" runs a second backward through it)."""
+    plain=True: the module itself, never --graph_pass's CUDA graphs nor --compile's compiled module (grad="adjoint"
+    runs a second backward through the pass, which neither allows)."""
     start = cols.start or 0
     if cache is None and start:
         raise ValueError("a pass that starts after column 0 needs the cache of the columns before it")
@@ -113,13 +114,13 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
         raise ValueError(f"the mask covers {mask.shape[-1]} keys, the cache holds {keys}: "
                          "a static cache needs mask rows over all its slots (see lcot.core.graph)")
     lm = model.model.language_model
-    graphed = _GRAPHED_PASS.get(model) if graphed and cache is None and torch.is_grad_enabled() and model.training \
+    graphed = _GRAPHED_PASS.get(model) if cache is None and torch.is_grad_enabled() and model.training and not plain \
         else None
     if graphed is not None:
         out = graphed(embeds, attn_mask(model, mask, embeds.dtype), position_ids[:, :, cols])
         if out is not None:
             return out
-    if cache is None:
+    if cache is None and not plain:
         lm = _COMPILED.get(model, lm)
     elif embeds.shape[1] == 1 and isinstance(cache, StaticCache):
         lm = _COMPILED_STEP.get(model, lm)

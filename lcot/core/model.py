@@ -57,7 +57,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
 
     feed="continuous": the input of latent slot j is the output of the position before it (the method).
     feed="pause": the control without continuous thought; every slot's input is the (learned) embedding of
-    <abs_vis_token_pad> and no hidden state is fed back, so one parallel pass computes everything.
+    <abs_vis_token_pad> and no hidden state is fed back, so one parallel pass computes everything (as for K=0).
 
     grad="full": one cached recurrence, gradients flow through the whole chain of latents.
     grad="truncated": the recurrence runs without gradients, then one parallel pass with gradients
@@ -83,7 +83,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     s, k = batch["latent_start"], batch["num_latents"]
     embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"))
     rows, length = ids.shape
-    if feed == "pause":
+    if feed == "pause" or not k:  # nothing fed back: one parallel pass computes everything
         hidden = text_forward(model, embeds, mask, pos, slice(0, length))
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
@@ -96,7 +96,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         if adjoint:
             latent_in = latent_in.to(embeds.dtype).requires_grad_()
         hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length),
-                              graphed=not adjoint)
+                              plain=adjoint)
         if adjoint:
             hidden = full_gradient(model, hidden, latent_in, prefix, mask, pos, s)
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
@@ -105,7 +105,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         return hidden, hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
-                         "use grad='truncated' (--latent_grad truncated) with gradient checkpointing")
+                         "use grad='adjoint' (the same gradient) or 'truncated' with gradient checkpointing")
     steps = runner(model, rows, length, fast)  # the dynamic cache whenever gradients are on
     pre = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
     _, latents = steps.run(pre[:, -1:], mask, pos, s, k)

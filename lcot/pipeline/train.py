@@ -102,6 +102,10 @@ def check(args: TrainConfig) -> None:
             "through the pass, which a graph cannot"
         print(f"lcot: note: --graph_pass has nothing to graph with --latent_grad {args.latent_grad} ({why}); this "
               "stage runs as without it", file=sys.stderr)
+    if args.compile and args.latent_grad == "adjoint":
+        print("lcot: note: --compile has no effect on the pass with gradients of --latent_grad adjoint (it runs a "
+              "second backward through it, which a compiled pass does not allow); that pass runs uncompiled",
+              file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "does not work with --latent_grad full",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses; "

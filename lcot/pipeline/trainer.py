@@ -72,11 +72,11 @@ class TrainConfig:
                         "subtracting the teacher's mean latent per position (over the training records) from both; "
                         "see lcot.core.loss.align_loss", choices=ALIGNS, saved=True, resume=True)
     latent_grad: str = option("full", "full: backprop through the whole latent chain (a recurrence with "
-                              "gradients); adjoint: the same gradient, computed from the truncated pass and K-1 "
-                              "vector-Jacobian products over the slots (much faster on GPU; works with "
-                              "--gradient_checkpointing); truncated: the chain runs without gradients, then one "
-                              "parallel pass with gradients (cheapest); bptt:M: truncated plus M more parallel "
-                              "passes, the gradient flows back through M feedback links (bptt:K = full)",
+                              "gradients); adjoint: the same gradient (without dropout), computed from the "
+                              "truncated pass and K-1 vector-Jacobian products over the slots (much faster on GPU; "
+                              "works with --gradient_checkpointing); truncated: the chain runs without gradients, "
+                              "then one parallel pass with gradients (cheapest); bptt:M: truncated plus M more "
+                              "parallel passes, the gradient flows back through M feedback links (bptt:K = full)",
                               saved=True, resume=True)
     latent_curriculum: bool = option(False, "stage3 only: a curriculum over K after Coconut's stages; the "
                                      "optimizer steps are cut into latent_size equal phases and phase c samples K "
