@@ -35,7 +35,11 @@ GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
 GRAPH_FROM_K = 4  # fewer slots: too few products to pay for a capture
 CAPTURED: Counter[int] = Counter()  # K -> product graphs captured (tests read it)
 _GRAPHS = {"on": True}  # off for the rest of the process after a failed capture (it would fail every step)
-_POOLS: dict[torch.device, tuple] = {}  # one memory pool per device: the graphs run one after another
+# device -> (memory pool, the last graph captured into it). One pool for all product graphs: each step's graph
+# reuses the memory of the one before (they run one after another; an old one is never replayed again). The last
+# graph is kept so that the pool stays alive between steps (the allocator drops a pool no graph holds).
+_POOLS: dict[torch.device, tuple] = {}
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def prefix_cache(model, cache: Cache, start: int) -> DynamicCache:
@@ -79,7 +83,7 @@ class Products:
         here = torch.cuda.current_stream(v.device)
         self.stream.wait_stream(here)
         graph = torch.cuda.CUDAGraph()
-        pool = _POOLS.setdefault(v.device, torch.cuda.graph_pool_handle())
+        pool, _ = _POOLS.get(v.device) or (torch.cuda.graph_pool_handle(), None)
         with torch.cuda.stream(self.stream):
             self.v = v.clone()
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
@@ -98,15 +102,19 @@ class Products:
                     return
         here.wait_stream(self.stream)
         self.graph = graph
+        _POOLS[v.device] = (pool, graph)
         CAPTURED[self.x.shape[1]] += 1
 
 
 def _graph_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """A side stream for the pass over the slots when its products will be graphed, else None."""
+    """The side stream for the pass over the slots when its products will be graphed, else None. One per device
+    for the whole process: the allocator reuses a freed block only on the stream it was allocated on."""
     if x.device.type != "cuda" or x.shape[1] < GRAPH_FROM_K or not _GRAPHS["on"] or \
             os.environ.get(GRAPH_ENV, "1") == "0":
         return None
-    return torch.cuda.Stream(x.device)
+    if x.device not in _STREAMS:
+        _STREAMS[x.device] = torch.cuda.Stream(x.device)
+    return _STREAMS[x.device]
 
 
 class _AddAdjoint(torch.autograd.Function):
