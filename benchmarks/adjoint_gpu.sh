@@ -4,6 +4,8 @@
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b     # 3B full fine-tuning, stage2; graphed and eager products
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 7b     # 7B LoRA + gradient checkpointing, stage2 and stage3
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b_all # issue 11 3B rows in one process; the teacher at batch 8
+#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh cli    # the GPU test, and stage2 through lcot.main on the tiny
+#                                                        # model: full vs adjoint (fp32), adjoint in bf16 + GC
 # Tables in $OUT (default runs/bench_adjoint). Batch 2, K=32, bf16, random weights.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_adjoint}
@@ -42,4 +44,25 @@ if [ "${1:-}" = "3b_all" ]; then
       "${COMMON[@]}"
   one b3_teacher_bsz8 200 $PY benchmarks/bench.py --shape 3b --stages stage2 --rows forward,teacher_graph \
       --batch 8 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check
+fi
+# the CLI on a GPU: 20 stage2 steps of the tiny model with each gradient; the losses of full and adjoint (fp32)
+# must agree, and adjoint must run in bf16 with gradient checkpointing
+if [ "${1:-}" = "cli" ]; then
+  W=${WORK:-/tmp/lcot_adjoint_cli}
+  rm -rf "$W"
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_adjoint.py > "$OUT/pytest_adjoint.log" 2>&1
+  echo "=== pytest tests/test_adjoint.py rc=$?" | tee -a "$OUT/summary.txt"; tail -1 "$OUT/pytest_adjoint.log"
+  $PY -m lcot.toy.tiny --output_dir "$W/tiny" > /dev/null 2>&1
+  $PY -m lcot.toy.synthetic --output_dir "$W/data" --n 200 --seed 0 > /dev/null 2>&1
+  $PY -m lcot.precompute_teacher_latents --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" \
+      --output_dir "$W/teacher" --k_max 6 > /dev/null 2>&1
+  # (bf16 without alignment: the teacher files are fp32, and training refuses another dtype)
+  for run in "full" "adjoint" "adjoint --bf16 --gradient_checkpointing --align_weight 0"; do
+    name=$(echo "$run" | cut -d' ' -f1-3 | tr -d ' -')
+    $PY -m lcot.main --stage stage2 --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" \
+        --teacher_latent_dir "$W/teacher" --output_dir "$W/s2_$name" --latent_size 6 --max_steps 20 --bsz 8 \
+        --grad_accum_steps 1 --lr 2e-3 --logging_steps 5 --latent_grad $run > "$OUT/cli_$name.log" 2>&1
+    echo "=== stage2 --latent_grad $run rc=$?" | tee -a "$OUT/summary.txt"
+    grep -E "^step " "$OUT/cli_$name.log" | tee -a "$OUT/summary.txt"
+  done
 fi
