@@ -14,13 +14,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 COMMON=(--batch 2 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check)
-one() {  # one NAME LIMIT [ENV=..] ARGS...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout --kill-after=15 "$limit" env "$@" --out "$OUT/$name.md" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  grep -E "^\| " "$OUT/$name.md" 2>/dev/null | cut -c1-260
-}
+source "$(dirname "$0")/one.sh"  # one NAME LIMIT [ENV=..] ARGS...
 case ${1:-3b} in
   3b)
     t0=$SECONDS

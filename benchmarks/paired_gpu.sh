@@ -14,13 +14,8 @@ export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 ROWS=sft,latent_truncated_graph,forward,teacher_graph,stage3:sft,stage3:latent_truncated_graph
 COMMON=(--batch 2 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check)
-one() {  # one NAME LIMIT [ENV=..] ARGS...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout --kill-after=15 "$limit" env "$@" --out "$OUT/$name.md" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
-  grep -E "^\| " "$OUT/$name.md" 2>/dev/null | cut -c1-220
-}
+CUT=220
+source "$(dirname "$0")/one.sh"  # one NAME LIMIT [ENV=..] ARGS...
 : > "$OUT/summary.txt"
 one b3_exact 230 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 --rows "$ROWS" "${COMMON[@]}"
 one b3_compiled_step 230 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 --rows "$ROWS" \

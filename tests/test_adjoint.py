@@ -29,6 +29,19 @@ def _largest_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def _assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 2e-5) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
+
+
+def _fresh_training_model(tiny_dir):
+    """A model of its own (these tests switch gradient checkpointing on), in training mode."""
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir)
+    return model.train(), processor
+
+
 def _padded_pair(processor, config, k, thought, records) -> list:
     """Two records whose prefixes differ in length: the collator left-pads one."""
     length = {i: Collator(processor, config, k, thought_images=thought)([r])["latent_start"]
@@ -49,8 +62,7 @@ def test_adjoint_gradient_is_the_full_gradient(loaded, records, k, thought, fast
     h_adj, g_adj = _grads(model, b, "adjoint", fast)
     _, g_trunc = _grads(model, b, "truncated")
     torch.testing.assert_close(h_adj, h_full, atol=1e-5, rtol=1e-5)
-    for a, c in zip(g_adj, g_full):
-        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+    _assert_same_gradients(g_adj, g_full)
     if k > 1:  # the chain carries gradient: the truncated one is another gradient, and adjoint is not it
         assert _largest_gap(g_trunc, g_full) > 100 * max(_largest_gap(g_adj, g_full), 1e-6)
     else:  # one slot: its input is the prefix's output, which the pass itself computes
@@ -95,16 +107,11 @@ def test_adjoint_twice_in_a_row_and_without_gradients(loaded, records, monkeypat
 
 def test_adjoint_with_gradient_checkpointing(tiny_dir, records):
     """The pass with gradients recomputed (checkpointing): still the full gradient of the model without it."""
-    from lcot.pipeline.load import load
-
-    model, processor = load(tiny_dir)
-    model.train()
+    model, processor = _fresh_training_model(tiny_dir)
     b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
     _, g_full = _grads(model, b, "full")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _, g_adj = _grads(model, b, "adjoint")
-    for a, c in zip(g_adj, g_full):
-        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+    _assert_same_gradients(_grads(model, b, "adjoint")[1], g_full)
 
 
 def test_adjoint_pass_is_never_the_compiled_one(loaded, records):
@@ -124,24 +131,19 @@ def test_adjoint_pass_is_never_the_compiled_one(loaded, records):
             _grads(model, b, "truncated")
     finally:
         latent._COMPILED.pop(model, None)
-    for a, c in zip(g_adj, g_full):
-        torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+    _assert_same_gradients(g_adj, g_full)
 
 
 def test_no_latent_slots_take_one_pass_in_every_mode(tiny_dir, records):
     """K=0: nothing is fed back, one parallel pass (also with gradient checkpointing, which has no cache)."""
-    from lcot.pipeline.load import load
-
-    model, processor = load(tiny_dir)
-    model.train()
+    model, processor = _fresh_training_model(tiny_dir)
     b = Collator(processor, model.config, 0, thought_images=False)(records[:2])
     ref, g_ref = _grads(model, b, "full")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for grad in ("full", "adjoint", "truncated"):
         hidden, g = _grads(model, b, grad)
         torch.testing.assert_close(hidden, ref, atol=0, rtol=0)
-        for a, c in zip(g, g_ref):
-            torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+        _assert_same_gradients(g, g_ref, atol=1e-6)
 
 
 def test_adjoint_is_a_grad_mode():
