@@ -29,7 +29,7 @@ import torch
 from transformers import Cache, DynamicCache
 
 from lcot.core.graph import CAPTURE_ERRORS
-from lcot.core.latent import new_cache, no_checkpointing, text_forward
+from lcot.core.latent import new_cache, no_checkpointing, text_forward, with_latents
 
 GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
 GRAPH_FROM_K = 4  # fewer slots: too few products to pay for a capture
@@ -134,10 +134,14 @@ class _AddAdjoint(torch.autograd.Function):
         return solve(grad), None
 
 
-def full_gradient(model, hidden: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache,
-                  mask4d: torch.Tensor, position_ids: torch.Tensor, start: int) -> torch.Tensor:
-    """`hidden` (B, L, H) of a parallel pass whose slots were fed the leaf `latent_in` (B, K, H, requires_grad),
-    returned unchanged, but its backward pass carries the gradient through the whole latent chain."""
+def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
+                 position_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The parallel pass with gradients (hidden states (B, L, H)) of `embeds` with the K slots from `start` fed
+    the chain's `latent_in` (B, K, H), whose backward pass carries the gradient through the whole latent chain.
+    `prefix`: the chain's cache of the columns before `start` (prefix_cache)."""
+    latent_in = latent_in.detach().to(embeds.dtype).requires_grad_()
+    hidden = text_forward(model, with_latents(embeds, latent_in, start), mask4d, position_ids,
+                          slice(0, embeds.shape[1]), plain=True)
     k = latent_in.shape[1]
     products = None
     if k > 1:  # the slots 1..K-1 once more, with gradients to their inputs only: J's vector products

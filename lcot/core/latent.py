@@ -130,6 +130,12 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
     return out.last_hidden_state
 
 
+def with_latents(embeds: torch.Tensor, latent_in: torch.Tensor, start: int) -> torch.Tensor:
+    """The input embeddings with the K latent slots from `start` replaced by `latent_in` (B, K, H)."""
+    k = latent_in.shape[1]
+    return torch.cat([embeds[:, :start], latent_in.to(embeds.dtype), embeds[:, start + k:]], 1)
+
+
 def latent_step(model, h: torch.Tensor, cache: Cache, mask4d: torch.Tensor, position_ids: torch.Tensor,
                 col: int) -> torch.Tensor:
     """One continuous-thought step: feed h (B, 1, H) at column `col`, return its output (B, 1, H)."""

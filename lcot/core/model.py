@@ -18,9 +18,16 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
-from lcot.core.adjoint import full_gradient, prefix_cache
+from lcot.core.adjoint import adjoint_pass, prefix_cache
 from lcot.core.graph import runner
-from lcot.core.latent import attn_mask, checkpointing_on, embed_inputs, no_checkpointing, text_forward
+from lcot.core.latent import (
+    attn_mask,
+    checkpointing_on,
+    embed_inputs,
+    no_checkpointing,
+    text_forward,
+    with_latents,
+)
 from lcot.core.loss import ce_loss
 from lcot.core.vision import decode_pixels
 
@@ -87,20 +94,18 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         hidden = text_forward(model, embeds, mask, pos, slice(0, length))
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
-    if (grad in ("truncated", "adjoint") or links is not None) and k:
+    if grad in ("truncated", "adjoint") or links is not None:
         with torch.no_grad(), no_checkpointing(model):
             steps = runner(model, rows, length, fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
             prefix = prefix_cache(model, steps.cache, s) if adjoint else None
         if adjoint:
-            latent_in = latent_in.to(embeds.dtype).requires_grad_()
-        hidden = text_forward(model, _with_latents(embeds, latent_in, s), mask, pos, slice(0, length),
-                              plain=adjoint)
-        if adjoint:
-            hidden = full_gradient(model, hidden, latent_in, prefix, mask, pos, s)
+            hidden = adjoint_pass(model, embeds, latent_in, prefix, mask, pos, s)
+            return hidden, hidden[:, s:s + k]
+        hidden = text_forward(model, with_latents(embeds, latent_in, s), mask, pos, slice(0, length))
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
-            hidden = text_forward(model, _with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
+            hidden = text_forward(model, with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
                                   slice(0, length))
         return hidden, hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
@@ -111,12 +116,6 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     _, latents = steps.run(pre[:, -1:], mask, pos, s, k)
     post = steps.forward(embeds[:, s + k:], mask, pos, slice(s + k, length))
     return torch.cat([pre, latents, post], 1), latents
-
-
-def _with_latents(embeds: torch.Tensor, latent_in: torch.Tensor, start: int) -> torch.Tensor:
-    """The input embeddings with the K latent slots from `start` replaced by `latent_in` (B, K, H)."""
-    k = latent_in.shape[1]
-    return torch.cat([embeds[:, :start], latent_in.to(embeds.dtype), embeds[:, start + k:]], 1)
 
 
 class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
