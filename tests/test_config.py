@@ -75,6 +75,9 @@ def test_adjoint_is_checked_against_fsdp_and_notes_compile(tmp_path, monkeypatch
         train.check(TrainConfig(**{**base, "latent_grad": "full"}, gradient_checkpointing=True))
     train.check(TrainConfig(**base, compile=True))
     assert "--compile has no effect on the pass with gradients of --latent_grad adjoint" in capsys.readouterr().err
+    train.check(TrainConfig(**base, graph_pass=True))
+    assert "--graph_pass has nothing to graph with --latent_grad adjoint (it runs a second backward" in \
+        capsys.readouterr().err
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(LcotInputError, match="adjoint is not supported with FSDP"):
         train.check(TrainConfig(**base))
