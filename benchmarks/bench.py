@@ -295,6 +295,10 @@ class Bench:
             cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                              target_modules=rf".*language_model.*\.({LORA_TARGETS})")
             self.model = get_peft_model(self.model, cfg).get_base_model()  # LoRA layers injected in place
+        if a.packed_vision:
+            from lcot.core.vision import use_packed_attention
+
+            use_packed_attention(self.model)
         if a.freeze_vision:
             self.model.model.visual.requires_grad_(False)
         if a.gradient_checkpointing:
@@ -328,7 +332,8 @@ class Bench:
             "dtype": a.dtype, "batch": a.batch, "num_latents": a.num_latents, "stages": a.stages,
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
-            "freeze_vision": a.freeze_vision, "optim": a.optim, "iters": a.iters, "warmup": a.warmup,
+            "freeze_vision": a.freeze_vision, "packed_vision": a.packed_vision, "optim": a.optim, "iters": a.iters,
+            "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
             "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "lcot_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LCOT_")},
@@ -564,6 +569,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="LoRA on the language model (peft, r=16), base frozen")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--freeze_vision", action="store_true")
+    p.add_argument("--packed_vision", action="store_true",
+                   help="the vision tower's attention as lcot trains it (lcot.core.vision's packed attention, no "
+                        "per-window loop) in every row, the plain SFT step included; default: transformers' sdpa "
+                        "path in every row")
     p.add_argument("--optim", action="store_true", help="add an AdamW step to every training row")
     p.add_argument("--question_images", type=int, default=2)
     p.add_argument("--question_tokens", type=int, default=100)

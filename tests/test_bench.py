@@ -69,6 +69,27 @@ def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
     assert env["lora"] and env["trainable"] < env["params"] and env["seq_len"]["stage3"] < env["seq_len"]["stage2"]
 
 
+def test_bench_packed_vision_runs_every_row_with_lcots_vision_attention(tmp_path, one_thread):
+    """--packed_vision: the plain SFT step and the latent rows alike use lcot's packed vision attention."""
+    from lcot.core.vision import PACKED
+
+    out = tmp_path / "bench.json"
+    seen = []
+    real = bench.Bench.setup
+
+    def setup(self):
+        real(self)
+        seen.append(self.model.model.visual.config._attn_implementation)
+
+    bench.Bench.setup = setup
+    try:
+        rows = bench.main([*SMALL, "--packed_vision", "--rows", "sft,latent_truncated_graph", "--out", str(out)])
+    finally:
+        bench.Bench.setup = real
+    assert seen == [PACKED] and json.loads(out.read_text())["env"]["packed_vision"]
+    assert all(math.isfinite(r["time_s"]) for r in rows)
+
+
 def test_shapes_match_published_sizes():
     tok = bench.make_processor(112).tokenizer
     c3, c7 = bench.make_config("3b", tok), bench.make_config("7b", tok)
