@@ -569,10 +569,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true", help="LoRA on the language model (peft, r=16), base frozen")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--freeze_vision", action="store_true")
-    p.add_argument("--packed_vision", action="store_true",
+    p.add_argument("--packed_vision", action=argparse.BooleanOptionalAction, default=True,
                    help="the vision tower's attention as lcot trains it (lcot.core.vision's packed attention, no "
-                        "per-window loop) in every row, the plain SFT step included; default: transformers' sdpa "
-                        "path in every row")
+                        "per-window loop) in every row, the plain SFT step included; --no-packed_vision: "
+                        "transformers' sdpa path (a loop over windows) in every row, as the tables before "
+                        "2026-11-26's fifth session, whose shared vision cost flattered every ratio")
     p.add_argument("--optim", action="store_true", help="add an AdamW step to every training row")
     p.add_argument("--question_images", type=int, default=2)
     p.add_argument("--question_tokens", type=int, default=100)

@@ -35,7 +35,7 @@ def one_thread():
 
 def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
     out = tmp_path / "bench.md"
-    rows = bench.main([*SMALL, "--out", str(out)])
+    rows = bench.main([*SMALL, "--out", str(out)])  # the default: packed vision attention
     by_name = {r["name"]: r for r in rows}
     assert list(by_name) == ROWS
     for name in ROWS[:-1]:
@@ -51,7 +51,7 @@ def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
     assert out.read_text().count("\n| ") == len(ROWS) + 1  # header + one line per row
     data = json.loads(out.with_suffix(".json").read_text())
     assert [r["name"] for r in data["rows"]] == ROWS
-    assert data["env"]["num_latents"] == 3 and data["env"]["device"].startswith("cpu")
+    assert data["env"]["num_latents"] == 3 and data["env"]["device"].startswith("cpu") and data["env"]["packed_vision"]
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert data["env"]["commit"].startswith(head or "unknown") and data["env"]["date"].endswith(" UTC")
     assert "- commit: " in out.read_text() and "- date: " in out.read_text()
@@ -69,8 +69,10 @@ def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
     assert env["lora"] and env["trainable"] < env["params"] and env["seq_len"]["stage3"] < env["seq_len"]["stage2"]
 
 
-def test_bench_packed_vision_runs_every_row_with_lcots_vision_attention(tmp_path, one_thread):
-    """--packed_vision: the plain SFT step and the latent rows alike use lcot's packed vision attention."""
+@pytest.mark.parametrize("flag", ["--packed_vision", "--no-packed_vision"])
+def test_bench_vision_attention_is_the_same_in_every_row(tmp_path, one_thread, flag):
+    """The plain SFT step and the latent rows alike use lcot's packed vision attention (the default, as lcot
+    trains), or all transformers' sdpa path."""
     from lcot.core.vision import PACKED
 
     out = tmp_path / "bench.json"
@@ -83,10 +85,11 @@ def test_bench_packed_vision_runs_every_row_with_lcots_vision_attention(tmp_path
 
     bench.Bench.setup = setup
     try:
-        rows = bench.main([*SMALL, "--packed_vision", "--rows", "sft,latent_truncated_graph", "--out", str(out)])
+        rows = bench.main([*SMALL, flag, "--rows", "sft,latent_truncated_graph", "--out", str(out)])
     finally:
         bench.Bench.setup = real
-    assert seen == [PACKED] and json.loads(out.read_text())["env"]["packed_vision"]
+    packed = flag == "--packed_vision"
+    assert seen == [PACKED if packed else "sdpa"] and json.loads(out.read_text())["env"]["packed_vision"] == packed
     assert all(math.isfinite(r["time_s"]) for r in rows)
 
 
