@@ -149,7 +149,7 @@ def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: D
         stream = _graph_stream(x)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.enable_grad(), no_checkpointing(model), torch.cuda.stream(stream):
+        with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
             out = text_forward(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix,
                                plain=True)
         if stream is not None:
