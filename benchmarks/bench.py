@@ -26,7 +26,8 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
   per latent step and per decoding step, eager and graphed; each latent row's baseline is the decoding row
   of the same path.
 - numerics: max |graphed - eager| of the teacher latents, first 8 steps in the run's dtype (bf16 drifts after
-  ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end).
+  ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end); beside
+  it the eager path's own rounding noise: each record alone against the same record in the batch.
 On a CPU "graph" runs eager static-cache steps (no CUDA graphs) and no memory is reported.
 --paired N also times each row against its baseline in N alternating pairs and notes the median ratio: ratios of
 rows timed apart moved by +-20% between processes on one H100 (benchmarks/RESULTS.md).
@@ -479,6 +480,21 @@ class Bench:
         h = steps.forward(embeds[:, :s], b["attention_mask_4d"], b["position_ids"], slice(0, s))
         return steps.run(h[:, -1:], b["attention_mask_4d"], b["position_ids"], s, k)[1].float()
 
+    @torch.no_grad()
+    def _alone(self, b: dict) -> torch.Tensor:
+        """The eager teacher latents of each record of the stage2 batch, computed in a batch of one: the same
+        values up to rounding (other matrix shapes), so their distance is the eager path's own rounding noise."""
+        from lcot.core.collate import Collator
+        from lcot.core.latent import embed_inputs
+
+        coll = Collator(self.processor, self.model.config, b["num_latents"], thought_images=True)
+        out = []
+        for rec in self.records:
+            one = to_device(coll([rec]), self.device)
+            embeds = embed_inputs(self.model, one["input_ids"], one["pixel_values"], one["image_grid_thw"])
+            out.append(self._recurrence(one, embeds, "off"))
+        return torch.cat(out)
+
     def numerics(self, b: dict, dtype_name: str) -> None:
         """Teacher latents, same input embeddings, three paths: graphed vs the dynamic cache (first 8 steps,
         all K), and graphed (steps; then steps and prefix) vs static eager (same kernels: the capture/replay
@@ -504,9 +520,12 @@ class Bench:
         first = (got[:, :n] - ref[:, :n]).abs().max().item()
         every = (got - ref).abs().max().item()
         replay = max((got - static).abs().max().item(), (again - static).abs().max().item())
+        alone = self._alone(b)
+        floor = f"{(alone[:, :n] - ref[:, :n]).abs().max().item():.3g} / {(alone - ref).abs().max().item():.3g}"
         self.add(name, f"max |graphed - eager| latents, first {n} steps ({dtype_name})", value=first, unit="abs",
                  note=f"all {got.shape[1]} steps: {every:.3g}; graphed vs static eager (capture/replay only): "
-                      f"{replay:.3g}; max |latent| {ref.abs().max().item():.3g}")
+                      f"{replay:.3g}; the eager path's own rounding (each record alone vs in the batch, first {n} / "
+                      f"all steps): {floor}; max |latent| {ref.abs().max().item():.3g}")
         _fresh(self.model, self.device)
 
 

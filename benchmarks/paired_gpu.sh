@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# Issue 11's targets with a steadier verdict: each row against its baseline in N alternating pairs, in one
-# process (bench.py --paired), on one GPU. From the repo root:
-#     PYTHONPATH=. bash benchmarks/paired_gpu.sh          # tables in $OUT (default runs/bench_paired)
-# 3B full fine-tuning, batch 2, K=32, bf16: stage2 and stage3 latent steps (the default exact path) vs the plain
-# SFT step, teacher vs a forward; then the same with LCOT_COMPILE_STEP=1; then the 7B teacher (plain weights).
+# Issue 11's rows on one GPU, each row against its baseline in N alternating pairs in one process (bench.py
+# --paired), with the default eager latent step and with the compiled one (LCOT_COMPILE_STEP=1). From the repo root:
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh 3b   # 3B full fine-tuning: stage2, stage3 (truncated, adjoint),
+#                                                     # teacher vs a forward, fp32 numerics with the eager noise floor
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh 7b   # 7B LoRA + checkpointing: stage2, stage3; the 7B teacher
+#                                                     # (plain weights, as the precompute runs) at batch 2 and 8
+# Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
-PAIRS=${PAIRS:-7}
+PAIRS=${PAIRS:-5}
 PY=${PYTHON:-python3}
 # the tables name their commit: git's, or LCOT_COMMIT=<hash> given on a machine that got the tree without .git
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
     TORCHINDUCTOR_CACHE_DIR=/tmp/lcot_bench_cache/inductor
 mkdir -p "$OUT"
-ROWS=sft,latent_truncated_graph,forward,teacher_graph,stage3:sft,stage3:latent_truncated_graph
-COMMON=(--batch 2 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS" --no-fp32_check)
-CUT=220
+COMMON=(--batch 2 --latent_size 32 --iters 3 --warmup 2 --dtype bf16 --paired "$PAIRS")
+CUT=260
 source "$(dirname "$0")/one.sh"  # one NAME LIMIT [ENV=..] ARGS...
-: > "$OUT/summary.txt"
-one b3_exact 230 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 --rows "$ROWS" "${COMMON[@]}"
-one b3_compiled_step 230 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 --rows "$ROWS" \
-    "${COMMON[@]}"
-one b7_teacher 110 $PY benchmarks/bench.py --shape 7b --stages stage2 --rows forward,teacher_graph "${COMMON[@]}"
+B3=(--shape 3b --stages stage2,stage3 --rows sft,latent_truncated_graph,latent_adjoint,forward,teacher_graph,stage3:sft,stage3:latent_truncated_graph,numerics_bf16,numerics_fp32)
+B7=(--shape 7b --lora --gradient_checkpointing --freeze_vision --stages stage2,stage3 --no-fp32_check
+    --rows sft,latent_truncated_graph,stage3:sft,stage3:latent_truncated_graph)
+B7T=(--shape 7b --stages stage2 --rows forward,teacher_graph --no-fp32_check)
+case ${1:-3b} in
+  3b)
+    one b3_eager_step 200 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}"
+    one b3_compiled_step 330 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}" ;;
+  7b)
+    one b7_compiled_step 300 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
+    one b7_teacher_eager_step 90 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}"
+    one b7_teacher_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}"
+    one b7_teacher_bsz8_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}" \
+        --batch 8 ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b" >&2; exit 2 ;;
+esac
