@@ -4,7 +4,7 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh 3b   # 3B full fine-tuning: stage2, stage3 (truncated, adjoint),
 #                                                     # teacher vs a forward, fp32 numerics with the eager noise floor
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh 7b   # 7B LoRA + checkpointing: stage2, stage3; the 7B teacher
-#                                                     # (plain weights, as the precompute runs) at batch 2 and 8
+#                                                     # (plain weights, as the precompute runs)
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -28,8 +28,6 @@ case ${1:-3b} in
   7b)
     one b7_compiled_step 300 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
     one b7_teacher_eager_step 90 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}"
-    one b7_teacher_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}"
-    one b7_teacher_bsz8_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}" \
-        --batch 8 ;;
+    one b7_teacher_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}" ;;
   *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b" >&2; exit 2 ;;
 esac
