@@ -1,7 +1,11 @@
-"""--compile: the language model's passes without a cache run compiled, with the eager values; checkpoints unchanged."""
+"""--compile and --compile_step: the language model's passes without a cache, and its one-token steps, run compiled
+with the eager values (within rounding); checkpoints unchanged."""
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from lcot.core.collate import Collator
@@ -66,3 +70,67 @@ def test_compiled_static_steps_equal_the_reference(loaded, records, monkeypatch)
         torch.testing.assert_close(got, ref_lat, atol=5e-6, rtol=1e-5)
     m = b["attention_mask"].bool()
     torch.testing.assert_close(h[m], ref_h[m], atol=5e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="inductor's CPU backend compiles C++")
+def test_inductor_step_keeps_the_eager_latents(loaded, records):
+    """--compile_step with inductor itself (fused C++ kernels on a CPU, Triton on a GPU): the fused kernels round
+    differently, so the latents are not bit-identical, but stay within a few fp32 ulps of the eager recurrence, as
+    close as the eager path is to itself when a record is computed alone instead of in the batch."""
+    from lcot.core import graph
+    from lcot.core.latent import _COMPILED_STEP, compile_steps
+
+    model, processor = loaded
+    coll = Collator(processor, model.config, 6, thought_images=True)
+    b = coll(records[:2])
+    with torch.no_grad():
+        _, ref = latent_hidden_states(model, b, fast="off")
+        alone = torch.cat([latent_hidden_states(model, coll([r]), fast="off")[1] for r in records[:2]])
+        graph.clear(model)
+        compile_steps(model)
+        compiled, used = _COMPILED_STEP[model], []
+        _COMPILED_STEP[model] = lambda **kw: used.append(1) or compiled(**kw)
+        try:
+            _, got = latent_hidden_states(model, b, fast="static")
+        finally:
+            graph.clear(model)
+            compile_steps(model, enable=False)
+    assert len(used) == 6 and isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    err, noise = (got - ref).abs().max().item(), (alone - ref).abs().max().item()
+    assert err < 5e-6 and noise < 5e-6, (err, noise)  # latents of norm ~11: a few ulps
+    assert err < 10 * max(noise, 1.2e-7), (err, noise)
+
+
+def test_compile_step_flag_in_precompute_and_training(tiny_dir, data_dir, tmp_path, monkeypatch):
+    """--compile_step: the precompute and training run their one-token steps through the compiled language model
+    (here on the eager backend, on the static cache that LCOT_FAST=static gives a CPU), with the same latents."""
+    from lcot.pipeline import train as cli
+    from lcot.pipeline.data import read_records
+    from lcot.pipeline.teacher import read_teacher, teacher_file
+    from lcot.precompute_teacher_latents import main as precompute_main
+
+    calls = []
+    real = torch.compile
+
+    def spy(module, **kw):
+        compiled = real(module, backend="eager", **kw)
+        return lambda **a: calls.append(type(module).__name__) or compiled(**a)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setenv("LCOT_FAST", "static")
+    train = str(data_dir / "train.jsonl")
+    common = ["--model_name_or_path", str(tiny_dir), "--train_jsonl", train, "--k_max", "3", "--bsz", "8",
+              "--benefit_records", "0"]
+    precompute_main([*common, "--output_dir", str(tmp_path / "eager")])
+    assert not calls
+    precompute_main([*common, "--output_dir", str(tmp_path / "compiled"), "--compile_step"])
+    assert calls and set(calls) == {"Qwen2_5_VLTextModel"}
+    for rec in read_records(train):
+        a, b = (read_teacher(teacher_file(tmp_path / d, rec.idx), rec) for d in ("eager", "compiled"))
+        torch.testing.assert_close(b, a, atol=5e-6, rtol=1e-5)
+    calls.clear()
+    cli.main(["--stage", "stage2", "--model_name_or_path", str(tiny_dir), "--train_jsonl", train, "--output_dir",
+              str(tmp_path / "s2"), "--latent_size", "3", "--max_steps", "1", "--bsz", "4", "--grad_accum_steps", "1",
+              "--align_weight", "0", "--latent_grad", "truncated", "--compile_step"])
+    assert len(calls) == 3  # the three latent steps of the one training step's chain

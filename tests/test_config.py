@@ -64,7 +64,7 @@ def test_latent_grad_values_are_checked_before_loading(tmp_path):
         train.check(TrainConfig(**base, latent_grad="bptt:two"))
 
 
-def test_adjoint_is_checked_against_fsdp_and_notes_compile(tmp_path, monkeypatch, capsys):
+def test_adjoint_is_checked_against_fsdp_and_notes_compile_flags(tmp_path, monkeypatch, capsys):
     from lcot.errors import LcotInputError
     from lcot.pipeline import train
 
@@ -75,6 +75,10 @@ def test_adjoint_is_checked_against_fsdp_and_notes_compile(tmp_path, monkeypatch
         train.check(TrainConfig(**{**base, "latent_grad": "full"}, gradient_checkpointing=True))
     train.check(TrainConfig(**base, compile=True))
     assert "--compile has no effect on the pass with gradients of --latent_grad adjoint" in capsys.readouterr().err
+    train.check(TrainConfig(**base, compile_step=True))
+    assert "--compile_step" not in capsys.readouterr().err  # adjoint's chain runs without gradients: it applies
+    train.check(TrainConfig(**{**base, "latent_grad": "full"}, compile_step=True))
+    assert "--compile_step has no effect with --latent_grad full" in capsys.readouterr().err
     train.check(TrainConfig(**base, graph_pass=True))
     assert "--graph_pass has nothing to graph with --latent_grad adjoint (it runs a second backward" in \
         capsys.readouterr().err

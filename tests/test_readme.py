@@ -139,3 +139,16 @@ def test_gpu_and_real_model_commands_parse():
         parsers[argv[2]]().parse_args(argv[3:])  # argparse exits on an unknown or malformed flag
     assert len(checked) >= 7
     assert any("lcot.experiment" in c for c in checked) and sum("Qwen" in c or "out_stage" in c for c in checked) == 5
+
+
+def test_gpu_scripts_named_exist_parse_and_take_their_argument():
+    """The GPU benchmark scripts the README shows (not run here: no GPU): each exists, is valid bash, and a
+    case argument it is given is one of the script's cases."""
+    shown = re.findall(r"bash (benchmarks/[\w.]+\.sh)(?: ([a-z0-9_]+))?", README)
+    assert len({s for s, _ in shown}) >= 4
+    for script, arg in shown:
+        path = ROOT / script
+        assert path.is_file(), script
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        if arg:
+            assert re.search(rf"^\s*(\w+\|)*{arg}(\|\w+)*\)", path.read_text(), flags=re.M), f"{script} {arg}"

@@ -22,7 +22,7 @@ from lcot import config
 from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
 from lcot.core.graph import graph_parallel_pass
-from lcot.core.latent import compile_parallel_pass
+from lcot.core.latent import compile_parallel_pass, compile_steps
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, check_output, cli_errors, writing
@@ -106,6 +106,10 @@ def check(args: TrainConfig) -> None:
         print("lcot: note: --compile has no effect on the pass with gradients of --latent_grad adjoint (it runs a "
               "second backward through it, which a compiled pass does not allow); that pass runs uncompiled",
               file=sys.stderr)
+    if args.compile_step and args.latent_grad == "full" and args.latent_feed == "continuous":
+        print("lcot: note: --compile_step has no effect with --latent_grad full (its latent chain runs with gradients, "
+              "step by step on the dynamic cache); it compiles the chain without gradients of --latent_grad "
+              "truncated, adjoint or bptt:M", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "does not work with --latent_grad full",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses; "
@@ -235,6 +239,8 @@ def _train(args: TrainConfig) -> Path:
     model.config.use_cache = False
     if args.compile:
         compile_parallel_pass(model)
+    if args.compile_step:
+        compile_steps(model)
     if args.graph_pass:
         graph_parallel_pass(model)
     if args.lora:
