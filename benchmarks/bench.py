@@ -337,8 +337,9 @@ class Bench:
             "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
             "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "lcot_env": {k: v for k, v in sorted(os.environ.items())
-                         if k.startswith("LCOT_") or k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"},
+            "lcot_env": {k: v for k, v in sorted(os.environ.items())  # lcot's and inductor's options
+                         if k.startswith("LCOT_")
+                         or (k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")},
         }
         print(json.dumps(self.env), file=sys.stderr, flush=True)
         self.write()

@@ -3,7 +3,8 @@
 # --paired), with the default eager latent step and with the compiled one (LCOT_COMPILE_STEP=1). From the repo root:
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh 3b   # 3B full fine-tuning: stage2, stage3 (truncated, adjoint),
 #                                                     # teacher vs a forward, fp32 numerics with the eager noise floor
-#     PYTHONPATH=. bash benchmarks/paired_gpu.sh 7b   # 7B LoRA + checkpointing: stage2, stage3; the 7B teacher
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh 7b   # 7B LoRA + checkpointing: stage2, stage3 (eager, compiled
+#                                                     # step; each over 5 min); the 7B teacher
 #                                                     # (plain weights, as the precompute runs)
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh step # 3B: the compiled step with inductor's tuning options
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
@@ -27,16 +28,17 @@ case ${1:-3b} in
     one b3_eager_step 200 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}"
     one b3_compiled_step 330 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}" ;;
   7b)
+    one b7_eager_step 300 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
     one b7_compiled_step 300 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
     one b7_teacher_eager_step 90 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}"
     one b7_teacher_compiled_step 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7T[@]}" "${COMMON[@]}" ;;
   step)  # the compiled step under inductor's tuning options (3B): step times, the teacher, the stage2 step
     S=(--shape 3b --stages stage2 --rows sft,latent_truncated_graph,forward,teacher_graph,gen_latent_graph,gen_decode_graph
        --no-fp32_check)
-    one b3_step_compiled 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}"
-    one b3_step_coordinate_descent 200 LCOT_COMPILE_STEP=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
+    one b3_step_compiled 300 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}"
+    one b3_step_coordinate_descent 300 LCOT_COMPILE_STEP=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
         $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}"
-    one b3_step_autotune_gemm 200 LCOT_COMPILE_STEP=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 \
+    one b3_step_autotune_gemm 300 LCOT_COMPILE_STEP=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 \
         $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}" ;;
   *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step" >&2; exit 2 ;;
 esac

@@ -39,7 +39,8 @@ class PrecomputeConfig:
     bf16: bool = option(False, "compute in bfloat16 (then train stage2/3 with --bf16 too)")
     max_pixels: int | None = option(None, "image processor max_pixels (match training; None: the checkpoint's)")
     compile_step: bool = option(False, "torch.compile the one-token latent step, as `python -m lcot.main "
-                                "--compile_step` (see its --help); same as LCOT_COMPILE_STEP=1")
+                                "--compile_step` (see its --help), the benefit evaluation's decoding steps too; "
+                                "same as LCOT_COMPILE_STEP=1")
     skip_missing_thought: bool = option(False, "skip records without thought images (and report how many) instead "
                                         "of stopping")
     benefit_records: int = option(200, "answer this many records with and without thought images and print the "

@@ -76,8 +76,9 @@ def test_compiled_static_steps_equal_the_reference(loaded, records, monkeypatch)
                     reason="inductor's CPU backend compiles C++")
 def test_inductor_step_keeps_the_eager_latents(loaded, records):
     """--compile_step with inductor itself (fused C++ kernels on a CPU, Triton on a GPU): the fused kernels round
-    differently, so the latents are not bit-identical, but stay within a few fp32 ulps of the eager recurrence, as
-    close as the eager path is to itself when a record is computed alone instead of in the batch."""
+    differently, so the latents are not bit-identical, but stay within a few fp32 ulps of the eager recurrence, the
+    order of the eager path's own difference when a record is computed alone instead of in the batch (measured
+    9.5e-7 against 2.4e-7, latents of norm ~11; on an H100 in fp32 the compiled step was ten times closer)."""
     from lcot.core import graph
     from lcot.core.latent import _COMPILED_STEP, compile_steps
 

@@ -106,10 +106,13 @@ def check(args: TrainConfig) -> None:
         print("lcot: note: --compile has no effect on the pass with gradients of --latent_grad adjoint (it runs a "
               "second backward through it, which a compiled pass does not allow); that pass runs uncompiled",
               file=sys.stderr)
-    if args.compile_step and args.latent_grad == "full" and args.latent_feed == "continuous":
-        print("lcot: note: --compile_step has no effect with --latent_grad full (its latent chain runs with gradients, "
-              "step by step on the dynamic cache); it compiles the chain without gradients of --latent_grad "
-              "truncated, adjoint or bptt:M", file=sys.stderr)
+    idle = ("--latent_feed pause feeds nothing back" if args.latent_feed == "pause" else
+            "--latent_size 0 has no latent slots" if args.num_latents == 0 else
+            "--latent_grad full runs its chain with gradients, step by step on the dynamic cache"
+            if args.latent_grad == "full" else None)
+    if args.compile_step and idle:
+        print(f"lcot: note: --compile_step has no effect here ({idle}); it compiles the latent chain without "
+              "gradients of --latent_grad truncated, adjoint or bptt:M", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
         raise LcotInputError("--gradient_checkpointing", "does not work with --latent_grad full",
                              "gradient checkpointing drops the KV cache the full-gradient latent chain uses; "

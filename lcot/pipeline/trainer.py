@@ -117,9 +117,9 @@ class TrainConfig:
                            "a one-off compile at the start")
     compile_step: bool = option(False, "torch.compile the one-token latent step (inside its CUDA graph; "
                                 "lcot.core.latent.compile_steps): 4.4 ms instead of 6.9 ms a step at 3B on an H100. "
-                                "Its fused kernels round differently from the eager step, within the eager path's own "
-                                "noise (benchmarks/RESULTS.md); one compile (about a minute at 3B) per batch size and "
-                                "cache length. Same as LCOT_COMPILE_STEP=1")
+                                "Its fused kernels round differently from the eager step by a few fp32 ulps a step "
+                                "(benchmarks/RESULTS.md); one compile (about a minute at 3B) per batch size, cache "
+                                "length and dtype. Same as LCOT_COMPILE_STEP=1")
     graph_pass: bool = option(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) "
                               "as CUDA graphs of its forward and backward, one per batch shape "
                               "(lcot.core.graph.GraphedPass): for small models, whose step is bound by launching "
