@@ -42,8 +42,9 @@ def compile_parallel_pass(model, enable: bool = True) -> None:
 
 def compile_steps(model, enable: bool = True) -> None:
     """torch.compile the language model for single-token steps on a static cache (the latent steps and
-    decoding of lcot.core.graph, inside its CUDA graph): fused kernels within each step. One compile per batch
-    size and cache bucket; LCOT_COMPILE_STEP=1 turns it on for every FastLatents."""
+    decoding of lcot.core.graph, inside its CUDA graph): fused kernels within each step, not bit-identical to the
+    eager step (a few fp32 ulps). One compile per batch size, cache bucket and dtype; --compile_step calls it,
+    LCOT_COMPILE_STEP=1 turns it on for every FastLatents."""
     if enable:
         _COMPILED_STEP[model] = torch.compile(model.model.language_model)
     else:
