@@ -25,6 +25,11 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
 - gen_latent_* / gen_decode_*: generation (lcot.pipeline.generate.generate_batch, question images only): mean time
   per latent step and per decoding step, eager and graphed; each latent row's baseline is the decoding row
   of the same path.
+- steps, stage3:steps, teacher_steps: the K graphed latent steps alone (after the prefix pass they need; in
+  training mode for the training rows, in eval mode for the teacher's), per step.
+- floor: one latent step at the weight-streaming floor (the bytes a step must read, weights and KV cache,
+  over the device's measured copy bandwidth), and each training and teacher row's ratio with its K steps at
+  that floor and everything else as measured: the lowest ratio a faster step alone could reach.
 - numerics: max |graphed - eager| of the teacher latents, first 8 steps in the run's dtype (bf16 drifts after
   ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end); beside
   it the eager path's own rounding noise: each record alone against the same record in the batch.
@@ -139,6 +144,41 @@ def make_records(folder: Path, n: int, image_side: int, tok, question_images: in
     return records
 
 
+# -- the floor of a latent step ---------------------------------------------------------------------------------
+def step_bytes(model, batch: int, slots: int) -> int:
+    """Bytes one single-token step must read: the language model's weights (not its embedding table: a step is
+    fed a hidden state) and the keys and values of `slots` cache slots for `batch` rows."""
+    lm = model.model.language_model
+    table = {id(p) for p in lm.embed_tokens.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in lm.parameters()}.values()
+                  if id(p) not in table)
+    cfg = model.config.text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * slots
+    return weights + kv * torch.finfo(model.dtype).bits // 8
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5) -> float:
+    """Bytes per second moved (read + write) by the fastest of `iters` device-to-device copies of `nbytes`."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def floor_bound(ratio: float, steps_s: float, k: int, floor_s: float, base_s: float) -> float:
+    """A row's ratio to its baseline had its K latent steps (measured: steps_s in all) taken floor_s each, all
+    else as measured."""
+    return ratio - (steps_s - k * max(floor_s, 0.0)) / base_s
+
+
 # -- timing ------------------------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -230,7 +270,8 @@ class Bench:
 
     # -- output ----------------------------------------------------------------------------------------------
     def add(self, name: str, what: str, *, time_s: float | None = None, baseline: str | None = None,
-            peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s") -> dict:
+            peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s",
+            paired: float | None = None) -> dict:
         from lcot.core import graph as fast
 
         if len(fast.CAPTURE_ERRORS) > self._captures_seen:  # a graph row that silently ran eager steps
@@ -244,7 +285,7 @@ class Bench:
         base_peak = next((r.get("peak_gib") for r in self.rows if r["name"] == baseline), None)
         row = {"name": name, "what": what, "time_s": time_s, "unit": unit, "baseline": baseline, "ratio": ratio,
                "peak_gib": peak, "peak_ratio": peak / base_peak if peak and base_peak else None, "value": value,
-               "note": note}
+               "paired": paired, "note": note}
         self.rows.append(row)
         print(format_row(row), file=sys.stderr, flush=True)
         self.write()
@@ -264,18 +305,19 @@ class Bench:
         if not self.wanted(name):
             return
         _fresh(self.model, self.device)
+        paired = None
         try:
             t, peak, _ = measure(fn, self.args.iters, self.args.warmup, self.device, metric)
             if self.args.paired and baseline in self._fns and metric is None:
-                ratio, ratios = paired_ratio(fn, self._fns[baseline], self.args.paired, self.device)
-                note = (note + "; " if note else "") + (f"paired ratio {ratio:.2f}x (median of {len(ratios)} "
+                paired, ratios = paired_ratio(fn, self._fns[baseline], self.args.paired, self.device)
+                note = (note + "; " if note else "") + (f"paired ratio {paired:.2f}x (median of {len(ratios)} "
                                                         f"alternating pairs, {min(ratios):.2f}-{max(ratios):.2f})")
         except Exception as err:  # noqa: BLE001 - one failing variant must not lose the others
             traceback.print_exc(file=sys.stderr)
             self.add(name, what, baseline=baseline, note=f"error: {type(err).__name__}: {str(err)[:200]}")
         else:
             self._fns[name] = fn
-            self.add(name, what, time_s=t, baseline=baseline, peak=peak, note=note, unit=unit)
+            self.add(name, what, time_s=t, baseline=baseline, peak=peak, note=note, unit=unit, paired=paired)
 
     # -- setup -----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -386,6 +428,23 @@ class Bench:
 
         return latent_hidden_states(self.model, b, fast=fast)[1]
 
+    @torch.no_grad()
+    def chain_steps(self, b: dict) -> float:
+        """Seconds of the K graphed latent steps alone, after the prefix pass they read (in the model's mode)."""
+        from lcot.core.graph import runner
+        from lcot.core.latent import embed_inputs, no_checkpointing
+
+        s, k, mask, pos = b["latent_start"], b["num_latents"], b["attention_mask_4d"], b["position_ids"]
+        with no_checkpointing(self.model):
+            embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+            steps = runner(self.model, embeds.shape[0], embeds.shape[1], "graph")
+            h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
+            _sync(self.device)
+            t0 = time.perf_counter()
+            steps.run(h[:, -1:], mask, pos, s, k)
+            _sync(self.device)
+        return time.perf_counter() - t0
+
     def generate(self, fast: str) -> dict:
         from lcot.pipeline.generate import generate_batch
 
@@ -409,6 +468,9 @@ class Bench:
             self.row(f"teacher{suffix}", f"teacher precompute (latent mode, no gradients), fast={fast}",
                      lambda fast=fast: self.teacher_latents(b, fast), "forward",
                      note=graph_note if fast == "graph" else "")
+        self.row("teacher_steps", "the K latent steps alone, as the teacher runs them (no gradients, eval mode)",
+                 lambda: self.chain_steps(b), metric=lambda out, _: out, note=graph_note)
+        self.floor_row(b)
         for fast, suffix in (("off", "eager"), ("graph", "graph")):
             self.generation_rows(fast, suffix, graph_note if fast == "graph" else "")
         self.numerics(b, a.dtype)
@@ -443,6 +505,34 @@ class Bench:
         for m in (1, 2):  # truncated backprop through m feedback links: m more parallel passes
             self.row(f"{p}latent_bptt{m}", f"latent step, --latent_grad bptt:{m}, static cache + CUDA graph",
                      lambda m=m: self.latent_train_step(b, f"bptt:{m}", "graph"), f"{p}sft", note=graph_note)
+        self.row(f"{p}steps", "the K latent steps alone, as training's chain runs them (no gradients, training mode)",
+                 lambda: self.chain_steps(b), metric=lambda out, _: out, note=graph_note)
+
+    def floor_row(self, b: dict) -> None:
+        """One step at the weight-streaming floor, and what each latent row would cost with its steps there."""
+        if not self.wanted("floor"):
+            return
+        from lcot.core.graph import bucket
+
+        _fresh(self.model, self.device)
+        cpu = self.device.type != "cuda"
+        bw = copy_bandwidth(self.device, 2**28 if cpu else 2**31)
+        k, rows = b["num_latents"], b["input_ids"].shape[0]
+        nbytes = step_bytes(self.model, rows, bucket(b["input_ids"].shape[1]))
+        floor = nbytes / bw
+        by = {r["name"]: r for r in self.rows}
+        notes = [f"{nbytes / 1e9:.3g} GB read per step (weights, KV cache) at {bw / 1e9:.0f} GB/s (a device copy)"]
+        for name, steps in (("latent_truncated_graph", "steps"), ("latent_adjoint", "steps"),
+                            ("stage3:latent_truncated_graph", "stage3:steps"), ("teacher_graph", "teacher_steps")):
+            r, st = by.get(name), by.get(steps)
+            base = by.get(r["baseline"]) if r else None
+            if not (r and st and base and r.get("ratio") and st.get("time_s") and base.get("time_s")):
+                continue
+            ratio = r["paired"] or r["ratio"]
+            bound = floor_bound(ratio, st["time_s"], k, floor, base["time_s"])
+            notes.append(f"{name} {ratio:.2f}x -> {bound:.2f}x ({st['time_s'] / k * 1e3:.2f} ms a step measured)")
+        self.add("floor", "one latent step at the weight-streaming floor; each latent row's ratio with its K steps "
+                 "there, all else as measured", time_s=floor, unit="s/step", value=bw, note="; ".join(notes))
 
     def generation_rows(self, fast: str, suffix: str, note: str) -> None:
         """Per-step means of decoding and latent steps, from the same generate_batch calls."""

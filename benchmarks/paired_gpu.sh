@@ -7,6 +7,10 @@
 #                                                     # step; each over 5 min); the 7B teacher
 #                                                     # (plain weights, as the precompute runs)
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh step # 3B: the compiled step with inductor's tuning options
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh floor3b        # 3B: each row beside the step's weight-streaming
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh floor7b        # floor (bench's `floor` row), eager and compiled;
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh floor7b_teacher  # the teacher at batch 2, 4 (the precompute's
+#                                                     # --bsz) and 8
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -40,5 +44,23 @@ case ${1:-3b} in
         $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}"
     one b3_step_autotune_gemm 300 LCOT_COMPILE_STEP=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 \
         $PY benchmarks/bench.py "${S[@]}" "${COMMON[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step" >&2; exit 2 ;;
+  floor3b)
+    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,latent_adjoint,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,floor)
+    T=(--shape 3b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
+    one b3_floor_eager 200 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
+    one b3_floor_compiled 260 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
+    for n in 4 8; do
+      one b3_floor_teacher_batch$n 70 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch $n
+    done ;;
+  floor7b)
+    F=("${B7[@]}" --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+    one b7_floor_eager 270 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}" --iters 2
+    one b7_floor_compiled 270 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}" --iters 2 ;;
+  floor7b_teacher)
+    T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
+    for n in 2 4 8; do
+      one b7_floor_teacher_batch$n 100 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch $n
+    done
+    one b7_floor_teacher_compiled_batch2 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher" >&2; exit 2 ;;
 esac

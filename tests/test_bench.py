@@ -19,9 +19,9 @@ SMALL = ["--shape", "tiny", "--batch", "2", "--latent_size", "3", "--iters", "1"
          "--decode_tokens", "2", "--question_images", "1", "--question_tokens", "8", "--answer_tokens", "4",
          "--dtype", "fp32", "--device", "cpu"]
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
-        "latent_adjoint", "latent_bptt1", "latent_bptt2",
+        "latent_adjoint", "latent_bptt1", "latent_bptt2", "steps",
         "forward",
-        "teacher", "teacher_static", "teacher_graph", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
+        "teacher", "teacher_static", "teacher_graph", "teacher_steps", "floor", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
         "gen_latent_graph", "numerics_fp32"]
 
 
@@ -46,6 +46,10 @@ def test_bench_tiny_has_every_row(tmp_path, one_thread, capsys):
                        ("gen_latent_graph", "gen_decode_graph")]:
         assert by_name[name]["baseline"] == base and math.isfinite(by_name[name]["ratio"]), name
     assert by_name["numerics_fp32"]["value"] < 1e-4  # graphed (here: static eager) == eager latents in fp32
+    floor, steps = by_name["floor"], by_name["steps"]["time_s"]
+    assert floor["unit"] == "s/step" and 0 < floor["time_s"] < steps / 3  # 3 steps: the floor is below each
+    for name in ("latent_truncated_graph", "latent_adjoint", "teacher_graph"):
+        assert f"{name} {by_name[name]['ratio']:.2f}x -> " in floor["note"], name
     table = capsys.readouterr().out
     assert all(f"| {name} |" in table for name in ROWS)
     assert out.read_text().count("\n| ") == len(ROWS) + 1  # header + one line per row
@@ -104,6 +108,22 @@ def test_shapes_match_published_sizes():
     for c in (c3, c7):
         head_dim = c.text_config.hidden_size // c.text_config.num_attention_heads
         assert sum(c.text_config.rope_parameters["mrope_section"]) * 2 == head_dim
+
+
+def test_floor_bound_swaps_the_measured_steps_for_steps_at_the_floor():
+    # a row at 1.8x a 0.5 s baseline whose 32 steps took 0.2 s: with 32 steps of 2 ms it would be 1.528x
+    assert bench.floor_bound(1.8, 0.2, 32, 0.002, 0.5) == pytest.approx(1.8 - (0.2 - 0.064) / 0.5)
+    assert bench.floor_bound(1.8, 0.2, 32, 0.2 / 32, 0.5) == pytest.approx(1.8)  # steps already at the floor
+
+
+def test_step_bytes_counts_the_weights_a_step_reads_and_the_cache(loaded):
+    model = loaded[0]
+    cfg = model.config.text_config
+    lm = model.model.language_model
+    weights = sum(p.numel() for n, p in lm.named_parameters() if not n.startswith("embed_tokens"))
+    kv = 2 * cfg.num_hidden_layers * 3 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 256
+    assert weights < sum(p.numel() for p in lm.parameters())  # the table is left out
+    assert bench.step_bytes(model, 3, 256) == (weights + kv) * model.dtype.itemsize
 
 
 def test_save_model_loads(tmp_path):

@@ -251,6 +251,39 @@ def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):
     torch.testing.assert_close(got[2], ref[2], **TOL)
 
 
+@pytest.mark.parametrize("env", [False, True])
+def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, records, graphed, monkeypatch, env):
+    """A compiled step that fails at the warm-up (a broken inductor): the capture retries with the eager step,
+    which the graph then replays; $LCOT_COMPILE_STEP does not compile that model again."""
+    from lcot.core.latent import _COMPILED_STEP
+
+    model, _ = loaded
+    b = collate(loaded, records[:2], k=3)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("inductor: compilation failed")
+
+    monkeypatch.setitem(_COMPILED_STEP, model, broken)
+    if env:
+        monkeypatch.setenv(fast.COMPILE_ENV, "1")
+    n = len(fast.CAPTURE_ERRORS)
+    fl = graphed(model, 256, 2)
+    try:
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
+            got = recurrence(fl, model, b)
+        with torch.no_grad():
+            ref = recurrence(EagerLatents(model), model, b)
+            again = recurrence(graphed(model, 512, 2), model, b)  # a new FastLatents: no compile under the env
+        assert calls == [1] and model not in _COMPILED_STEP and len(fast.CAPTURE_ERRORS) == n + 1
+        assert fl.graph and fl._graph is not None and fl._graph.replays == 3  # all K=3 steps replay it
+        for g in (got, again):
+            torch.testing.assert_close(g[2], ref[2], **TOL)
+    finally:
+        fast._COMPILE_FAILED.discard(model)
+
+
 def test_fast_path_refuses_gradients(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:1], k=2)

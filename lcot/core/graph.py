@@ -73,6 +73,7 @@ KEEP_PREFIXES = 4  # graphed prefix passes (one per prefix length) per FastLaten
 PREFIX_CAPTURE_AT = 2  # a prefix length is captured the 2nd time it comes (lengths seen once cost no capture)
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
 CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
+_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled step failed: $LCOT_COMPILE_STEP skips them
 
 
 # -- which path ----------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ class FastLatents:
         cuda = self.device.type == "cuda"
         self.graph = cuda if graph is None else bool(graph) and cuda
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=max_len)
-        if os.environ.get(COMPILE_ENV) == "1" and model not in _COMPILED_STEP:
+        if os.environ.get(COMPILE_ENV) == "1" and model not in _COMPILED_STEP and model not in _COMPILE_FAILED:
             compile_steps(model)
         self.x: torch.Tensor | None = None  # step input (B, 1, H), allocated at the first step
         self.row = torch.zeros(batch_size, 1, 1, max_len, dtype=torch.bool, device=self.device)
@@ -324,16 +325,24 @@ class FastLatents:
             self._col = None
             self._seek(col)
 
-        try:
-            self._graph, self._out = capture_graph(step, rewind, self.device)
-        except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
-            self.graph, self._graph, self._out = False, None, None
-            msg = f"{type(err).__name__}: {err}"
-            CAPTURE_ERRORS.append(msg)
-            warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache steps",
-                          RuntimeWarning, stacklevel=3)
-            rewind()
-            return
+        while True:
+            try:
+                self._graph, self._out = capture_graph(step, rewind, self.device)
+                break
+            except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
+                msg = f"{type(err).__name__}: {err}"
+                CAPTURE_ERRORS.append(msg)
+                rewind()
+                if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
+                    compile_steps(model, False)
+                    _COMPILE_FAILED.add(model)
+                    warnings.warn(f"lcot.core.graph: the compiled latent step failed ({msg}); capturing the eager "
+                                  "step instead", RuntimeWarning, stacklevel=3)
+                    continue
+                self.graph, self._graph, self._out = False, None, None
+                warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache "
+                              "steps", RuntimeWarning, stacklevel=3)
+                return
         self._keep_state()
         self.captures += 1
 
