@@ -21,7 +21,8 @@ SMALL = ["--shape", "tiny", "--batch", "2", "--latent_size", "3", "--iters", "1"
 ROWS = ["sft", "latent_full", "latent_truncated", "latent_truncated_static", "latent_truncated_graph",
         "latent_adjoint", "latent_bptt1", "latent_bptt2", "steps",
         "forward",
-        "teacher", "teacher_static", "teacher_graph", "teacher_steps", "floor", "gen_decode_eager", "gen_latent_eager", "gen_decode_graph",
+        "teacher", "teacher_static", "teacher_graph", "teacher_steps", "floor", "gen_decode_eager", "gen_latent_eager",
+        "gen_decode_graph",
         "gen_latent_graph", "numerics_fp32"]
 
 
