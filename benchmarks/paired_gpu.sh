@@ -11,6 +11,8 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh floor7b        # floor (bench's `floor` row), eager and compiled;
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh floor7b_teacher  # the teacher at batch 2, 4 (the precompute's
 #                                                     # --bsz) and 8
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh teacher_batches  # the teacher at batch 8 and 16, 3B and 7B,
+#                                                     # eager and compiled step
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -62,5 +64,13 @@ case ${1:-3b} in
       one b7_floor_teacher_batch$n 100 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch $n
     done
     one b7_floor_teacher_compiled_batch2 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher" >&2; exit 2 ;;
+  teacher_batches)
+    for shape in 3b 7b; do
+      T=(--shape $shape --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
+      one b${shape%b}_teacher_compiled_batch8 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 8
+      one b${shape%b}_teacher_batch16 80 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16
+      one b${shape%b}_teacher_compiled_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16
+    done ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches" >&2
+     exit 2 ;;
 esac
