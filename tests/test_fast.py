@@ -284,6 +284,32 @@ def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, r
         fast._COMPILE_FAILED.discard(model)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA graph capture needs a GPU")
+def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(tiny_dir, records, monkeypatch):
+    from lcot.core.latent import _COMPILED_STEP
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir)
+    model = model.cuda().eval()
+    b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    b = {key: v.cuda() if torch.is_tensor(v) and key != "image_grid_thw" else v for key, v in b.items()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: compilation failed")
+
+    monkeypatch.setitem(_COMPILED_STEP, model, broken)
+    fl = fast.FastLatents(model, 256, 2)
+    try:
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
+            got = recurrence(fl, model, b)
+        with torch.no_grad():
+            ref = recurrence(EagerLatents(model), model, b)
+        assert model not in _COMPILED_STEP and isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1
+        torch.testing.assert_close(got[2], ref[2], **TOL)
+    finally:
+        fast._COMPILE_FAILED.discard(model)
+
+
 def test_fast_path_refuses_gradients(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:1], k=2)
