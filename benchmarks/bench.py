@@ -158,8 +158,9 @@ def step_bytes(model, batch: int, slots: int) -> int:
     return weights + kv * torch.finfo(model.dtype).bits // 8
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5) -> float:
-    """Bytes per second moved (read + write) by the fastest of `iters` device-to-device copies of `nbytes`."""
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5, reps: int = 4) -> float:
+    """Bytes per second moved (read + write) by device-to-device copies of `nbytes`: the best of `iters`
+    timings of `reps` copies each (one copy alone is short enough that the host's timing would read it low)."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -167,16 +168,18 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5) ->
     for _ in range(iters):
         _sync(device)
         t0 = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(reps):
+            dst.copy_(src)
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.perf_counter() - t0) / reps)
     return nbytes / best
 
 
-def floor_bound(ratio: float, steps_s: float, k: int, floor_s: float, base_s: float) -> float:
-    """A row's ratio to its baseline had its K latent steps (measured: steps_s in all) taken floor_s each, all
-    else as measured."""
-    return ratio - (steps_s - k * max(floor_s, 0.0)) / base_s
+def floor_bound(ratio: float, row_s: float, steps_s: float, k: int, floor_s: float) -> float:
+    """A row's ratio to its baseline (row_s its time, steps_s the time of its K latent steps) had each step taken
+    floor_s, all else as measured. The share the steps would save is taken from the row's own time, so `ratio`
+    may be the paired ratio, measured apart from row_s."""
+    return ratio * (1 - (steps_s - k * max(floor_s, 0.0)) / row_s)
 
 
 # -- timing ------------------------------------------------------------------------------------------------------
@@ -264,7 +267,7 @@ class Bench:
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         self.rows: list[dict] = []
         self.env: dict = {}
-        self._captures_seen = 0
+        self._captures_seen = self._compiles_seen = 0
         self._fns: dict[str, Callable] = {}  # row name -> what it timed (the baselines of --paired)
         self.tmp = Path(tempfile.mkdtemp(prefix="lcot-bench-"))
 
@@ -277,6 +280,10 @@ class Bench:
         if len(fast.CAPTURE_ERRORS) > self._captures_seen:  # a graph row that silently ran eager steps
             note = (note + "; " if note else "") + f"GRAPH CAPTURE FAILED, eager steps: {fast.CAPTURE_ERRORS[-1][:160]}"
             self._captures_seen = len(fast.CAPTURE_ERRORS)
+        if len(fast.COMPILE_ERRORS) > self._compiles_seen:  # a compiled-step row that ran the eager step
+            note = (note + "; " if note else "") + ("COMPILED STEP FAILED, the eager step graphed: "
+                                                    f"{fast.COMPILE_ERRORS[-1][:160]}")
+            self._compiles_seen = len(fast.COMPILE_ERRORS)
         ratio = None
         if time_s is not None and baseline:
             base = next((r for r in self.rows if r["name"] == baseline), None)
@@ -470,7 +477,7 @@ class Bench:
                      note=graph_note if fast == "graph" else "")
         self.row("teacher_steps", "the K latent steps alone, as the teacher runs them (no gradients, eval mode)",
                  lambda: self.chain_steps(b), metric=lambda out, _: out, note=graph_note)
-        self.floor_row(b)
+        self.floor_row()
         for fast, suffix in (("off", "eager"), ("graph", "graph")):
             self.generation_rows(fast, suffix, graph_note if fast == "graph" else "")
         self.numerics(b, a.dtype)
@@ -508,28 +515,33 @@ class Bench:
         self.row(f"{p}steps", "the K latent steps alone, as training's chain runs them (no gradients, training mode)",
                  lambda: self.chain_steps(b), metric=lambda out, _: out, note=graph_note)
 
-    def floor_row(self, b: dict) -> None:
+    def floor_row(self) -> None:
         """One step at the weight-streaming floor, and what each latent row would cost with its steps there."""
         if not self.wanted("floor"):
             return
         from lcot.core.graph import bucket
 
         _fresh(self.model, self.device)
-        cpu = self.device.type != "cuda"
-        bw = copy_bandwidth(self.device, 2**28 if cpu else 2**31)
-        k, rows = b["num_latents"], b["input_ids"].shape[0]
-        nbytes = step_bytes(self.model, rows, bucket(b["input_ids"].shape[1]))
-        floor = nbytes / bw
+        bw = copy_bandwidth(self.device, 2**28 if self.device.type != "cuda" else 2**31)
+
+        def floor_of(b: dict) -> tuple[float, int]:
+            nbytes = step_bytes(self.model, b["input_ids"].shape[0], bucket(b["input_ids"].shape[1]))
+            return nbytes / bw, nbytes
+
+        floor, nbytes = floor_of(self.batches["stage2"])
+        cases = [("teacher_graph", "teacher_steps", self.batches["stage2"])]
+        for stage in self.args.stages:
+            p = "" if stage == self.args.stages[0] else f"{stage}:"
+            cases += [(f"{p}{row}", f"{p}steps", self.batches[stage]) for row in ("latent_truncated_graph",
+                                                                                 "latent_adjoint")]
         by = {r["name"]: r for r in self.rows}
-        notes = [f"{nbytes / 1e9:.3g} GB read per step (weights, KV cache) at {bw / 1e9:.0f} GB/s (a device copy)"]
-        for name, steps in (("latent_truncated_graph", "steps"), ("latent_adjoint", "steps"),
-                            ("stage3:latent_truncated_graph", "stage3:steps"), ("teacher_graph", "teacher_steps")):
+        notes = [f"{nbytes / 1e9:.3g} GB read per step (weights, KV cache) at {bw / 1e9:.0f} GB/s (device copies)"]
+        for name, steps, b in cases:
             r, st = by.get(name), by.get(steps)
-            base = by.get(r["baseline"]) if r else None
-            if not (r and st and base and r.get("ratio") and st.get("time_s") and base.get("time_s")):
+            if not (r and st and r.get("ratio") and r.get("time_s") and st.get("time_s")):
                 continue
-            ratio = r["paired"] or r["ratio"]
-            bound = floor_bound(ratio, st["time_s"], k, floor, base["time_s"])
+            ratio, k = r["paired"] or r["ratio"], b["num_latents"]
+            bound = floor_bound(ratio, r["time_s"], st["time_s"], k, floor_of(b)[0])
             notes.append(f"{name} {ratio:.2f}x -> {bound:.2f}x ({st['time_s'] / k * 1e3:.2f} ms a step measured)")
         self.add("floor", "one latent step at the weight-streaming floor; each latent row's ratio with its K steps "
                  "there, all else as measured", time_s=floor, unit="s/step", value=bw, note="; ".join(notes))

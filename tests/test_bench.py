@@ -113,8 +113,11 @@ def test_shapes_match_published_sizes():
 
 def test_floor_bound_swaps_the_measured_steps_for_steps_at_the_floor():
     # a row at 1.8x a 0.5 s baseline whose 32 steps took 0.2 s: with 32 steps of 2 ms it would be 1.528x
-    assert bench.floor_bound(1.8, 0.2, 32, 0.002, 0.5) == pytest.approx(1.8 - (0.2 - 0.064) / 0.5)
-    assert bench.floor_bound(1.8, 0.2, 32, 0.2 / 32, 0.5) == pytest.approx(1.8)  # steps already at the floor
+    # a row of 0.9 s at 1.8x whose 32 steps took 0.2 s: with 32 steps of 2 ms it would take 0.764 s, 1.528x
+    assert bench.floor_bound(1.8, 0.9, 0.2, 32, 0.002) == pytest.approx(1.8 * 0.764 / 0.9)
+    assert bench.floor_bound(1.8, 0.9, 0.2, 32, 0.2 / 32) == pytest.approx(1.8)  # steps already at the floor
+    # a paired ratio (1.6x) measured apart from the row's time: the steps' share of the row is what shrinks
+    assert bench.floor_bound(1.6, 0.9, 0.2, 32, 0.002) == pytest.approx(1.6 * 0.764 / 0.9)
 
 
 def test_step_bytes_counts_the_weights_a_step_reads_and_the_cache(loaded):
@@ -199,3 +202,20 @@ def test_a_given_commit_wins_over_git(monkeypatch):
     assert bench.source_commit() == "abc1234"
     monkeypatch.delenv("LCOT_COMMIT")
     assert bench.source_commit() != "abc1234"
+
+
+def test_floor_table_recomputes_the_committed_bounds(capsys):
+    """`python benchmarks/floor_table.py results/bench_h100_floor/*.json`, as the README shows: the bounds quoted in
+    README.md and RESULTS.md come from it."""
+    spec = importlib.util.spec_from_file_location("floor_table", Path(__file__).parents[1] / "benchmarks" /
+                                                  "floor_table.py")
+    floor_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor_table)
+    paths = sorted(str(p) for p in (Path(__file__).parents[1] / "results" / "bench_h100_floor").glob("*.json"))
+    floor_table.main(paths)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 24
+    row = ("| b7_floor_eager | NVIDIA H100 80GB HBM3, e899b5f, 2 | latent_truncated_graph | 1.93x | 1.41x "
+           "| 14.42 (4.61) |")
+    assert row in lines
+    assert any("b7_floor_teacher_batch2" in line and "| 3.81x | 2.36x |" in line for line in lines)

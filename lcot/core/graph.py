@@ -73,6 +73,7 @@ KEEP_PREFIXES = 4  # graphed prefix passes (one per prefix length) per FastLaten
 PREFIX_CAPTURE_AT = 2  # a prefix length is captured the 2nd time it comes (lengths seen once cost no capture)
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
 CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
+COMPILE_ERRORS: list[str] = []  # compiled steps that failed (each dropped for the eager step, with a warning)
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled step failed: $LCOT_COMPILE_STEP skips them
 
 
@@ -331,14 +332,15 @@ class FastLatents:
                 break
             except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
                 msg = f"{type(err).__name__}: {err}"
-                CAPTURE_ERRORS.append(msg)
                 rewind()
                 if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
                     compile_steps(model, False)
                     _COMPILE_FAILED.add(model)
-                    warnings.warn(f"lcot.core.graph: the compiled latent step failed ({msg}); capturing the eager "
-                                  "step instead", RuntimeWarning, stacklevel=3)
+                    COMPILE_ERRORS.append(msg)
+                    warnings.warn(f"lcot.core.graph: the compiled latent step failed to run or to be captured "
+                                  f"({msg}); capturing the eager step instead", RuntimeWarning, stacklevel=3)
                     continue
+                CAPTURE_ERRORS.append(msg)
                 self.graph, self._graph, self._out = False, None, None
                 warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache "
                               "steps", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,52 @@
+"""The floor bounds of bench.py tables already written, recomputed from their rows (`bench.floor_bound`).
+
+    python benchmarks/floor_table.py results/bench_h100_floor/*.json
+
+For each table with a `floor` row: every latent row next to its K-step row (`steps`, `stage3:steps`,
+`teacher_steps`), its ratio (the paired one where there is one) and that ratio with its steps at the floor. The
+floor is the table's own (the stage2 batch's; a stage3 batch's cache is a few slots smaller, which moves the
+floor by well under 1%).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+STEPS = {"latent_truncated_graph": "steps", "latent_adjoint": "steps",
+         "stage3:latent_truncated_graph": "stage3:steps", "teacher_graph": "teacher_steps"}
+
+
+def bounds(table: dict) -> list[tuple[str, float, float, float]]:
+    """(row, ratio, floor bound, ms a step measured) for each latent row of one table."""
+    by = {r["name"]: r for r in table["rows"]}
+    floor, k = by.get("floor"), table["env"]["num_latents"]
+    out = []
+    for name, steps in STEPS.items():
+        r, st = by.get(name), by.get(steps)
+        if floor and r and st and r.get("time_s") and r.get("ratio") and st.get("time_s"):
+            ratio = r.get("paired") or r["ratio"]
+            bound = bench.floor_bound(ratio, r["time_s"], st["time_s"], k, floor["time_s"])
+            out.append((name, ratio, bound, st["time_s"] / k * 1e3))
+    return out
+
+
+def main(paths: list[str]) -> None:
+    print("| table | device, commit, batch | row | ratio | with the steps at the floor | ms a step (floor) |")
+    print("|---|---|---|---|---|---|")
+    for path in paths:
+        table = json.loads(Path(path).read_text())
+        env, floor = table["env"], next((r for r in table["rows"] if r["name"] == "floor"), None)
+        for name, ratio, bound, step_ms in bounds(table):
+            print(f"| {Path(path).stem} | {env['device']}, {env['commit']}, {env['batch']} | {name} | {ratio:.2f}x "
+                  f"| {bound:.2f}x | {step_ms:.2f} ({floor['time_s'] * 1e3:.2f}) |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
