@@ -41,3 +41,20 @@ def loaded(tiny_dir):
 
     model, processor = load(tiny_dir)
     return model.eval(), processor
+
+
+@pytest.fixture
+def tiny_on(tiny_dir, records):
+    """make(k, device="cuda") -> (a fresh tiny model on `device`, eval mode; a stage2 batch of 2 records with K=k
+    latents there, image_grid_thw left on the CPU): the GPU tests' setup."""
+    def make(k: int, device: str = "cuda"):
+        from lcot.core.collate import Collator
+        from lcot.pipeline.load import load
+
+        model, processor = load(tiny_dir)
+        model = model.to(device).eval()
+        b = Collator(processor, model.config, k, thought_images=True)(records[:2])
+        return model, {key: v.to(device) if torch.is_tensor(v) and key != "image_grid_thw" else v
+                       for key, v in b.items()}
+
+    return make

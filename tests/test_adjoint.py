@@ -153,14 +153,10 @@ def test_adjoint_is_a_grad_mode():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the products need a GPU")
-def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_dir, records, monkeypatch):
+def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on, monkeypatch):
     from lcot.core import adjoint
-    from lcot.pipeline.load import load
 
-    model, processor = load(tiny_dir)
-    model = model.cuda().eval()
-    b = Collator(processor, model.config, 5, thought_images=True)(records[:2])
-    b = {key: v.cuda() if torch.is_tensor(v) and key != "image_grid_thw" else v for key, v in b.items()}
+    model, b = tiny_on(5)
     _, g_full = _grads(model, b, "full")
     before = adjoint.CAPTURED[5]
     _, g_graph = _grads(model, b, "adjoint", "graph")

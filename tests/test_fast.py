@@ -286,14 +286,10 @@ def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA graph capture needs a GPU")
-def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(tiny_dir, records, monkeypatch):
+def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(tiny_on, monkeypatch):
     from lcot.core.latent import _COMPILED_STEP
-    from lcot.pipeline.load import load
 
-    model, processor = load(tiny_dir)
-    model = model.cuda().eval()
-    b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
-    b = {key: v.cuda() if torch.is_tensor(v) and key != "image_grid_thw" else v for key, v in b.items()}
+    model, b = tiny_on(3)
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor: compilation failed")
