@@ -182,6 +182,19 @@ def floor_bound(ratio: float, row_s: float, steps_s: float, k: int, floor_s: flo
     return ratio * (1 - (steps_s - k * max(floor_s, 0.0)) / row_s)
 
 
+def floor_bounds(rows: list[dict], cases: list[tuple[str, str, int, float]]) -> list[tuple[str, float, float, float]]:
+    """(row, ratio, floor bound, seconds a step measured) for each case (row, its K-steps row, K, floor) whose rows
+    were measured; the ratio is the paired one where there is one."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    for name, steps, k, floor_s in cases:
+        r, st = by.get(name), by.get(steps)
+        if r and st and r.get("ratio") and r.get("time_s") and st.get("time_s"):
+            ratio = r.get("paired") or r["ratio"]
+            out.append((name, ratio, floor_bound(ratio, r["time_s"], st["time_s"], k, floor_s), st["time_s"] / k))
+    return out
+
+
 # -- timing ------------------------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -534,15 +547,10 @@ class Bench:
             p = "" if stage == self.args.stages[0] else f"{stage}:"
             cases += [(f"{p}{row}", f"{p}steps", self.batches[stage]) for row in ("latent_truncated_graph",
                                                                                  "latent_adjoint")]
-        by = {r["name"]: r for r in self.rows}
         notes = [f"{nbytes / 1e9:.3g} GB read per step (weights, KV cache) at {bw / 1e9:.0f} GB/s (device copies)"]
-        for name, steps, b in cases:
-            r, st = by.get(name), by.get(steps)
-            if not (r and st and r.get("ratio") and r.get("time_s") and st.get("time_s")):
-                continue
-            ratio, k = r["paired"] or r["ratio"], b["num_latents"]
-            bound = floor_bound(ratio, r["time_s"], st["time_s"], k, floor_of(b)[0])
-            notes.append(f"{name} {ratio:.2f}x -> {bound:.2f}x ({st['time_s'] / k * 1e3:.2f} ms a step measured)")
+        cases = [(name, steps, b["num_latents"], floor_of(b)[0]) for name, steps, b in cases]
+        for name, ratio, bound, step_s in floor_bounds(self.rows, cases):
+            notes.append(f"{name} {ratio:.2f}x -> {bound:.2f}x ({step_s * 1e3:.2f} ms a step measured)")
         self.add("floor", "one latent step at the weight-streaming floor; each latent row's ratio with its K steps "
                  "there, all else as measured", time_s=floor, unit="s/step", value=bw, note="; ".join(notes))
 

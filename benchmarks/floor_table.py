@@ -24,17 +24,12 @@ STEPS = {"latent_truncated_graph": "steps", "latent_adjoint": "steps",
 
 
 def bounds(table: dict) -> list[tuple[str, float, float, float]]:
-    """(row, ratio, floor bound, ms a step measured) for each latent row of one table."""
-    by = {r["name"]: r for r in table["rows"]}
-    floor, k = by.get("floor"), table["env"]["num_latents"]
-    out = []
-    for name, steps in STEPS.items():
-        r, st = by.get(name), by.get(steps)
-        if floor and r and st and r.get("time_s") and r.get("ratio") and st.get("time_s"):
-            ratio = r.get("paired") or r["ratio"]
-            bound = bench.floor_bound(ratio, r["time_s"], st["time_s"], k, floor["time_s"])
-            out.append((name, ratio, bound, st["time_s"] / k * 1e3))
-    return out
+    """(row, ratio, floor bound, seconds a step measured) for each latent row of one table."""
+    floor = next((r for r in table["rows"] if r["name"] == "floor"), None)
+    if floor is None:
+        return []
+    k = table["env"]["num_latents"]
+    return bench.floor_bounds(table["rows"], [(name, steps, k, floor["time_s"]) for name, steps in STEPS.items()])
 
 
 def main(paths: list[str]) -> None:
@@ -43,9 +38,9 @@ def main(paths: list[str]) -> None:
     for path in paths:
         table = json.loads(Path(path).read_text())
         env, floor = table["env"], next((r for r in table["rows"] if r["name"] == "floor"), None)
-        for name, ratio, bound, step_ms in bounds(table):
+        for name, ratio, bound, step_s in bounds(table):
             print(f"| {Path(path).stem} | {env['device']}, {env['commit']}, {env['batch']} | {name} | {ratio:.2f}x "
-                  f"| {bound:.2f}x | {step_ms:.2f} ({floor['time_s'] * 1e3:.2f}) |")
+                  f"| {bound:.2f}x | {step_s * 1e3:.2f} ({floor['time_s'] * 1e3:.2f}) |")
 
 
 if __name__ == "__main__":

@@ -326,25 +326,23 @@ class FastLatents:
             self._col = None
             self._seek(col)
 
-        while True:
-            try:
-                self._graph, self._out = capture_graph(step, rewind, self.device)
-                break
-            except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
-                msg = f"{type(err).__name__}: {err}"
-                rewind()
-                if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
-                    compile_steps(model, False)
-                    _COMPILE_FAILED.add(model)
-                    COMPILE_ERRORS.append(msg)
-                    warnings.warn(f"lcot.core.graph: the compiled latent step failed to run or to be captured "
-                                  f"({msg}); capturing the eager step instead", RuntimeWarning, stacklevel=3)
-                    continue
-                CAPTURE_ERRORS.append(msg)
-                self.graph, self._graph, self._out = False, None, None
-                warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache "
-                              "steps", RuntimeWarning, stacklevel=3)
-                return
+        try:
+            self._graph, self._out = capture_graph(step, rewind, self.device)
+        except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
+            msg = f"{type(err).__name__}: {err}"
+            rewind()
+            if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
+                compile_steps(model, False)
+                _COMPILE_FAILED.add(model)
+                COMPILE_ERRORS.append(msg)
+                warnings.warn(f"lcot.core.graph: the compiled latent step failed to run or to be captured ({msg}); "
+                              "capturing the eager step instead", RuntimeWarning, stacklevel=3)
+                return self._capture(col)  # once: the compiled step is gone now
+            CAPTURE_ERRORS.append(msg)
+            self.graph, self._graph, self._out = False, None, None
+            warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache steps",
+                          RuntimeWarning, stacklevel=3)
+            return
         self._keep_state()
         self.captures += 1
 
