@@ -54,6 +54,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -395,8 +396,8 @@ class Bench:
             "dtype": a.dtype, "batch": a.batch, "num_latents": a.num_latents, "stages": a.stages,
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
-            "freeze_vision": a.freeze_vision, "packed_vision": a.packed_vision, "optim": a.optim, "iters": a.iters,
-            "warmup": a.warmup,
+            "freeze_vision": a.freeze_vision, "packed_vision": a.packed_vision, "optim": a.optim,
+            "autocast": a.autocast, "iters": a.iters, "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
             "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "lcot_env": {k: v for k, v in sorted(os.environ.items())  # lcot's and inductor's options
@@ -415,24 +416,34 @@ class Bench:
             self.opt.step()
         self.model.zero_grad(set_to_none=True)
 
+    def amp(self):
+        """--autocast: the bf16 autocast the trainer runs a --bf16 model under (accelerate's mixed precision)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.args.autocast else nullcontext()
+
     def sft_step(self, b: dict) -> None:
+        with self.amp():
+            self._sft_loss(self.model, b).backward()
+        self._optim_step()
+
+    @staticmethod
+    def _sft_loss(m, b: dict) -> torch.Tensor:
         from lcot.core.loss import ce_loss
 
-        m = self.model
         out = m.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
                       pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"], use_cache=False)
-        ce_loss(m.lm_head, out.last_hidden_state, b["labels"]).backward()
-        self._optim_step()
+        return ce_loss(m.lm_head, out.last_hidden_state, b["labels"])
 
     def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
         from lcot.core.loss import align_loss
 
-        out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
-                         position_ids=b["position_ids"], pixel_values=b["pixel_values"],
-                         image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
-                         latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
-                         return_logits=False)
-        (out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]).backward()
+        with self.amp():
+            out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
+                             position_ids=b["position_ids"], pixel_values=b["pixel_values"],
+                             image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
+                             latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
+                             return_logits=False)
+            loss = out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]
+        loss.backward()
         self._optim_step()
 
     @torch.no_grad()
@@ -449,20 +460,24 @@ class Bench:
         return latent_hidden_states(self.model, b, fast=fast)[1]
 
     @torch.no_grad()
-    def chain_steps(self, b: dict) -> float:
-        """Seconds of the K graphed latent steps alone, after the prefix pass they read (in the model's mode)."""
+    def chain_steps(self, b: dict, fast: str = "graph", around=None) -> float:
+        """Seconds of the K graphed latent steps alone, after the prefix pass they read (in the model's mode; in
+        training mode under --autocast, with the chain's adapter casts, as lcot.core.model runs it)."""
+        from lcot.core.adapters import autocast_adapters
         from lcot.core.graph import runner
         from lcot.core.latent import embed_inputs, no_checkpointing
 
         s, k, mask, pos = b["latent_start"], b["num_latents"], b["attention_mask_4d"], b["position_ids"]
-        with no_checkpointing(self.model):
+        amp = self.amp() if self.model.training else nullcontext()
+        with amp, no_checkpointing(self.model), autocast_adapters(self.model):
             embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
-            steps = runner(self.model, embeds.shape[0], embeds.shape[1], "graph")
+            steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             _sync(self.device)
             t0 = time.perf_counter()
-            steps.run(h[:, -1:], mask, pos, s, k)
-            _sync(self.device)
+            with around or nullcontext():  # (a profiler, say: the steps alone)
+                steps.run(h[:, -1:], mask, pos, s, k)
+                _sync(self.device)
         return time.perf_counter() - t0
 
     def generate(self, fast: str) -> dict:
@@ -706,6 +721,9 @@ def parser() -> argparse.ArgumentParser:
                         "transformers' sdpa path (a loop over windows) in every row, as the tables before "
                         "2026-11-26's fifth session, whose shared vision cost flattered every ratio")
     p.add_argument("--optim", action="store_true", help="add an AdamW step to every training row")
+    p.add_argument("--autocast", action="store_true", help="the training rows (and the K steps in training mode) "
+                   "under bf16 autocast, as the trainer runs a --bf16 model; with --lora, peft's fp32 adapters are "
+                   "then cast to bf16 in every product, as in training")
     p.add_argument("--question_images", type=int, default=2)
     p.add_argument("--question_tokens", type=int, default=100)
     p.add_argument("--answer_tokens", type=int, default=32)
@@ -743,6 +761,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if not args.stages or any(s not in ("stage2", "stage3") for s in args.stages):
         raise SystemExit(f"lcot.bench: --stages takes stage2 and/or stage3, got {args.stages}")
+    if args.autocast and args.dtype != "bf16":
+        raise SystemExit("lcot.bench: --autocast mirrors the trainer's --bf16 (a bf16 model under bf16 autocast): "
+                         "pass --dtype bf16")
     if args.save_model:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         save_model(args.shape, args.save_model, dtype, torch.device(args.device), args.seed)

@@ -13,6 +13,8 @@
 #                                                     # --bsz) and 8
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh teacher_batches  # the teacher at batch 8 and 16, 3B and 7B,
 #                                                     # eager and compiled step
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh adapters7b  # 7B LoRA under bf16 autocast (as the trainer): the
+#                                                     # chain's adapter weights cast once or in every product
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -71,6 +73,15 @@ case ${1:-3b} in
       one b${shape%b}_teacher_batch16 80 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16
       one b${shape%b}_teacher_compiled_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16
     done ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches" >&2
+  adapters7b)  # 7B LoRA + checkpointing under the trainer's bf16 autocast: the chain's adapters cast once a chain
+    # (lcot.core.adapters, the default) against cast in every product (LCOT_CAST_ADAPTERS=0), eager and compiled step
+    A=("${B7[@]}" --autocast --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+    C=("${B7[@]}" --autocast --stages stage2 --rows sft,latent_truncated_graph,steps,floor)
+    one b7_autocast_eager 110 $PY benchmarks/bench.py "${A[@]}" "${COMMON[@]}" --iters 2
+    one b7_autocast_eager_percall 110 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${A[@]}" "${COMMON[@]}" --iters 2
+    one b7_autocast_compiled 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${C[@]}" "${COMMON[@]}" --iters 2
+    one b7_autocast_compiled_percall 170 LCOT_COMPILE_STEP=1 LCOT_CAST_ADAPTERS=0 \
+        $PY benchmarks/bench.py "${C[@]}" "${COMMON[@]}" --iters 2 ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b" >&2
      exit 2 ;;
 esac

@@ -18,6 +18,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
+from lcot.core.adapters import autocast_adapters
 from lcot.core.adjoint import adjoint_pass, prefix_cache
 from lcot.core.graph import runner
 from lcot.core.latent import (
@@ -95,7 +96,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
     if grad in ("truncated", "adjoint") or links is not None:
-        with torch.no_grad(), no_checkpointing(model):
+        with torch.no_grad(), no_checkpointing(model), autocast_adapters(model):
             steps = runner(model, rows, length, fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
