@@ -4,20 +4,21 @@
     PYTHONPATH=. python benchmarks/step_anatomy.py --shape 7b --lora --gradient_checkpointing --freeze_vision \\
         --out runs/anatomy/b7_lora.json
 
-The model, batch and K are bench.py's (random weights, stage2 batch). For each variant of the step it reports the
-K graphed steps' time per step (median of --probe_iters runs) and, from torch.profiler over one run of the K
-graphed steps (not the prefix pass before them), the kernels of one step by kind: count, time, and the GPU's idle time between them. Kinds: `gemm` (matrix
-products: the weights' and LoRA's), `attention`, `copy` (cache writes, repeat_kv's copies of keys and values,
-casts), `fused` (inductor's triton kernels), `other` (eager elementwise and reductions). Beside them: the step's
-floor (bench.py's bytes over the measured copy bandwidth) and the weight products' share of it.
+The model, batch and K are bench.py's (random weights, the stage2 batch). For each variant of the step it reports
+the K graphed steps' time per step (median of --probe_iters runs) and, from torch.profiler over one run of the K
+graphed steps (not the prefix pass before them), the kernels of one step by kind: count, time, and the GPU's idle
+time between them. Kinds, from the kernels' names: `attention` (inductor's fused kernels around sdpa, repeat_kv's
+copies of keys and values included, match it too), `gemm` (matrix products: the weights' and LoRA's), `copy`
+(cache writes, casts), `fused` (inductor's other triton kernels), `other` (eager elementwise and reductions).
+Beside them: the step's floor (bench.py's bytes over the measured copy bandwidth) and the weights' share of it.
 
 Variants: the eager and the compiled step (--compile), in training and eval mode; with --lora also the adapters
 disabled and merged into the weights (what fusing them could at best reach), and with --lora --autocast (bf16
 autocast in training mode, as the trainer runs) the adapters cast in every product instead of once a chain
-(LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --grouped an experimental
-attention for single-token steps that reads each key and value once per group of query heads (transformers'
-sdpa path copies them per head, repeat_kv, whenever a mask is given), with its largest difference from the
-default attention over the K latents.
+(LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --grouped an experimental attention for single-token steps that
+reads each key and value once per group of query heads (transformers' sdpa path copies them per head, repeat_kv,
+whenever a mask is given), with its largest difference from the default attention over all K latents (in bf16
+that difference grows with K whatever the change: compare it with bench.py's numerics rows).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_step import busy_time  # noqa: E402 - a sibling script
+
 KINDS = (("attention", r"flash|fmha|attention|attn"),
          ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel"),
-         ("copy", r"copy|memcpy|memset|index|scatter|catarray|fill|cast"),
+         ("copy", r"copy|memcpy|memset|index|scatter|catarray|fill|(?<!no)cast"),
          ("fused", r"^triton"))
 
 
@@ -44,17 +48,6 @@ def kind_of(name: str) -> str:
     """The kind of a kernel, from its name (first matching pattern of KINDS, else 'other')."""
     low = name.lower()
     return next((k for k, pat in KINDS if re.search(pat, low)), "other")
-
-
-def union_us(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of (start, duration) spans."""
-    total, end = 0.0, float("-inf")
-    for a, d in sorted(spans):
-        b = a + d
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
 
 
 def anatomy(kernels: list[tuple[str, float, float]], steps: int) -> dict:
@@ -65,10 +58,10 @@ def anatomy(kernels: list[tuple[str, float, float]], steps: int) -> dict:
         kind = out[kind_of(name)]
         kind["count"] += 1 / steps
         kind["us"] += dur / steps
-    spans = [(s, d) for _, s, d in kernels]
-    span = (max(s + d for s, d in spans) - min(s for s, _ in spans)) if spans else 0.0
+    spans = [(s, s + d) for _, s, d in kernels]
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
     return {"kinds": out, "kernels": len(kernels) / steps, "sum_us": sum(d for _, _, d in kernels) / steps,
-            "busy_us": union_us(spans) / steps, "span_us": span / steps}
+            "busy_us": busy_time(spans) / steps, "span_us": span / steps}
 
 
 def top_kernels(kernels: list[tuple[str, float, float]], steps: int, n: int = 12) -> list[tuple[str, float, float]]:
@@ -216,12 +209,12 @@ def variants(args) -> list[dict]:
         out.append(dict(name=f"{tag} train", compiled=compiled, train=True))
         out.append(dict(name=f"{tag} eval", compiled=compiled, train=False))
         if args.lora:
-            out.append(dict(name=f"{tag} train, adapters off", compiled=compiled, train=True, lora="off"))
-            out.append(dict(name=f"{tag} train, adapters merged", compiled=compiled, train=True, lora="merged"))
+            out.append(dict(name=f"{tag} train + adapters off", compiled=compiled, train=True, lora="off"))
+            out.append(dict(name=f"{tag} train + adapters merged", compiled=compiled, train=True, lora="merged"))
             if args.autocast:  # the adapters' weights cast in every product, as before lcot.core.adapters
-                out.append(dict(name=f"{tag} train, per-call casts", compiled=compiled, train=True, cast="0"))
+                out.append(dict(name=f"{tag} train + per-call casts", compiled=compiled, train=True, cast="0"))
         if args.grouped:
-            out.append(dict(name=f"{tag} eval, grouped attention", compiled=compiled, train=False, attn=GROUPED))
+            out.append(dict(name=f"{tag} eval + grouped attention", compiled=compiled, train=False, attn=GROUPED))
     pats = [v.strip() for v in args.variants.split(",") if v.strip()]
     return [v for v in out if not pats or any(fnmatch(v["name"], pat) for pat in pats)]
 
@@ -247,7 +240,6 @@ def markdown(env: dict, floor_ms: float, weights_ms: float, rows: list[dict]) ->
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
     import bench as B
 
     p = argparse.ArgumentParser(prog="python benchmarks/step_anatomy.py", description=__doc__,

@@ -74,6 +74,17 @@ def test_bench_lora_checkpointing_stage3(tmp_path, one_thread):
     assert env["lora"] and env["trainable"] < env["params"] and env["seq_len"]["stage3"] < env["seq_len"]["stage2"]
 
 
+def test_bench_autocast_lora_rows_run_and_need_bf16(tmp_path, one_thread):
+    """--autocast: the trainer's bf16 autocast over the training rows (peft's fp32 adapters cast per product)."""
+    out = tmp_path / "bench.json"
+    rows = bench.main([*SMALL, "--dtype", "bf16", "--lora", "--gradient_checkpointing", "--autocast",
+                       "--rows", "sft,latent_truncated_graph,steps", "--out", str(out)])
+    assert all(math.isfinite(r["time_s"]) for r in rows), [r["note"] for r in rows]
+    assert json.loads(out.read_text())["env"]["autocast"]
+    with pytest.raises(SystemExit, match="--dtype bf16"):  # an fp32 model under autocast is not the trainer's path
+        bench.main([*SMALL, "--autocast", "--rows", "sft"])
+
+
 @pytest.mark.parametrize("flag", ["--packed_vision", "--no-packed_vision"])
 def test_bench_vision_attention_is_the_same_in_every_row(tmp_path, one_thread, flag):
     """The plain SFT step and the latent rows alike use lcot's packed vision attention (the default, as lcot
