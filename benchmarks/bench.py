@@ -363,6 +363,9 @@ class Bench:
             from lcot.core.vision import use_packed_attention
 
             use_packed_attention(self.model)
+        from lcot.core.attention import use_step_attention
+
+        use_step_attention(self.model)  # as lcot.pipeline.load does (LCOT_STEP_ATTENTION=stock: transformers')
         if a.freeze_vision:
             self.model.model.visual.requires_grad_(False)
         if a.gradient_checkpointing:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lcot.core.attention import use_step_attention
 from lcot.core.model import LatentQwen2_5_VL
 from lcot.core.tokens import TokenIds, add_latent_tokens
 from lcot.core.vision import use_packed_attention
@@ -37,6 +38,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                              local_files_only=True)
     use_packed_attention(model)  # the vision tower's attention without a per-image loop (lcot.core.vision)
+    use_step_attention(model)  # single-token steps without repeat_kv's copies (lcot.core.attention)
     add_latent_tokens(processor.tokenizer, model)
     rows = model.get_input_embeddings().weight.shape[0]
     ids = TokenIds.from_tokenizer(processor.tokenizer)  # by string: any ids work if the model has their rows
