@@ -75,13 +75,15 @@ case ${1:-3b} in
     done ;;
   adapters7b)  # 7B LoRA + checkpointing under the trainer's bf16 autocast: the chain's adapters cast once a chain
     # (lcot.core.adapters, the default) against cast in every product (LCOT_CAST_ADAPTERS=0), eager and compiled step
-    A=("${B7[@]}" --autocast --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
-    C=("${B7[@]}" --autocast --stages stage2 --rows sft,latent_truncated_graph,steps,floor)
-    one b7_autocast_eager 110 $PY benchmarks/bench.py "${A[@]}" "${COMMON[@]}" --iters 2
-    one b7_autocast_eager_percall 110 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${A[@]}" "${COMMON[@]}" --iters 2
-    one b7_autocast_compiled 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${C[@]}" "${COMMON[@]}" --iters 2
-    one b7_autocast_compiled_percall 170 LCOT_COMPILE_STEP=1 LCOT_CAST_ADAPTERS=0 \
-        $PY benchmarks/bench.py "${C[@]}" "${COMMON[@]}" --iters 2 ;;
+    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
+       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS")
+    A=("${L[@]}" --stages stage2,stage3
+       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+    C=("${L[@]}" --stages stage2 --rows sft,latent_truncated_graph,steps,floor)
+    one b7_autocast_eager 110 $PY benchmarks/bench.py "${A[@]}"
+    one b7_autocast_eager_percall 110 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${A[@]}"
+    one b7_autocast_compiled 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${C[@]}"
+    one b7_autocast_compiled_percall 170 LCOT_COMPILE_STEP=1 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${C[@]}" ;;
   *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b" >&2
      exit 2 ;;
 esac

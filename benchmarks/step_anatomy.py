@@ -161,7 +161,8 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
     graph.clear(model)
     compile_steps(model, compiled)
     model.train(train)
-    os.environ[ENV] = cast
+    before = os.environ.get(ENV)
+    os.environ[ENV] = cast if cast != "1" else (before or "1")  # the user's LCOT_CAST_ADAPTERS=0 holds
     t0 = time.perf_counter()
     with adapters(model, lora), attention(model, attn):
         for _ in range(2):  # capture (and compile) first
@@ -184,7 +185,10 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
                 latents = latent_hidden_states(model, b, fast="graph")[1].float()
     compile_steps(model, False)
     graph.clear(model)
-    os.environ[ENV] = "1"
+    if before is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = before
     kern = _kernels(prof)
     row = {"variant": name, "compiled": compiled, "train": train, "lora": lora, "attention": attn or "default",
            "step_ms": statistics.median(times) / k * 1e3, "steps_ms": [t / k * 1e3 for t in times],

@@ -39,7 +39,7 @@ def test_grouped_step_equals_sdpa_with_repeated_heads():
     assert (swapped - ref).abs().max() > 1e-2  # each query head reads its own key-value head
 
 
-@pytest.mark.parametrize("case", ["several queries", "no mask", "no groups", "per-head mask"])
+@pytest.mark.parametrize("case", ["several queries", "no mask", "no groups", "per-head mask", "dropout"])
 def test_other_calls_go_to_transformers_sdpa(case, monkeypatch):
     heads, groups, q = (8, 8, 1) if case == "no groups" else (8, 2, 3 if case == "several queries" else 1)
     query, key, value, mask = _qkv(heads=heads, groups=groups, q=q)
@@ -49,7 +49,9 @@ def test_other_calls_go_to_transformers_sdpa(case, monkeypatch):
         mask = mask.expand(2, heads, 1, mask.shape[-1])
     seen = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: seen.append(case) or ("stock", None))
-    assert attention.step_sdpa(_module(heads, groups), query, key, value, mask)[0] == "stock" and seen == [case]
+    module = _module(heads, groups).train(case == "dropout")
+    dropout = 0.1 if case == "dropout" else 0.0
+    assert attention.step_sdpa(module, query, key, value, mask, dropout=dropout)[0] == "stock" and seen == [case]
 
 
 def test_loaded_models_use_it_and_the_latents_do_not_change(tiny_dir, records, monkeypatch):

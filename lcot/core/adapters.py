@@ -3,10 +3,10 @@
 peft keeps adapter weights in fp32 while the model is bf16 (`get_peft_model(..., autocast_adapter_dtype=True)`),
 and under the trainer's bf16 autocast each adapter product casts its weights again at every call: two more
 kernels per adapted projection at every latent step (196 projections at 7B), inside the K-step chain.
-`autocast_adapters(model)` casts them once per chain, into kept buffers (fixed addresses, so the chain's CUDA
-graphs stay valid), and lets the passes inside read those buffers. Autocast would have made the same values, so
-every product is unchanged; with LoRA dropout on, the dropout draws its masks on bf16 inputs instead of fp32
-ones, which is another draw of the same distribution. LCOT_CAST_ADAPTERS=0 turns it off.
+`autocast_adapters(model)` casts them once per chain, into kept frozen parameters (fixed addresses, so the chain's
+CUDA graphs stay valid), and lets the passes inside read those in place of the originals. Autocast would have
+made the same values, so every product is unchanged; with LoRA dropout on, the dropout draws its masks on bf16
+inputs instead of fp32 ones, which is another draw of the same distribution. LCOT_CAST_ADAPTERS=0 turns it off.
 """
 
 from __future__ import annotations
@@ -19,43 +19,49 @@ from contextlib import contextmanager
 import torch
 
 ENV = "LCOT_CAST_ADAPTERS"
-_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {weight name: its cast}, reused
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {parameter name: its cast}, reused
 
 
-def adapter_weights(model: torch.nn.Module, names: bool = False) -> list:
-    """The weights of peft's LoRA products (the layers in its `lora_A` and `lora_B` dicts); (name, weight) pairs
-    with names=True."""
-    pairs = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-    return pairs if names else [p for _, p in pairs]
+def adapter_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """peft's LoRA product layers (those in its `lora_A` and `lora_B` dicts), with their names."""
+    return [(n, m) for n, m in model.named_modules() if (".lora_A." in n or ".lora_B." in n) and m._parameters]
 
 
-def _buffer(model: torch.nn.Module, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    kept = _BUFFERS.setdefault(model, {})
-    buf = kept.get(name)
-    if buf is None or buf.shape != p.shape or buf.dtype != dtype or buf.device != p.device:
-        buf = kept[name] = torch.empty(p.shape, dtype=dtype, device=p.device)
-    return buf
+def adapter_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of peft's LoRA product layers."""
+    return [p for _, m in adapter_layers(model) for p in m._parameters.values() if p is not None]
+
+
+def _cast(model: torch.nn.Module, name: str, p: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:
+    """The kept cast of parameter `name` (a frozen parameter: the same object every chain, for graphs and dynamo)."""
+    kept = _CASTS.setdefault(model, {})
+    c = kept.get(name)
+    if c is None or c.shape != p.shape or c.dtype != dtype or c.device != p.device:
+        c = kept[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=p.device), requires_grad=False)
+    return c
 
 
 @contextmanager
 def autocast_adapters(model: torch.nn.Module) -> Iterator[int]:
-    """Within the block (no gradients, autocast on), fp32 LoRA weights hold their casts to the autocast dtype;
-    restored after. Yields how many weights were swapped (0: nothing applies, nothing done)."""
-    weights = [] if torch.is_grad_enabled() or os.environ.get(ENV, "1") == "0" else adapter_weights(model, True)
-    kind = weights[0][1].device.type if weights else "cpu"
-    named = [(n, p) for n, p in weights if p.dtype == torch.float32] if torch.is_autocast_enabled(kind) else []
-    if not named:
+    """Within the block (no gradients, autocast on), the LoRA layers' fp32 parameters are replaced by their casts
+    to the autocast dtype; the originals are put back after. Yields how many were replaced (0: nothing done).
+
+    The layers' parameter entries are swapped, not the parameters' data: the original parameters stay untouched,
+    so their gradient accumulators, and the hooks DDP keeps on them, survive."""
+    layers = [] if torch.is_grad_enabled() or os.environ.get(ENV, "1") == "0" else adapter_layers(model)
+    kind = next(iter(layers[0][1]._parameters.values())).device.type if layers else "cpu"
+    todo = [(m, key, f"{n}.{key}", p) for n, m in layers for key, p in m._parameters.items()
+            if p is not None and p.dtype == torch.float32] if torch.is_autocast_enabled(kind) else []
+    if not todo:
         yield 0
         return
     dtype = torch.get_autocast_dtype(kind)
-    todo = [p for _, p in named]
-    casts = [_buffer(model, n, p, dtype) for n, p in named]
-    torch._foreach_copy_(casts, [p.data for p in todo])
-    kept = [p.data for p in todo]
-    for p, c in zip(todo, casts, strict=True):
-        p.data = c
+    casts = [_cast(model, name, p, dtype) for _, _, name, p in todo]
+    torch._foreach_copy_(casts, [p for *_, p in todo])
     try:
+        for (m, key, _, _), c in zip(todo, casts, strict=True):
+            m._parameters[key] = c
         yield len(todo)
     finally:
-        for p, k in zip(todo, kept, strict=True):
-            p.data = k
+        for m, key, _, p in todo:
+            m._parameters[key] = p
