@@ -15,10 +15,10 @@ Beside them: the step's floor (bench.py's bytes over the measured copy bandwidth
 Variants: the eager and the compiled step (--compile), in training and eval mode; with --lora also the adapters
 disabled and merged into the weights (what fusing them could at best reach), and with --lora --autocast (bf16
 autocast in training mode, as the trainer runs) the adapters cast in every product instead of once a chain
-(LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --grouped an experimental attention for single-token steps that
-reads each key and value once per group of query heads (transformers' sdpa path copies them per head, repeat_kv,
-whenever a mask is given), with its largest difference from the default attention over all K latents (in bf16
-that difference grows with K whatever the change: compare it with bench.py's numerics rows).
+(LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --stock_attention also transformers' own sdpa path for the steps
+(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), with its largest difference
+from the default over all K latents (in bf16 that difference grows with K whatever the change: compare it with
+bench.py's numerics rows).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import busy_time  # noqa: E402 - a sibling script
@@ -75,40 +74,12 @@ def top_kernels(kernels: list[tuple[str, float, float]], steps: int, n: int = 12
     return rows[:n]
 
 
-# -- an experimental attention for single-token steps -------------------------------------------------------------
-GROUPED = "lcot_grouped_step_sdpa"
-
-
-def grouped_step_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """Single-token queries: the query heads of each key-value head as one group (a batched product per key-value
-    head, no per-head copies of the cache); scores and softmax in fp32. Other calls: transformers' sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    b, h, q, d = query.shape
-    hkv = key.shape[1]
-    if q != 1 or (dropout and module.training):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    scale = d ** -0.5 if scaling is None else scaling
-    qg = query.reshape(b, hkv, h // hkv, d).float()
-    scores = torch.matmul(qg, key.float().transpose(-1, -2)) * scale  # (b, hkv, g, S)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :key.shape[2]]  # (b or 1, 1, 1, S)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    probs = F.softmax(scores, dim=-1)
-    out = torch.matmul(probs, value.float()).to(query.dtype)  # (b, hkv, g, d)
-    return out.reshape(b, h, 1, d).transpose(1, 2), None
-
-
 @contextmanager
 def attention(model, name: str | None):
     """The language model's attention implementation set to `name` for the block (None: unchanged)."""
-    from transformers import AttentionInterface
-
     if name is None:
         yield
         return
-    AttentionInterface.register(GROUPED, grouped_step_attention)
     cfgs = {id(c): c for c in (model.config.text_config, model.model.language_model.config)}.values()
     old = [c._attn_implementation for c in cfgs]
     for c in cfgs:
@@ -204,7 +175,7 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
 
 
 def variants(args) -> list[dict]:
-    """The variants asked for (--compile, --lora, --grouped), filtered by --variants (fnmatch patterns)."""
+    """The variants asked for (--compile, --lora, --stock_attention), filtered by --variants (fnmatch patterns)."""
     from fnmatch import fnmatch
 
     out = []
@@ -217,8 +188,9 @@ def variants(args) -> list[dict]:
             out.append(dict(name=f"{tag} train + adapters merged", compiled=compiled, train=True, lora="merged"))
             if args.autocast:  # the adapters' weights cast in every product, as before lcot.core.adapters
                 out.append(dict(name=f"{tag} train + per-call casts", compiled=compiled, train=True, cast="0"))
-        if args.grouped:
-            out.append(dict(name=f"{tag} eval + grouped attention", compiled=compiled, train=False, attn=GROUPED))
+        if args.stock_attention:
+            out.append(dict(name=f"{tag} eval + transformers' attention", compiled=compiled, train=False,
+                            attn="sdpa"))
     pats = [v.strip() for v in args.variants.split(",") if v.strip()]
     return [v for v in out if not pats or any(fnmatch(v["name"], pat) for pat in pats)]
 
@@ -249,7 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python benchmarks/step_anatomy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
-    p.add_argument("--grouped", action="store_true", help="also the experimental grouped attention (eval mode)")
+    p.add_argument("--stock_attention", action="store_true",
+                   help="also transformers' sdpa path for the steps (eval mode; lcot.core.attention's is the default)")
     p.add_argument("--variants", default="", help="only these variants (comma-separated fnmatch patterns of their "
                    "names, e.g. 'eager*,compiled train')")
     p.add_argument("--probe_iters", type=int, default=5)

@@ -1,4 +1,4 @@
-"""benchmarks/step_anatomy.py: its kernel bookkeeping, its experimental attention, and a run on the tiny model."""
+"""benchmarks/step_anatomy.py: its kernel bookkeeping, its variants, and a run on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 _path = Path(__file__).parents[1] / "benchmarks" / "step_anatomy.py"
 _spec = importlib.util.spec_from_file_location("step_anatomy", _path)
@@ -41,43 +40,24 @@ def test_anatomy_counts_per_step_and_idle_time():
     assert top == [("nvjet_gemm", 1.0, 10.0)]
 
 
-def test_grouped_attention_equals_sdpa_with_a_mask():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    g = torch.Generator().manual_seed(0)
-    b, h, hkv, s, d = 2, 8, 2, 11, 16
-    q = torch.randn(b, h, 1, d, generator=g)
-    k, v = torch.randn(b, hkv, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
-    mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
-    mask[..., 0] = True
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = h // hkv, False
-    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
-    out, _ = anat.grouped_step_attention(module.train(False), q, k, v, mask, scaling=d ** -0.5)
-    assert out.shape == ref.shape == (b, 1, h, d)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    wrong, _ = anat.grouped_step_attention(module, q, k.roll(1, 1), v.roll(1, 1), mask, scaling=d ** -0.5)
-    assert not torch.allclose(wrong, ref, atol=1e-3)  # each query head reads its own group's key-value head
-
-
 def test_variants_filter():
     class A:
-        compile, lora, autocast, grouped, variants = "both", True, True, True, "eager*,compiled train?*merged"
+        compile, lora, autocast, stock_attention, variants = "both", True, True, True, "eager*,compiled train?*merged"
 
     names = [v["name"] for v in anat.variants(A)]
     assert names == ["eager train", "eager eval", "eager train + adapters off", "eager train + adapters merged",
-                     "eager train + per-call casts", "eager eval + grouped attention",
+                     "eager train + per-call casts", "eager eval + transformers' attention",
                      "compiled train + adapters merged"]
 
 
 def test_runs_on_the_tiny_model(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["step_anatomy.py"])
     out = tmp_path / "tiny.json"
-    rows = anat.main(["--shape", "tiny", "--latent_size", "2", "--compile", "off", "--grouped", "--lora",
+    rows = anat.main(["--shape", "tiny", "--latent_size", "2", "--compile", "off", "--stock_attention", "--lora",
                       "--probe_iters", "1", "--variants", "eager eval*,eager train + adapters off",
                       "--question_tokens", "8", "--answer_tokens", "4", "--out", str(out)])
     assert [r["variant"] for r in rows] == ["eager eval", "eager train + adapters off",
-                                            "eager eval + grouped attention"]
+                                            "eager eval + transformers' attention"]
     assert all(r["step_ms"] > 0 and r["profiled_kernels"] == 0 for r in rows)  # a CPU: no CUDA kernels
-    assert rows[-1]["diff"] < 1e-4  # fp32: the grouped attention gives the default's latents
+    assert rows[-1]["attention"] == "sdpa" and rows[-1]["diff"] < 1e-4  # fp32: transformers' path, the same latents
     assert "no CUDA kernels" in out.with_suffix(".md").read_text()
