@@ -176,6 +176,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5, re
     return nbytes / best
 
 
+def step_floor(model, batch: dict, bandwidth: float) -> tuple[float, int]:
+    """(seconds, bytes) of one latent step of `batch` (a collator batch) at the floor: the bytes it must read, over
+    the copy bandwidth; its KV cache has lcot.core.graph's bucketed number of slots."""
+    from lcot.core.graph import bucket
+
+    nbytes = step_bytes(model, batch["input_ids"].shape[0], bucket(batch["input_ids"].shape[1]))
+    return nbytes / bandwidth, nbytes
+
+
 def floor_bound(ratio: float, row_s: float, steps_s: float, k: int, floor_s: float) -> float:
     """A row's ratio to its baseline (row_s its time, steps_s the time of its K latent steps) had each step taken
     floor_s, all else as measured. The share the steps would save is taken from the row's own time, so `ratio`
@@ -424,17 +433,16 @@ class Bench:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.args.autocast else nullcontext()
 
     def sft_step(self, b: dict) -> None:
-        with self.amp():
-            self._sft_loss(self.model, b).backward()
-        self._optim_step()
-
-    @staticmethod
-    def _sft_loss(m, b: dict) -> torch.Tensor:
         from lcot.core.loss import ce_loss
 
-        out = m.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
-                      pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"], use_cache=False)
-        return ce_loss(m.lm_head, out.last_hidden_state, b["labels"])
+        m = self.model
+        with self.amp():
+            out = m.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          position_ids=b["position_ids"], pixel_values=b["pixel_values"],
+                          image_grid_thw=b["image_grid_thw"], use_cache=False)
+            loss = ce_loss(m.lm_head, out.last_hidden_state, b["labels"])
+        loss.backward()
+        self._optim_step()
 
     def latent_train_step(self, b: dict, grad: str, fast: str) -> None:
         from lcot.core.loss import align_loss
@@ -466,13 +474,13 @@ class Bench:
     def chain_steps(self, b: dict, fast: str = "graph", around=None) -> float:
         """Seconds of the K graphed latent steps alone, after the prefix pass they read (in the model's mode; in
         training mode under --autocast, with the chain's adapter casts, as lcot.core.model runs it)."""
-        from lcot.core.adapters import autocast_adapters
         from lcot.core.graph import runner
-        from lcot.core.latent import embed_inputs, no_checkpointing
+        from lcot.core.latent import embed_inputs
+        from lcot.core.model import chain_mode
 
         s, k, mask, pos = b["latent_start"], b["num_latents"], b["attention_mask_4d"], b["position_ids"]
         amp = self.amp() if self.model.training else nullcontext()
-        with amp, no_checkpointing(self.model), autocast_adapters(self.model):
+        with amp, chain_mode(self.model):
             embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
             steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
@@ -550,23 +558,16 @@ class Bench:
         """One step at the weight-streaming floor, and what each latent row would cost with its steps there."""
         if not self.wanted("floor"):
             return
-        from lcot.core.graph import bucket
-
         _fresh(self.model, self.device)
         bw = copy_bandwidth(self.device, 2**28 if self.device.type != "cuda" else 2**31)
-
-        def floor_of(b: dict) -> tuple[float, int]:
-            nbytes = step_bytes(self.model, b["input_ids"].shape[0], bucket(b["input_ids"].shape[1]))
-            return nbytes / bw, nbytes
-
-        floor, nbytes = floor_of(self.batches["stage2"])
+        floor, nbytes = step_floor(self.model, self.batches["stage2"], bw)
         cases = [("teacher_graph", "teacher_steps", self.batches["stage2"])]
         for stage in self.args.stages:
             p = "" if stage == self.args.stages[0] else f"{stage}:"
             cases += [(f"{p}{row}", f"{p}steps", self.batches[stage]) for row in ("latent_truncated_graph",
                                                                                  "latent_adjoint")]
         notes = [f"{nbytes / 1e9:.3g} GB read per step (weights, KV cache) at {bw / 1e9:.0f} GB/s (device copies)"]
-        cases = [(name, steps, b["num_latents"], floor_of(b)[0]) for name, steps, b in cases]
+        cases = [(name, steps, b["num_latents"], step_floor(self.model, b, bw)[0]) for name, steps, b in cases]
         for name, ratio, bound, step_s in floor_bounds(self.rows, cases):
             notes.append(f"{name} {ratio:.2f}x -> {bound:.2f}x ({step_s * 1e3:.2f} ms a step measured)")
         self.add("floor", "one latent step at the weight-streaming floor; each latent row's ratio with its K steps "

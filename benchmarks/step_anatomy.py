@@ -77,18 +77,33 @@ def top_kernels(kernels: list[tuple[str, float, float]], steps: int, n: int = 12
 @contextmanager
 def attention(model, name: str | None):
     """The language model's attention implementation set to `name` for the block (None: unchanged)."""
+    from lcot.core.attention import set_text_attention
+
     if name is None:
         yield
         return
-    cfgs = {id(c): c for c in (model.config.text_config, model.model.language_model.config)}.values()
-    old = [c._attn_implementation for c in cfgs]
-    for c in cfgs:
-        c._attn_implementation = name
+    old = set_text_attention(model, name)
     try:
         yield
     finally:
-        for c, o in zip(cfgs, old, strict=True):
-            c._attn_implementation = o
+        set_text_attention(model, old)
+
+
+@contextmanager
+def env(name: str, value: str | None):
+    """Environment variable `name` set to `value` for the block (None: as it is)."""
+    import os
+
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 @contextmanager
@@ -120,9 +135,9 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
 
 
 def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | None = None,
-                  attn: str | None = None, cast: str = "1", iters: int = 5) -> dict:
-    import os
-
+                  attn: str | None = None, cast: str | None = None, iters: int = 5) -> dict:
+    """One variant: its steps' times, its profiled kernels and (in eval mode) its latents. cast="0": the adapters
+    cast in every product (LCOT_CAST_ADAPTERS=0); None leaves the environment's choice."""
     from lcot.core import graph
     from lcot.core.adapters import ENV
     from lcot.core.latent import compile_steps
@@ -132,10 +147,8 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
     graph.clear(model)
     compile_steps(model, compiled)
     model.train(train)
-    before = os.environ.get(ENV)
-    os.environ[ENV] = cast if cast != "1" else (before or "1")  # the user's LCOT_CAST_ADAPTERS=0 holds
     t0 = time.perf_counter()
-    with adapters(model, lora), attention(model, attn):
+    with adapters(model, lora), attention(model, attn), env(ENV, cast):
         for _ in range(2):  # capture (and compile) first
             bench.chain_steps(b)
         warm_s = time.perf_counter() - t0
@@ -156,10 +169,6 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
                 latents = latent_hidden_states(model, b, fast="graph")[1].float()
     compile_steps(model, False)
     graph.clear(model)
-    if before is None:
-        os.environ.pop(ENV, None)
-    else:
-        os.environ[ENV] = before
     kern = _kernels(prof)
     row = {"variant": name, "compiled": compiled, "train": train, "lora": lora, "attention": attn or "default",
            "step_ms": statistics.median(times) / k * 1e3, "steps_ms": [t / k * 1e3 for t in times],
@@ -236,14 +245,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     own.lora, own.autocast = args.lora, args.autocast
     bench = B.Bench(args)
     bench.setup()
-    b = bench.batches["stage2"]
-    from lcot.core.graph import bucket
-
-    slots = bucket(int(b["input_ids"].shape[1]))
     bw = B.copy_bandwidth(bench.device) if bench.device.type == "cuda" else float("nan")
-    total = B.step_bytes(bench.model, args.batch, slots)
-    kv = B.step_bytes(bench.model, args.batch, 0)
-    floor_ms, weights_ms = total / bw * 1e3, kv / bw * 1e3
+    floor_s, total = B.step_floor(bench.model, bench.batches["stage2"], bw)
+    kv = B.step_bytes(bench.model, args.batch, 0)  # the weights alone
+    floor_ms, weights_ms = floor_s * 1e3, kv / bw * 1e3
     rows, ref = [], {}
     for v in variants(own):
         name = v.pop("name")
@@ -255,8 +260,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ref[key] = lat
         rows.append(row)
         print(json.dumps({k: r for k, r in row.items() if k != "top"}), file=sys.stderr, flush=True)
-    env = {**bench.env, "bandwidth_Bps": bw, "step_bytes": total, "weight_bytes": kv, "slots": slots}
-    table = markdown(env, floor_ms, weights_ms, rows)
+    meta = {**bench.env, "bandwidth_Bps": bw, "step_bytes": total, "weight_bytes": kv}
+    table = markdown(meta, floor_ms, weights_ms, rows)
     print(table)
     for r in rows:
         for name, c, us in r.get("top", [])[:6]:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if own.out:
         out = Path(own.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"env": env, "floor_ms": floor_ms, "rows": rows}, indent=1))
+        out.with_suffix(".json").write_text(json.dumps({"env": meta, "floor_ms": floor_ms, "rows": rows}, indent=1))
         out.with_suffix(".md").write_text(table + "\n")
     return rows
 

@@ -54,11 +54,19 @@ def enabled() -> bool:
     return mode == "steps"
 
 
+def set_text_attention(model, name: str) -> str:
+    """Set the attention implementation of `model`'s language model (both configs that name it); returns the
+    previous one."""
+    text = model.config.text_config
+    old = text._attn_implementation
+    for cfg in {id(c): c for c in (text, model.model.language_model.config)}.values():
+        cfg._attn_implementation = name
+    return old
+
+
 def use_step_attention(model) -> bool:
     """Select step_sdpa for the language model of `model` where it uses sdpa (not eager, not flash); True if so."""
-    text = model.config.text_config
-    if not enabled() or text._attn_implementation != "sdpa":
+    if not enabled() or model.config.text_config._attn_implementation != "sdpa":
         return False
-    for cfg in {id(c): c for c in (text, model.model.language_model.config)}.values():
-        cfg._attn_implementation = STEPS
+    set_text_attention(model, STEPS)
     return True

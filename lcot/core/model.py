@@ -8,7 +8,8 @@ then the rest of the sequence in one pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,6 +59,14 @@ def bptt_links(grad: GradMode) -> int | None:
     return int(m)
 
 
+@contextmanager
+def chain_mode(model) -> Iterator[None]:
+    """What a recurrence without gradients runs under: no gradients, no checkpointing (it would drop the KV cache)
+    and LoRA's adapters cast once for the whole chain under autocast (lcot.core.adapters)."""
+    with torch.no_grad(), no_checkpointing(model), autocast_adapters(model):
+        yield
+
+
 def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: str | bool | None = None,
                          feed: FeedMode = "continuous") -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward of a collator batch (lcot.core.collate; on the model's device, except that
@@ -96,7 +105,7 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
     if grad in ("truncated", "adjoint") or links is not None:
-        with torch.no_grad(), no_checkpointing(model), autocast_adapters(model):
+        with chain_mode(model):
             steps = runner(model, rows, length, fast)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
