@@ -16,9 +16,10 @@ Variants: the eager and the compiled step (--compile), in training and eval mode
 disabled and merged into the weights (what fusing them could at best reach), and with --lora --autocast (bf16
 autocast in training mode, as the trainer runs) the adapters cast in every product instead of once a chain
 (LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --stock_attention also transformers' own sdpa path for the steps
-(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), with its largest difference
-from the default over all K latents (in bf16 that difference grows with K whatever the change: compare it with
-bench.py's numerics rows).
+(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), and with --cublas cuBLAS's
+products (LCOT_SKINNY=0) instead of lcot.core.skinny's kernels; these two with their largest difference from the
+default over all K latents (in bf16 that difference grows with K whatever the change: compare it with bench.py's
+numerics rows).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import busy_time  # noqa: E402 - a sibling script
 
 KINDS = (("attention", r"flash|fmha|attention|attn"),
-         ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel"),
+         ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel|skinny"),
          ("copy", r"copy|memcpy|memset|index|scatter|catarray|fill|(?<!no)cast"),
          ("fused", r"^triton"))
 
@@ -135,10 +136,12 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
 
 
 def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | None = None,
-                  attn: str | None = None, cast: str | None = None, iters: int = 5) -> dict:
+                  attn: str | None = None, cast: str | None = None, kernels: str | None = None,
+                  iters: int = 5) -> dict:
     """One variant: its steps' times, its profiled kernels and (in eval mode) its latents. cast="0": the adapters
-    cast in every product (LCOT_CAST_ADAPTERS=0); None leaves the environment's choice."""
-    from lcot.core import graph
+    cast in every product (LCOT_CAST_ADAPTERS=0); kernels="0": cuBLAS's products instead of lcot.core.skinny's
+    (LCOT_SKINNY=0); None leaves the environment's choice."""
+    from lcot.core import graph, skinny
     from lcot.core.adapters import ENV
     from lcot.core.latent import compile_steps
     from lcot.core.model import latent_hidden_states
@@ -148,7 +151,7 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
     compile_steps(model, compiled)
     model.train(train)
     t0 = time.perf_counter()
-    with adapters(model, lora), attention(model, attn), env(ENV, cast):
+    with adapters(model, lora), attention(model, attn), env(ENV, cast), env(skinny.ENV, kernels):
         for _ in range(2):  # capture (and compile) first
             bench.chain_steps(b)
         warm_s = time.perf_counter() - t0
@@ -171,6 +174,7 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
     graph.clear(model)
     kern = _kernels(prof)
     row = {"variant": name, "compiled": compiled, "train": train, "lora": lora, "attention": attn or "default",
+           "products": "cuBLAS" if kernels == "0" or not skinny.enabled(model) else "lcot.core.skinny",
            "step_ms": statistics.median(times) / k * 1e3, "steps_ms": [t / k * 1e3 for t in times],
            "warm_s": round(warm_s, 1), "profiled_kernels": len(kern),
            "profiled": profiled}
@@ -184,7 +188,8 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
 
 
 def variants(args) -> list[dict]:
-    """The variants asked for (--compile, --lora, --stock_attention), filtered by --variants (fnmatch patterns)."""
+    """The variants asked for (--compile, --lora, --stock_attention, --cublas), filtered by --variants (fnmatch
+    patterns)."""
     from fnmatch import fnmatch
 
     out = []
@@ -200,6 +205,9 @@ def variants(args) -> list[dict]:
         if args.stock_attention:
             out.append(dict(name=f"{tag} eval + transformers' attention", compiled=compiled, train=False,
                             attn="sdpa"))
+        if args.cublas:
+            out.append(dict(name=f"{tag} train + cuBLAS", compiled=compiled, train=True, kernels="0"))
+            out.append(dict(name=f"{tag} eval + cuBLAS", compiled=compiled, train=False, kernels="0"))
     pats = [v.strip() for v in args.variants.split(",") if v.strip()]
     return [v for v in out if not pats or any(fnmatch(v["name"], pat) for pat in pats)]
 
@@ -232,6 +240,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--stock_attention", action="store_true",
                    help="also transformers' sdpa path for the steps (eval mode; lcot.core.attention's is the default)")
+    p.add_argument("--cublas", action="store_true",
+                   help="also cuBLAS's products for the steps (LCOT_SKINNY=0; lcot.core.skinny's kernels are the "
+                   "default)")
     p.add_argument("--variants", default="", help="only these variants (comma-separated fnmatch patterns of their "
                    "names, e.g. 'eager*,compiled train')")
     p.add_argument("--probe_iters", type=int, default=5)
@@ -254,9 +265,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = v.pop("name")
         row, lat = probe_variant(bench, name, iters=own.probe_iters, **v)
         key = (v["compiled"], v["train"])
-        if v.get("attn") and (v["compiled"], False) in ref:
+        if (v.get("attn") or v.get("kernels")) and lat is not None and (v["compiled"], False) in ref:
             row["diff"] = float((lat - ref[(v["compiled"], False)]).abs().max())
-        elif not v.get("lora") and not v.get("attn") and lat is not None:
+        elif not v.get("lora") and not v.get("attn") and not v.get("kernels") and lat is not None:
             ref[key] = lat
         rows.append(row)
         print(json.dumps({k: r for k, r in row.items() if k != "top"}), file=sys.stderr, flush=True)

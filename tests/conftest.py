@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton's CPU interpreter for lcot.core.skinny's kernel (read at triton's import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin-waits)
 
 

@@ -42,12 +42,14 @@ def test_anatomy_counts_per_step_and_idle_time():
 
 def test_variants_filter():
     class A:
-        compile, lora, autocast, stock_attention, variants = "both", True, True, True, "eager*,compiled train?*merged"
+        compile, lora, autocast, stock_attention, cublas = "both", True, True, True, True
+        variants = "eager*,compiled train?*merged,compiled eval + cu*"
 
     names = [v["name"] for v in anat.variants(A)]
     assert names == ["eager train", "eager eval", "eager train + adapters off", "eager train + adapters merged",
-                     "eager train + per-call casts", "eager eval + transformers' attention",
-                     "compiled train + adapters merged"]
+                     "eager train + per-call casts", "eager eval + transformers' attention", "eager train + cuBLAS",
+                     "eager eval + cuBLAS", "compiled train + adapters merged", "compiled eval + cuBLAS"]
+    assert anat.kind_of("skinny_kernel") == "gemm"
 
 
 def test_runs_on_the_tiny_model(tmp_path, monkeypatch):

@@ -51,6 +51,7 @@ from typing import Literal
 import torch
 from transformers import StaticCache
 
+from lcot.core import skinny
 from lcot.core.latent import (
     _COMPILED_STEP,
     _GRAPHED_PASS,
@@ -319,8 +320,11 @@ class FastLatents:
     def _capture(self, col: int) -> None:
         model = self.model
 
+        kernels = skinny.enabled(model)
+
         def step() -> torch.Tensor:
-            return latent_step(model, self.x, self.cache, self.row, self.pos, 0)
+            with skinny.products(model):  # the layers' kernels for few rows (lcot.core.skinny), in the graph only
+                return latent_step(model, self.x, self.cache, self.row, self.pos, 0)
 
         def rewind() -> None:
             self._col = None
@@ -331,6 +335,12 @@ class FastLatents:
         except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
             msg = f"{type(err).__name__}: {err}"
             rewind()
+            if kernels:  # the step with lcot's Triton kernels failed to run or to be captured: cuBLAS's, once
+                skinny.FAILED.add(model)
+                skinny.ERRORS.append(msg)
+                warnings.warn(f"lcot.core.graph: the latent step with lcot.core.skinny's kernels failed ({msg}); "
+                              "capturing it with cuBLAS's products instead", RuntimeWarning, stacklevel=3)
+                return self._capture(col)
             if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
                 compile_steps(model, False)
                 _COMPILE_FAILED.add(model)

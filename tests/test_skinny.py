@@ -1,0 +1,242 @@
+"""lcot.core.skinny: the step's linear layers as one Triton kernel each, run here by Triton's CPU interpreter in
+fp32 against torch's and peft's layers; the layer swap, its fallbacks, and its place in the graphed step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+peft = pytest.importorskip("peft")
+
+from lcot.core import graph as fast  # noqa: E402
+from lcot.core import skinny  # noqa: E402
+from lcot.core.collate import Collator  # noqa: E402
+from lcot.core.model import latent_hidden_states  # noqa: E402
+
+TOL = {"atol": 2e-5, "rtol": 1e-5}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU model through Triton's interpreter; on a "
+                              "GPU test_graphed_cuda_steps covers it")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """The kernel on the CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton's import)."""
+    if not torch.cuda.is_available():
+        assert skinny.interpreting()
+    monkeypatch.setenv(skinny.ENV, "cpu")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the kernel's launches."""
+    from lcot.core import skinny_kernel
+
+    count = {"n": 0}
+    real = skinny_kernel.launch
+
+    def launch(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(skinny_kernel, "launch", launch)
+    return count
+
+
+@pytest.mark.parametrize("rows,n,k,r,bias", [(1, 40, 96, 0, False), (2, 33, 300, 8, True), (5, 64, 512, 16, False),
+                                             (16, 100, 250, 24, True)])
+def test_kernel_equals_torch_in_fp32(rows, n, k, r, bias, calls):
+    g = torch.Generator().manual_seed(rows + n)
+    x, w = torch.randn(rows, k, generator=g).to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE)
+    b = torch.randn(n, generator=g).to(DEVICE) if bias else None
+    t, u = (torch.randn(rows, r, generator=g).to(DEVICE), torch.randn(n, r, generator=g).to(DEVICE)) if r else \
+        (None, None)
+    with torch.no_grad():
+        got = skinny.skinny_linear(x, w, b, t, u, scale=0.5)
+    want = F.linear(x, w, b) + (0.5 * t @ u.T if r else 0)
+    assert calls["n"] == 1
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_kernel_keeps_leading_dims_and_refuses_many_rows():
+    x, w = torch.randn(2, 1, 64, device=DEVICE), torch.randn(48, 64, device=DEVICE)
+    torch.testing.assert_close(skinny.skinny_linear(x, w), F.linear(x, w), **TOL)
+    assert skinny.skinny_linear(x, w).shape == (2, 1, 48)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny.skinny_linear(torch.randn(17, 64, device=DEVICE), w)
+
+
+@cpu_only
+def test_applies_only_without_gradients_to_few_rows_of_one_dtype(monkeypatch):
+    w = torch.randn(8, 32)
+    with torch.no_grad():
+        assert skinny.applies(torch.randn(2, 1, 32), w)
+        assert not skinny.applies(torch.randn(17, 32), w)
+        assert not skinny.applies(torch.randn(2, 32, dtype=torch.bfloat16), w)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would cast: leave it the call
+            assert not skinny.applies(torch.randn(2, 32), w)
+    assert not skinny.applies(torch.randn(2, 32), w)  # gradients on
+    monkeypatch.setenv(skinny.ENV, "1")
+    with torch.no_grad():
+        assert not skinny.applies(torch.randn(2, 32), w)  # the default leaves the CPU alone
+
+
+@pytest.fixture(scope="module")
+def lora32(tiny_dir, records):
+    """An fp32 tiny model with LoRA on some projections (non-zero B, no dropout), and a stage2 batch."""
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir, dtype=torch.float32)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                          target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)")
+    model = peft.get_peft_model(model, cfg).get_base_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    return model, batch
+
+
+def _step_layers(model):
+    lm = model.model.language_model
+    lora = [m for m in lm.modules() if hasattr(m, "lora_A")]
+    plain = [m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear) and ".lora_" not in n
+             and not n.endswith("base_layer")]
+    return lora, plain
+
+
+@cpu_only
+def test_products_swap_every_projection_and_put_them_back(lora32, calls):
+    model, _ = lora32
+    lora, plain = _step_layers(model)
+    layers = model.config.text_config.num_hidden_layers
+    assert len(lora) == 4 * layers and len(plain) == 3 * layers  # q, v, gate, down adapted; k, o, up plain
+    x = torch.randn(2, 1, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        want = [m(x) for m in lora[:2] + plain[:2]]
+        with skinny.products(model) as on:
+            assert on
+            got = [m(x) for m in lora[:2] + plain[:2]]
+        assert calls["n"] == 4  # one kernel per layer, the adapter's expand product folded in
+        with pytest.raises(RuntimeError, match="inside"), skinny.products(model):
+            raise RuntimeError("inside")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert skinny.step_forwards(model) is skinny.step_forwards(model)  # the same functions every time
+
+
+@cpu_only
+def test_lora_forward_falls_back_to_peft(lora32, calls):
+    model, _ = lora32
+    layer = _step_layers(model)[0][0]
+    x = torch.randn(2, 1, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        want = layer(x)
+        layer.enable_adapters(False)
+        try:
+            plain = layer(x)
+            with skinny.products(model):
+                torch.testing.assert_close(layer(x), plain, **TOL)  # adapters off: the base product alone
+        finally:
+            layer.enable_adapters(True)
+        assert calls["n"] == 1 and (want - plain).abs().max() > 1e-3
+        with skinny.products(model):
+            layer(torch.randn(20, model.config.text_config.hidden_size))  # too many rows: peft's forward
+    assert calls["n"] == 1
+
+
+@cpu_only
+def test_graphed_steps_use_the_kernels_and_match_the_reference(lora32, monkeypatch, calls):
+    """The (fake, CPU) graphed chain captures its step with the kernels and gives the reference's latents;
+    LCOT_SKINNY=0 captures cuBLAS's products."""
+    from test_fast import fake_capture
+
+    model, batch = lora32
+    monkeypatch.setattr(fast, "capture_graph", fake_capture)
+    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
+    fast.clear(model)
+    with torch.no_grad():
+        want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
+        got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        assert calls["n"] > 0
+        torch.testing.assert_close(got, want, **TOL)
+        fast.clear(model)
+        monkeypatch.setenv(skinny.ENV, "0")
+        before = calls["n"]
+        torch.testing.assert_close(latent_hidden_states(model, batch, grad="truncated", fast="graph")[1], want, **TOL)
+        assert calls["n"] == before
+    fast.clear(model)
+
+
+@cpu_only
+def test_a_failing_kernel_falls_back_to_cublas_with_a_warning(lora32, monkeypatch):
+    from test_fast import fake_capture
+
+    from lcot.core import skinny_kernel
+
+    model, batch = lora32
+    monkeypatch.setattr(fast, "capture_graph", fake_capture)
+    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(skinny_kernel, "launch", broken)
+    monkeypatch.setattr(skinny, "ERRORS", [])
+    fast.clear(model)
+    try:
+        with torch.no_grad():
+            want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
+            with pytest.warns(RuntimeWarning, match="skinny's kernels failed"):
+                got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        torch.testing.assert_close(got, want, **TOL)
+        assert model in skinny.FAILED and "no kernel today" in skinny.ERRORS[0]
+        assert not skinny.enabled(model)
+    finally:
+        skinny.FAILED.discard(model)
+        fast.clear(model)
+
+
+def _graph_on(init):
+    def make(self, model, max_len, batch_size, graph=None):
+        init(self, model, max_len, batch_size, graph=False)
+        self.graph = True  # graph the steps (with the fake capture); the prefix stays eager
+    return make
+
+
+def test_the_switch_is_checked(monkeypatch):
+    monkeypatch.setenv(skinny.ENV, "yes")
+    with pytest.raises(ValueError, match="LCOT_SKINNY must be 0, 1 or cpu"):
+        skinny.enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_cuda_steps(tiny_dir, records, calls, monkeypatch, dtype):
+    """On a GPU: the tiny model with LoRA, its chain captured in a real CUDA graph with the kernels, against
+    cuBLAS's products (fp32: to rounding; bf16: the first latents, before a random recurrence amplifies rounding)."""
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir, dtype=dtype)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|down_proj)")
+    model = peft.get_peft_model(model, cfg).get_base_model().cuda().eval()
+    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    batch = {k: v.cuda() if torch.is_tensor(v) and k != "image_grid_thw" else v for k, v in batch.items()}
+    monkeypatch.setenv(skinny.ENV, "1")
+    with torch.no_grad():
+        got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        assert calls["n"] > 0
+        fast.clear(model)
+        monkeypatch.setenv(skinny.ENV, "0")
+        want = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+    fast.clear(model)
+    tol = TOL if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
+    torch.testing.assert_close(got[:, :1].float(), want[:, :1].float(), **tol)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, **TOL)
