@@ -4,8 +4,9 @@
 
 For each weight shape of the 3B and 7B language models (q/o, k/v, gate/up, down; LoRA's expand folded in or not)
 and each row count, it times cuBLAS (F.linear, plus peft's two adapter products and the add for LoRA) and the
-kernel under every configuration of --configs, and reports the best configuration, its time, its share of the
-card's copy bandwidth and its ratio to cuBLAS. Timing: a CUDA graph of 32 calls, cycling over copies of the
+kernel under every configuration of --configs, and reports the best configuration, its time, the rate it reads
+the weight at as a share of the card's copy bandwidth (bench.py's: bytes read and written by a copy, per second)
+and its ratio to cuBLAS. Timing: a CUDA graph of 32 calls, cycling over copies of the
 weights that together exceed the L2 cache (as in a step, where every layer's weights come from memory); median
 of 7 replays. It also checks the kernel's values: fp32 (exact products) against F.linear, bf16 against an fp32
 product of the same inputs, beside cuBLAS's bf16 error.
@@ -51,13 +52,6 @@ def timed(fn, calls: int = 32, reps: int = 7) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / calls)
     return statistics.median(times)
-
-
-def bandwidth() -> float:
-    """The card's copy bandwidth (bytes read per second) over a 1 GiB copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return src.numel() / timed(lambda i: dst.copy_(src), calls=4, reps=5)
 
 
 def check(n: int, k: int, r: int) -> dict:
@@ -124,7 +118,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("skinny_sweep.py needs a CUDA device")
-    bw = bandwidth()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench import copy_bandwidth
+
+    bw = copy_bandwidth(torch.device("cuda"))  # read + write, as bench.py's floor
     configs = CONFIGS[:args.configs] if args.configs else CONFIGS
     results = []
     for shape in args.shapes.split(","):

@@ -27,6 +27,7 @@ def interpreter(monkeypatch):
     if not torch.cuda.is_available():
         assert skinny.interpreting()
     monkeypatch.setenv(skinny.ENV, "cpu")
+    monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", 0)  # the tiny model's layers are all small
 
 
 @pytest.fixture
@@ -129,6 +130,19 @@ def test_products_swap_every_projection_and_put_them_back(lora32, calls):
         torch.testing.assert_close(a, b, **TOL)
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert skinny.step_forwards(model) is skinny.step_forwards(model)  # the same functions every time
+
+
+@cpu_only
+def test_small_plain_weights_stay_with_cublas(lora32, calls, monkeypatch):
+    model, _ = lora32
+    lora, plain = _step_layers(model)
+    monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", plain[0].out_features + 1)
+    x = torch.randn(2, 1, model.config.text_config.hidden_size)
+    with torch.no_grad(), skinny.products(model):
+        torch.testing.assert_close(plain[0](x), F.linear(x, plain[0].weight, plain[0].bias))
+        assert calls["n"] == 0
+        lora[0](x)
+        assert calls["n"] == 1  # an adapted layer of any size folds its adapter in
 
 
 @cpu_only

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 ENV = "LCOT_SKINNY"
 MAX_ROWS = 16  # rows of one kernel call (its tile height); larger batches go to cuBLAS
+PLAIN_MIN_OUTPUTS = 3072  # a weight without LoRA goes to the kernel from this many outputs (see `worth`)
 FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose step failed with these kernels: left to cuBLAS
 ERRORS: list[str] = []
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(module, its step forward)]
@@ -69,9 +70,23 @@ def enabled(model=None) -> bool:
     return model is None or (model not in FAILED and runs_on(next(model.parameters()).device))
 
 
-def config(rows: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BN outputs per program, BK columns per tile, warps, pipeline stages) for an (n, k) weight."""
-    return (32 if n >= 4096 else 16), 256, 4, 4
+def config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BN outputs per program, BK columns per tile, warps, pipeline stages) for an (n, k) weight: the best or
+    near-best tiles of benchmarks/skinny_sweep.py for the 3B and 7B projections on an H100 (benchmarks/RESULTS.md)."""
+    if n <= 1024:  # k, v
+        return 16, 256, 4, 4
+    if k >= 8192:  # down
+        return (32 if n >= 3072 else 16), 256, 4, 6
+    if n >= 8192:  # gate, up
+        return 32, 128, 4, 3
+    return (32 if n >= 3072 else 16), 128, 4, 6  # q, o
+
+
+def worth(n: int, lora: bool) -> bool:
+    """Does the kernel beat cuBLAS here? With LoRA always (it saves the adapter's expand product and its add);
+    for a plain weight where it has at least 3072 outputs: below that cuBLAS's two-row products were as fast or
+    faster (3B: q, o, k, v, down; 7B: k, v; benchmarks/skinny_sweep.py)."""
+    return lora or n >= PLAIN_MIN_OUTPUTS
 
 
 # -- the operator -------------------------------------------------------------------------------------------------
@@ -81,7 +96,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t:
     from lcot.core.skinny_kernel import launch
 
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    launch(x, weight, bias, t, u, scale, out, config(x.shape[0], weight.shape[0], x.shape[1]))
+    launch(x, weight, bias, t, u, scale, out, config(weight.shape[0], x.shape[1]))
     return out
 
 
@@ -117,7 +132,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # -- the layers -----------------------------------------------------------------------------------------------------
 def _linear_forward(m: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if applies(x, m.weight):
+        if worth(m.out_features, False) and applies(x, m.weight):
             return skinny_linear(x, m.weight, m.bias)
         return F.linear(x, m.weight, m.bias)
     return forward
