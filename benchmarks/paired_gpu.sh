@@ -15,6 +15,7 @@
 #                                                     # eager and compiled step
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh adapters7b  # 7B LoRA under bf16 autocast (as the trainer): the
 #                                                     # chain's adapter weights cast once or in every product
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh skinny7b  # the same: lcot.core.skinny's kernels or cuBLAS's
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -84,6 +85,15 @@ case ${1:-3b} in
     one b7_autocast_eager_percall 110 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${A[@]}"
     one b7_autocast_compiled 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${C[@]}"
     one b7_autocast_compiled_percall 170 LCOT_COMPILE_STEP=1 LCOT_CAST_ADAPTERS=0 $PY benchmarks/bench.py "${C[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b" >&2
+  skinny7b)  # 7B LoRA + checkpointing under autocast: the steps' products in lcot.core.skinny's kernels (the default)
+    # against cuBLAS's (LCOT_SKINNY=0), compiled and eager step
+    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
+       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
+       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+    one b7_skinny_compiled 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
+    one b7_cublas_compiled 190 LCOT_COMPILE_STEP=1 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}"
+    one b7_skinny_eager 100 $PY benchmarks/bench.py "${L[@]}"
+    one b7_cublas_eager 100 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}" ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b" >&2
      exit 2 ;;
 esac

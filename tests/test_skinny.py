@@ -47,16 +47,18 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,n,k,r,bias", [(1, 40, 96, 0, False), (2, 33, 300, 8, True), (5, 64, 512, 16, False),
-                                             (16, 100, 250, 24, True)])
+                                             (16, 100, 250, 24, True), (2, 20, 5000, 4, False)])
 def test_kernel_equals_torch_in_fp32(rows, n, k, r, bias, calls):
+    """One layer, with an adapter of rank r (0: none) whose input differs from the base's (as after dropout); K
+    over one or more tiles and shrink slices (5000: 20 slices of 256 columns, two tiles each)."""
     g = torch.Generator().manual_seed(rows + n)
-    x, w = torch.randn(rows, k, generator=g).to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE)
+    x, w = torch.randn(rows, k, generator=g).to(DEVICE), torch.randn(n, k, generator=g).to(DEVICE) / k ** 0.5
     b = torch.randn(n, generator=g).to(DEVICE) if bias else None
-    t, u = (torch.randn(rows, r, generator=g).to(DEVICE), torch.randn(n, r, generator=g).to(DEVICE)) if r else \
-        (None, None)
+    xa, a, u = (torch.randn(*shape, generator=g).to(DEVICE) / shape[1] ** 0.5
+                for shape in ((rows, k), (max(r, 1), k), (n, max(r, 1))))  # outputs of order 1, as in a model
     with torch.no_grad():
-        got = skinny.skinny_linear(x, w, b, t, u, scale=0.5)
-    want = F.linear(x, w, b) + (0.5 * t @ u.T if r else 0)
+        got = skinny.skinny_linear(x, w, b, xa, a, u, scale=0.5) if r else skinny.skinny_linear(x, w, b)
+    want = F.linear(x, w, b) + (0.5 * (xa @ a.T) @ u.T if r else 0)
     assert calls["n"] == 1
     assert got.shape == (rows, n) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, **TOL)

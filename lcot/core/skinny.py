@@ -4,8 +4,9 @@ A latent step (and a decoding step) multiplies a few rows, one per record, by ev
 it is bound by reading the weights. cuBLAS's kernels for two rows read them at about 61% (3B) to 79% (7B) of the
 card's copy bandwidth, and peft's LoRA adds three kernels per adapted projection (two small products, an add)
 to the base product: at 7B 588 more kernels, 2.3 ms of a 9.35 ms compiled step (benchmarks/RESULTS.md).
-`skinny_linear` computes y = x W^T + bias + scale * t B^T for up to MAX_ROWS rows in one kernel that streams W
-once (lcot.core.skinny_kernel), t being LoRA's shrink product dropout(x) A^T.
+`skinny_linear` computes y = x W^T + bias + scale * (dropout(x) A^T) B^T for up to MAX_ROWS rows in two kernels
+(lcot.core.skinny_kernel): LoRA's shrink product over slices of K, and one that streams W once and adds the
+adapter's expand product to the same accumulator.
 
 `products(model)` makes the language model's linear layers (and peft's LoRA layers around them) call it for
 inputs of at most MAX_ROWS rows without gradients; every other call runs the layer's own forward. lcot.core.graph
@@ -91,32 +92,35 @@ def worth(n: int, lora: bool) -> bool:
 
 # -- the operator -------------------------------------------------------------------------------------------------
 @torch.library.custom_op("lcot::skinny_linear", mutates_args=(), device_types=("cuda", "cpu"))
-def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t: torch.Tensor | None,
-            u: torch.Tensor | None, scale: float) -> torch.Tensor:
-    from lcot.core.skinny_kernel import launch
+def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor | None,
+            a: torch.Tensor | None, u: torch.Tensor | None, scale: float) -> torch.Tensor:
+    from lcot.core import skinny_kernel
 
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    launch(x, weight, bias, t, u, scale, out, config(weight.shape[0], x.shape[1]))
+    skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, config(weight.shape[0], x.shape[1]))
     return out
 
 
 @_skinny.register_fake
-def _(x, weight, bias, t, u, scale):
+def _(x, weight, bias, xa, a, u, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  t: torch.Tensor | None = None, u: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-    """x (..., K) @ weight (N, K)^T + bias + scale * t (..., R) @ u (N, R)^T in one kernel, in x's dtype (fp32
-    accumulation); at most MAX_ROWS rows."""
+                  xa: torch.Tensor | None = None, a: torch.Tensor | None = None, u: torch.Tensor | None = None,
+                  scale: float = 1.0) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T + bias + scale * (xa (..., K) @ a (R, K)^T) @ u (N, R)^T, in x's dtype (fp32
+    accumulation): a linear layer and its LoRA adapter (a = lora_A, u = lora_B, xa = the adapter's dropped-out
+    input, x itself without dropout). At most MAX_ROWS rows."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if x2.shape[0] > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {x2.shape[0]}")
-    if t is not None:
-        t, u = t.reshape(-1, t.shape[-1]).to(x.dtype).contiguous(), u.to(x.dtype).contiguous()
+    if a is not None:
+        xa = x2 if xa is None else xa.reshape(x2.shape).to(x.dtype).contiguous()
+        a, u = a.to(x.dtype).contiguous(), u.to(x.dtype).contiguous()
     bias = bias.to(x.dtype) if bias is not None else None
-    return _skinny(x2.contiguous(), weight.contiguous(), bias, t, u, float(scale)).view(*lead, weight.shape[0])
+    return _skinny(x2, weight.contiguous(), bias, xa, a, u, float(scale)).view(*lead, weight.shape[0])
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -159,9 +163,9 @@ def _lora_forward(m):
         a = None if args or kwargs else _lora_adapter(m)
         if a is None or not applies(x, base.weight):
             return peft_forward(m, x, *args, **kwargs)
-        shrink = m.lora_A[a]
-        t = shrink(m.lora_dropout[a](m._cast_input_dtype(x, shrink.weight.dtype)))
-        return skinny_linear(x, base.weight, base.bias, t, m.lora_B[a].weight, m.scaling[a])
+        shrink = m.lora_A[a].weight
+        xa = m.lora_dropout[a](m._cast_input_dtype(x, shrink.dtype))
+        return skinny_linear(x, base.weight, base.bias, xa, shrink, m.lora_B[a].weight, m.scaling[a])
     return forward
 
 
