@@ -71,16 +71,19 @@ def enabled(model=None) -> bool:
     return model is None or (model not in FAILED and runs_on(next(model.parameters()).device))
 
 
-def config(n: int, k: int) -> tuple[int, int, int, int]:
+def config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
     """(BN outputs per program, BK columns per tile, warps, pipeline stages) for an (n, k) weight: the best or
-    near-best tiles of benchmarks/skinny_sweep.py for the 3B and 7B projections on an H100 (benchmarks/RESULTS.md)."""
+    near-best tiles of benchmarks/skinny_sweep.py for the 3B and 7B projections on an H100 (benchmarks/RESULTS.md),
+    for 2-byte weights; 4-byte (fp32) weights take tiles half as wide, so the stages fit in shared memory."""
     if n <= 1024:  # k, v
-        return 16, 256, 4, 4
-    if k >= 8192:  # down
-        return (32 if n >= 3072 else 16), 256, 4, 6
-    if n >= 8192:  # gate, up
-        return 32, 128, 4, 3
-    return (32 if n >= 3072 else 16), 128, 4, 6  # q, o
+        bn, bk, stages = 16, 256, 4
+    elif k >= 8192:  # down
+        bn, bk, stages = (32 if n >= 3072 else 16), 256, 6
+    elif n >= 8192:  # gate, up
+        bn, bk, stages = 32, 128, 3
+    else:  # q, o
+        bn, bk, stages = (32 if n >= 3072 else 16), 128, 6
+    return bn, bk * 2 // itemsize, 4, stages
 
 
 def worth(n: int, lora: bool) -> bool:
@@ -97,7 +100,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa
     from lcot.core import skinny_kernel
 
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, config(weight.shape[0], x.shape[1]))
+    skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, config(weight.shape[0], x.shape[1], weight.element_size()))
     return out
 
 
