@@ -100,7 +100,8 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa
     from lcot.core import skinny_kernel
 
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, config(weight.shape[0], x.shape[1], weight.element_size()))
+    tiles = config(weight.shape[0], x.shape[1], weight.element_size())
+    skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, tiles)
     return out
 
 
