@@ -90,8 +90,8 @@ case ${1:-3b} in
     L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
        --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
        --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
-    one b7_skinny_compiled 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
-    one b7_cublas_compiled 190 LCOT_COMPILE_STEP=1 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}"
+    one b7_skinny_compiled 270 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
+    one b7_cublas_compiled 270 LCOT_COMPILE_STEP=1 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}"
     one b7_skinny_eager 100 $PY benchmarks/bench.py "${L[@]}"
     one b7_cublas_eager 100 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}" ;;
   *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b" >&2
