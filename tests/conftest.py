@@ -60,3 +60,25 @@ def tiny_on(tiny_dir, records):
                        for key, v in b.items()}
 
     return make
+
+
+def lora_tiny(tiny_dir, records, dtype: torch.dtype, targets: str = "q_proj|v_proj|gate_proj|down_proj",
+              device: str = "cpu"):
+    """(the tiny model in `dtype` with peft LoRA adapters (r=4, fp32 as peft keeps them, no dropout) on the
+    language model's `targets`, a stage2 batch of 2 records with K=3 on `device`). B is drawn non-zero: peft
+    starts it at zero, and the adapters would add nothing."""
+    import peft
+
+    from lcot.core.collate import Collator
+    from lcot.pipeline.load import load
+
+    model, processor = load(tiny_dir, dtype=dtype)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=rf".*language_model.*\.({targets})")
+    model = peft.get_peft_model(model, cfg).get_base_model().to(device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
+    return model, {k: v.to(device) if torch.is_tensor(v) and k != "image_grid_thw" else v for k, v in batch.items()}

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from lcot.core.adapters import ENV, adapter_weights, autocast_adapters
-from lcot.core.collate import Collator
 from lcot.core.model import latent_hidden_states
 
 peft = pytest.importorskip("peft")
@@ -20,19 +19,9 @@ peft = pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def lora_bf16(tiny_dir, records):
     """A bf16 tiny model with fp32 LoRA adapters (peft's default), non-zero B, no dropout; a stage2 batch."""
-    from lcot.pipeline.load import load
+    from conftest import lora_tiny
 
-    model, processor = load(tiny_dir, dtype=torch.bfloat16)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                          target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)")
-    model = peft.get_peft_model(model, cfg).get_base_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.05)  # (peft starts B at zero: the adapters would add nothing)
-    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
-    return model, batch
+    return lora_tiny(tiny_dir, records, torch.bfloat16)
 
 
 def _latents(model, batch, monkeypatch, cast: str):

@@ -12,7 +12,6 @@ peft = pytest.importorskip("peft")
 
 from lcot.core import graph as fast  # noqa: E402
 from lcot.core import skinny  # noqa: E402
-from lcot.core.collate import Collator  # noqa: E402
 from lcot.core.model import latent_hidden_states  # noqa: E402
 
 TOL = {"atol": 2e-5, "rtol": 1e-5}
@@ -118,19 +117,9 @@ def test_applies_only_without_gradients_to_few_rows_of_one_dtype(monkeypatch):
 @pytest.fixture(scope="module")
 def lora32(tiny_dir, records):
     """An fp32 tiny model with LoRA on some projections (non-zero B, no dropout), and a stage2 batch."""
-    from lcot.pipeline.load import load
+    from conftest import lora_tiny
 
-    model, processor = load(tiny_dir, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                          target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj|down_proj)")
-    model = peft.get_peft_model(model, cfg).get_base_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.05)
-    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
-    return model, batch
+    return lora_tiny(tiny_dir, records, torch.float32)
 
 
 def _step_layers(model):
@@ -265,13 +254,10 @@ def test_the_switch_is_checked(monkeypatch):
 def test_graphed_cuda_steps(tiny_dir, records, calls, monkeypatch, dtype):
     """On a GPU: the tiny model with LoRA, its chain captured in a real CUDA graph with the kernels, against
     cuBLAS's products (fp32: to rounding; bf16: the first latents, before a random recurrence amplifies rounding)."""
-    from lcot.pipeline.load import load
+    from conftest import lora_tiny
 
-    model, processor = load(tiny_dir, dtype=dtype)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|down_proj)")
-    model = peft.get_peft_model(model, cfg).get_base_model().cuda().eval()
-    batch = Collator(processor, model.config, 3, thought_images=True)(records[:2])
-    batch = {k: v.cuda() if torch.is_tensor(v) and k != "image_grid_thw" else v for k, v in batch.items()}
+    model, batch = lora_tiny(tiny_dir, records, dtype, "q_proj|down_proj", "cuda")
+    model.eval()
     monkeypatch.setenv(skinny.ENV, "1")
     with torch.no_grad():
         got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
