@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import busy_time  # noqa: E402 - a sibling script
 
 KINDS = (("attention", r"flash|fmha|attention|attn"),
-         ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel|skinny"),
+         ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel|skinny_kernel|shrink_kernel"),
          ("copy", r"copy|memcpy|memset|index|scatter|catarray|fill|(?<!no)cast"),
          ("fused", r"^triton"))
 

@@ -91,6 +91,14 @@ def test_tiles_fit_shared_memory():
         assert (bn + 16) * bk * 2 * stages <= 160 * 1024
 
 
+def test_kernel_reads_a_strided_bias_and_wants_both_adapter_products():
+    x, w = torch.randn(2, 64, device=DEVICE), torch.randn(48, 64, device=DEVICE) / 8
+    bias = torch.randn(96, device=DEVICE)[::2]  # not contiguous
+    torch.testing.assert_close(skinny.skinny_linear(x, w, bias), F.linear(x, w, bias), **TOL)
+    with pytest.raises(ValueError, match="both its products"):
+        skinny.skinny_linear(x, w, None, x, torch.randn(4, 64, device=DEVICE))
+
+
 def test_kernel_keeps_leading_dims_and_refuses_many_rows():
     x, w = torch.randn(2, 1, 64, device=DEVICE), torch.randn(48, 64, device=DEVICE)
     torch.testing.assert_close(skinny.skinny_linear(x, w), F.linear(x, w), **TOL)
@@ -152,13 +160,50 @@ def test_products_swap_every_projection_and_put_them_back(lora32, calls):
 
 
 @cpu_only
+def test_products_restore_a_forward_set_on_the_instance(lora32, calls):
+    """A forward the instance already had (accelerate's hooks set one) is put back, also after nested blocks."""
+    model, _ = lora32
+    layer = _step_layers(model)[1][0]
+    hooked = layer.forward = lambda x: torch.nn.Linear.forward(layer, x) * 0 + 7
+    try:
+        with torch.no_grad(), skinny.products(model):
+            with skinny.products(model):
+                layer(torch.randn(2, layer.in_features))
+            assert calls["n"] == 1
+            assert layer.forward is not hooked
+        assert layer.forward is hooked
+    finally:
+        del layer.forward
+
+
+@cpu_only
+def test_fp32_adapters_without_autocast_stay_with_peft(tiny_dir, records, calls, monkeypatch):
+    """fp32 adapters on a bf16 model and no autocast: peft computes the adapter in fp32; the kernel would not.
+    (Plain weights are left to cuBLAS here, so that peft's base product does not count.)"""
+    from conftest import lora_tiny
+
+    monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", 1 << 30)
+
+    model, _ = lora_tiny(tiny_dir, records, torch.bfloat16, "q_proj")
+    layer = _step_layers(model)[0][0]
+    x = torch.randn(2, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad(), skinny.products(model):
+        layer(x)
+        assert calls["n"] == 0
+        for p in layer.lora_A.parameters():
+            p.data = p.data.bfloat16()  # adapters in the model's dtype: the kernel
+        layer(x)
+    assert calls["n"] == 1
+
+
+@cpu_only
 def test_small_plain_weights_stay_with_cublas(lora32, calls, monkeypatch):
     model, _ = lora32
     lora, plain = _step_layers(model)
     monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", plain[0].out_features + 1)
     x = torch.randn(2, 1, model.config.text_config.hidden_size)
     with torch.no_grad(), skinny.products(model):
-        torch.testing.assert_close(plain[0](x), F.linear(x, plain[0].weight, plain[0].bias))
+        plain[0](x)
         assert calls["n"] == 0
         lora[0](x)
         assert calls["n"] == 1  # an adapted layer of any size folds its adapter in
@@ -234,6 +279,40 @@ def test_a_failing_kernel_falls_back_to_cublas_with_a_warning(lora32, monkeypatc
     finally:
         skinny.FAILED.discard(model)
         fast.clear(model)
+
+
+@cpu_only
+def test_a_failure_that_is_not_the_kernels_is_not_blamed_on_them(lora32, monkeypatch):
+    """A capture that fails with cuBLAS's products too: reported once as a failed capture, the kernels stay on."""
+    model, batch = lora32
+
+    def broken(step, rewind, device):
+        raise RuntimeError("no graphs today")
+
+    monkeypatch.setattr(fast, "capture_graph", broken)
+    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
+    monkeypatch.setattr(skinny, "ERRORS", [])
+    monkeypatch.setattr(fast, "CAPTURE_ERRORS", [])
+    fast.clear(model)
+    try:
+        with torch.no_grad():
+            want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
+            with pytest.warns(RuntimeWarning, match="CUDA graph capture failed") as seen:
+                got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        torch.testing.assert_close(got, want, **TOL)
+        assert not any("skinny" in str(w.message) for w in seen)
+        assert skinny.ERRORS == [] and fast.CAPTURE_ERRORS == ["RuntimeError: no graphs today"]
+        assert skinny.enabled(model)
+    finally:
+        fast.clear(model)
+
+
+@cpu_only
+def test_graphs_know_whether_they_hold_the_kernels(lora32, monkeypatch):
+    model, _ = lora32
+    on = fast._forward_state(model)
+    monkeypatch.setenv(skinny.ENV, "0")
+    assert fast._forward_state(model) != on  # a graph captured with the kernels is not replayed without them
 
 
 def _graph_on(init):

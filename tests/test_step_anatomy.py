@@ -49,7 +49,8 @@ def test_variants_filter():
     assert names == ["eager train", "eager eval", "eager train + adapters off", "eager train + adapters merged",
                      "eager train + per-call casts", "eager eval + transformers' attention", "eager train + cuBLAS",
                      "eager eval + cuBLAS", "compiled train + adapters merged", "compiled eval + cuBLAS"]
-    assert anat.kind_of("skinny_kernel") == "gemm"
+    assert anat.kind_of("skinny_kernel") == anat.kind_of("shrink_kernel") == "gemm"
+    assert anat.kind_of("triton_red_fused_add_mean_native_dropout_rsqrt_skinny_linear_view_9") == "fused"
 
 
 def test_runs_on_the_tiny_model(tmp_path, monkeypatch):

@@ -129,13 +129,14 @@ def step_rows(mask4d: torch.Tensor, start: int, k: int, width: int) -> torch.Ten
 
 # -- the fast path ------------------------------------------------------------------------------------------
 def _forward_state(model) -> tuple:
-    """What a captured graph depends on besides its buffers: tensor addresses and LoRA switches."""
+    """What a captured graph depends on besides its buffers: tensor addresses, LoRA switches, and whether its
+    products are lcot.core.skinny's kernels ($LCOT_SKINNY)."""
     lm = model.model.language_model
     ptrs = tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers()))
     lora = tuple((tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
                   str(getattr(m, "active_adapters", "")))
                  for m in lm.modules() if hasattr(m, "merged_adapters"))
-    return ptrs, lora
+    return ptrs, lora, skinny.enabled(model)
 
 
 def _autocast() -> torch.autocast | nullcontext:
@@ -335,12 +336,17 @@ class FastLatents:
         except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
             msg = f"{type(err).__name__}: {err}"
             rewind()
-            if kernels:  # the step with lcot's Triton kernels failed to run or to be captured: cuBLAS's, once
+            if kernels:  # try once with cuBLAS's products: the kernels are to blame only if that capture works
+                compiled = model in _COMPILED_STEP
                 skinny.FAILED.add(model)
+                self._capture(col)
+                if self._graph is None or compiled != (model in _COMPILED_STEP):
+                    skinny.FAILED.discard(model)  # it failed without them too, or the compiled step did (reported)
+                    return
                 skinny.ERRORS.append(msg)
                 warnings.warn(f"lcot.core.graph: the latent step with lcot.core.skinny's kernels failed ({msg}); "
-                              "capturing it with cuBLAS's products instead", RuntimeWarning, stacklevel=3)
-                return self._capture(col)
+                              "captured it with cuBLAS's products instead", RuntimeWarning, stacklevel=3)
+                return
             if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
                 compile_steps(model, False)
                 _COMPILE_FAILED.add(model)

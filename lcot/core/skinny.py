@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from functools import cache
 
 import torch
-import torch.nn.functional as F
 
 ENV = "LCOT_SKINNY"
 MAX_ROWS = 16  # rows of one kernel call (its tile height); larger batches go to cuBLAS
@@ -87,9 +86,9 @@ def config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
 
 
 def worth(n: int, lora: bool) -> bool:
-    """Does the kernel beat cuBLAS here? With LoRA always (it saves the adapter's expand product and its add);
-    for a plain weight where it has at least 3072 outputs: below that cuBLAS's two-row products were as fast or
-    faster (3B: q, o, k, v, down; 7B: k, v; benchmarks/skinny_sweep.py)."""
+    """Does the kernel beat cuBLAS here? With LoRA always (it saves the adapter's products' extra kernels); for a
+    plain weight where it has at least 3072 outputs. Below that cuBLAS's two-row products were faster (3B down,
+    7B k and v), as fast (3B q, o) or at most 4% slower (3B k, v) on an H100 (benchmarks/skinny_sweep.py)."""
     return lora or n >= PLAIN_MIN_OUTPUTS
 
 
@@ -99,6 +98,8 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa
             a: torch.Tensor | None, u: torch.Tensor | None, scale: float) -> torch.Tensor:
     from lcot.core import skinny_kernel
 
+    # the kernels read rows with a stride and columns (and the bias) densely
+    x, weight, bias, xa, a, u = (t.contiguous() if t is not None else None for t in (x, weight, bias, xa, a, u))
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     tiles = config(weight.shape[0], x.shape[1], weight.element_size())
     skinny_kernel.launch(x, weight, bias, xa, a, u, scale, out, tiles)
@@ -117,14 +118,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     accumulation): a linear layer and its LoRA adapter (a = lora_A, u = lora_B, xa = the adapter's dropped-out
     input, x itself without dropout). At most MAX_ROWS rows."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > MAX_ROWS:
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {x2.shape[0]}")
+    if (a is None) != (u is None):
+        raise ValueError("an adapter needs both its products: a (lora_A's weight) and u (lora_B's)")
     if a is not None:
-        xa = x2 if xa is None else xa.reshape(x2.shape).to(x.dtype).contiguous()
-        a, u = a.to(x.dtype).contiguous(), u.to(x.dtype).contiguous()
+        xa = x2 if xa is None else xa.reshape(x2.shape).to(x.dtype)
+        a, u = a.to(x.dtype), u.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
-    return _skinny(x2, weight.contiguous(), bias, xa, a, u, float(scale)).view(*lead, weight.shape[0])
+    return _skinny(x2, weight, bias, xa, a, u, float(scale)).view(*lead, weight.shape[0])
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -142,7 +145,7 @@ def _linear_forward(m: torch.nn.Linear):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if worth(m.out_features, False) and applies(x, m.weight):
             return skinny_linear(x, m.weight, m.bias)
-        return F.linear(x, m.weight, m.bias)
+        return torch.nn.Linear.forward(m, x)
     return forward
 
 
@@ -154,9 +157,15 @@ def _lora_adapter(m) -> str | None:
     if len(active) != 1 or active[0] in getattr(m, "lora_variant", {}):
         return None
     a = active[0]
-    if getattr(m.lora_B[a], "bias", None) is not None or not isinstance(m.base_layer, torch.nn.Linear):
+    if getattr(m.lora_B[a], "bias", None) is not None or type(m.base_layer) is not torch.nn.Linear:
         return None
     return a
+
+
+def _adapter_dtype_ok(shrink: torch.Tensor, x: torch.Tensor) -> bool:
+    """The adapter's products run in x's dtype: its weights have it, or autocast would cast them to it. (fp32
+    adapters on a bf16 model without autocast: peft's products in fp32.)"""
+    return shrink.dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
 
 
 def _lora_forward(m):
@@ -165,7 +174,7 @@ def _lora_forward(m):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = m.base_layer
         a = None if args or kwargs else _lora_adapter(m)
-        if a is None or not applies(x, base.weight):
+        if a is None or not applies(x, base.weight) or not _adapter_dtype_ok(m.lora_A[a].weight, x):
             return peft_forward(m, x, *args, **kwargs)
         shrink = m.lora_A[a].weight
         xa = m.lora_dropout[a](m._cast_input_dtype(x, shrink.dtype))
@@ -174,13 +183,14 @@ def _lora_forward(m):
 
 
 def step_forwards(model) -> list[tuple[torch.nn.Module, object]]:
-    """The language model's linear layers and peft LoRA layers (not LoRA's own products: their shrink stays with
-    cuBLAS), each with its forward for steps, made once per model and kept, so that a compiled step sees the same
-    functions every time."""
+    """The language model's linear layers (exactly nn.Linear: subclasses such as quantized layers keep their own
+    forward) and peft's LoRA layers (not their lora_A and lora_B products, which the LoRA layer's kernel replaces),
+    each with its forward for steps, made once per model and kept, so that a compiled step sees the same functions
+    every time."""
     kept = _FORWARDS.get(model)
     lm = model.model.language_model
     mods = [m for n, m in lm.named_modules()
-            if (isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A")) and ".lora_" not in n]
+            if (type(m) is torch.nn.Linear or hasattr(m, "lora_A")) and ".lora_" not in n]
     if kept is None or [m for m, _ in kept] != mods:
         kept = _FORWARDS[model] = [(m, _lora_forward(m) if hasattr(m, "lora_A") else _linear_forward(m))
                                    for m in mods]
@@ -195,10 +205,14 @@ def products(model) -> Iterator[bool]:
         yield False
         return
     swapped = step_forwards(model)
+    before = [m.__dict__.get("forward") for m, _ in swapped]  # a forward set on the instance (hooks), or None
     for m, fn in swapped:
         m.forward = fn
     try:
         yield True
     finally:
-        for m, _ in swapped:
-            m.__dict__.pop("forward", None)
+        for (m, _), old in zip(swapped, before, strict=True):
+            if old is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = old
