@@ -82,6 +82,12 @@ def test_kernel_on_the_7b_projections(n, k, dtype):
         assert (got - want).abs().max() <= 1.5 * (cublas - want).abs().max()
 
 
+def test_the_tile_height_is_the_row_limit():
+    from lcot.core import skinny_kernel
+
+    assert skinny_kernel.BM == skinny.MAX_ROWS
+
+
 def test_tiles_fit_shared_memory():
     """fp32 tiles hold as many bytes as bf16's (a (32, 256) bf16 tile in 6 stages, in fp32, asked 240 KiB of an
     H100's 227)."""

@@ -320,7 +320,6 @@ class FastLatents:
 
     def _capture(self, col: int) -> None:
         model = self.model
-
         kernels = skinny.enabled(model)
 
         def step() -> torch.Tensor:

@@ -29,7 +29,7 @@ from functools import cache
 import torch
 
 ENV = "LCOT_SKINNY"
-MAX_ROWS = 16  # rows of one kernel call (its tile height); larger batches go to cuBLAS
+MAX_ROWS = 16  # rows of one kernel call (its tile height, skinny_kernel.BM); larger batches go to cuBLAS
 PLAIN_MIN_OUTPUTS = 3072  # a weight without LoRA goes to the kernel from this many outputs (see `worth`)
 FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose step failed with these kernels: left to cuBLAS
 ERRORS: list[str] = []

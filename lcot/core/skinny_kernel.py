@@ -1,16 +1,18 @@
 """The Triton kernels of lcot.core.skinny (imported only where Triton runs: a CUDA device, or its CPU interpreter).
 
-`skinny_kernel`: one program computes BN outputs of y = x W^T (+ bias) (+ scale * t U^T) for all M <= BM rows of
-x: it streams its BN rows of W once, in BK-wide tiles, and folds LoRA's expand product into the same accumulator,
-so an adapted projection is one kernel. t = xa A^T (LoRA's shrink product of the dropped-out input xa) comes as
-partial sums over slices of K from `shrink_kernel`, one program per slice, which the expand sums first: the
-shrink is then one short kernel, not cuBLAS's split-K product and its reduction. fp32 accumulation; fp32 inputs
-multiply exactly (input precision "ieee", no TF32).
+`skinny_kernel`: one program computes BN outputs of y = x W^T (+ bias) (+ scale * t U^T) for all M <= BM rows
+of x: it streams its BN rows of W once, in BK-wide tiles, and folds LoRA's expand product into the same
+accumulator, so a plain projection is one kernel and an adapted one two. t = xa A^T (LoRA's shrink product of the
+dropped-out input xa) comes as partial sums over slices of K from `shrink_kernel`, one program per slice, which
+the expand sums first: the shrink is then one short kernel, not cuBLAS's split-K product and its reduction.
+fp32 accumulation; fp32 inputs multiply exactly (input precision "ieee", no TF32).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+BM = 16  # rows of a tile (tl.dot's smallest): lcot.core.skinny.MAX_ROWS
 
 
 @triton.jit
@@ -80,11 +82,11 @@ def launch(x, w, bias, xa, a, u, scale: float, out, config: tuple[int, int, int,
     if lora:
         chunk = max(128, triton.next_power_of_2(triton.cdiv(k, 32)))
         splits = triton.cdiv(k, chunk)
-        partial = torch.empty(splits, 16, br, dtype=torch.float32, device=x.device)
+        partial = torch.empty(splits, BM, br, dtype=torch.float32, device=x.device)
         shrink_kernel[(splits,)](xa, a, partial, m, k, r, xa.stride(0), a.stride(0), CHUNK=chunk,
-                                 PRECISION=precision, BM=16, BR=br, BK=min(chunk, 128), num_warps=4)
+                                 PRECISION=precision, BM=BM, BR=br, BK=min(chunk, 128), num_warps=4)
     skinny_kernel[(triton.cdiv(n, bn),)](
         x, w, bias if bias is not None else w, partial, u if lora else w, out, m, n, k, r, splits, float(scale),
         x.stride(0), w.stride(0), u.stride(0) if lora else 0, out.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=lora, EVEN_K=k % bk == 0, PRECISION=precision,
-        BM=16, BN=bn, BK=bk, BR=br, num_warps=warps, num_stages=stages)
+        BM=BM, BN=bn, BK=bk, BR=br, num_warps=warps, num_stages=stages)
