@@ -16,6 +16,8 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh adapters7b  # 7B LoRA under bf16 autocast (as the trainer): the
 #                                                     # chain's adapter weights cast once or in every product
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh skinny7b  # the same: lcot.core.skinny's kernels or cuBLAS's
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh final3b   # issue 11's rows on the default GPU path (compiled step)
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh final7b   # the same at 7B (LoRA training, plain-weight teacher)
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
@@ -94,6 +96,19 @@ case ${1:-3b} in
     one b7_cublas_compiled 270 LCOT_COMPILE_STEP=1 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}"
     one b7_skinny_eager 100 $PY benchmarks/bench.py "${L[@]}"
     one b7_cublas_eager 100 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b" >&2
+  final3b)  # issue 11's 3B rows on lcot's default GPU path (the compiled step, --compile_step auto): training,
+    # the full gradient, the teacher at batch 2 and 16, generation, each beside its floor
+    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,latent_adjoint,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
+    T=(--shape 3b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
+    one b3_final 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
+    one b3_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
+  final7b)  # the 7B rows the same way: LoRA + checkpointing under the trainer's autocast; the teacher on plain weights
+    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
+       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
+       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+    T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
+    one b7_final 270 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
+    one b7_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b" >&2
      exit 2 ;;
 esac

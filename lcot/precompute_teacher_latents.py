@@ -20,6 +20,7 @@ import torch
 from lcot import config
 from lcot.config import option
 from lcot.console import quiet_libraries
+from lcot.core.graph import COMPILE_SETTINGS, step_compile
 from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import inside
 from lcot.pipeline.data import read_records
@@ -41,9 +42,9 @@ class PrecomputeConfig:
     num_workers: int = option(0, "DataLoader worker processes that build batches while the model runs")
     bf16: bool = option(False, "compute in bfloat16 (then train stage2/3 with --bf16 too)")
     max_pixels: int | None = option(None, "image processor max_pixels (match training; None: the checkpoint's)")
-    compile_step: bool = option(False, "torch.compile the one-token latent step, as `python -m lcot.main "
-                                "--compile_step` (see its --help), the benefit evaluation's decoding steps too; "
-                                "same as LCOT_COMPILE_STEP=1")
+    compile_step: str = option("auto", "torch.compile the one-token latent step, as `python -m lcot.main "
+                               "--compile_step` (see its --help; auto: on a GPU), the benefit evaluation's decoding "
+                               "steps too; LCOT_COMPILE_STEP=0 turns auto off", choices=COMPILE_SETTINGS, const="on")
     skip_missing_thought: bool = option(False, "skip records without thought images (and report how many) instead "
                                         "of stopping")
     benefit_records: int = option(200, "answer this many records with and without thought images and print the "
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     if inside(args.output_dir, args.model_name_or_path):
         raise LcotInputError("--output_dir", f"{Path(args.output_dir).resolve()} is the model folder (or inside it)",
                              "write teacher latents to a folder of their own")
-    from lcot.core.latent import compile_steps
     from lcot.pipeline.evaluate import benefit_line, evaluate
     from lcot.pipeline.generate import trained_feed
     from lcot.pipeline.load import load
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
         feed = trained_feed(args.model_name_or_path)
-        if args.compile_step:
-            compile_steps(model)
+        step_compile(model, args.compile_step)
         counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
                             model_name=str(args.model_name_or_path), rank=state.process_index,
                             world_size=state.num_processes, progress=state.is_local_main_process, feed=feed,

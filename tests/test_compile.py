@@ -135,3 +135,52 @@ def test_compile_step_flag_in_precompute_and_training(tiny_dir, data_dir, tmp_pa
               str(tmp_path / "s2"), "--latent_size", "3", "--max_steps", "1", "--bsz", "4", "--grad_accum_steps", "1",
               "--align_weight", "0", "--latent_grad", "truncated", "--compile_step"])
     assert len(calls) == 3  # the three latent steps of the one training step's chain
+
+
+def test_compile_step_setting(loaded, monkeypatch):
+    """--compile_step: auto compiles a model's step when its first graphed FastLatents is made (a GPU), unless
+    $LCOT_COMPILE_STEP=0; on compiles it at once; off never (unless $LCOT_COMPILE_STEP=1); nothing else is taken."""
+    from lcot.core import graph
+    from lcot.core.latent import _COMPILED_STEP
+
+    model, _ = loaded
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: ("compiled", module))
+    monkeypatch.delenv(graph.COMPILE_ENV, raising=False)
+    try:
+        graph.step_compile(model, "auto")
+        assert model not in _COMPILED_STEP
+        assert graph._compile_due(model, graphed=True) and not graph._compile_due(model, graphed=False)
+        monkeypatch.setenv(graph.COMPILE_ENV, "0")
+        assert not graph._compile_due(model, graphed=True)
+        for setting in ("off", False):
+            graph.step_compile(model, setting)
+            monkeypatch.setenv(graph.COMPILE_ENV, "1")
+            assert graph._compile_due(model, graphed=False)  # the variable compiles every FastLatents' step
+            monkeypatch.delenv(graph.COMPILE_ENV)
+            assert not graph._compile_due(model, graphed=True) and model not in _COMPILED_STEP
+        for setting in ("on", True):
+            graph.step_compile(model, setting)
+            assert _COMPILED_STEP.pop(model) == ("compiled", model.model.language_model)
+        graph.step_compile(model, "auto")
+        graph._COMPILE_FAILED.add(model)  # a compiled step that failed is not compiled again
+        assert not graph._compile_due(model, graphed=True)
+        with pytest.raises(ValueError, match="compile_step must be one of"):
+            graph.step_compile(model, "yes")
+    finally:
+        graph.step_compile(model, "off")
+        graph._COMPILE_FAILED.discard(model)
+        _COMPILED_STEP.pop(model, None)
+
+
+def test_compile_step_flag_spellings():
+    """The flag keeps its old spelling (`--compile_step` alone turns it on) and defaults to auto."""
+    from lcot import config
+    from lcot.pipeline.trainer import TrainConfig
+    from lcot.precompute_teacher_latents import PrecomputeConfig
+
+    base = ["--stage", "stage1", "--model_name_or_path", "m", "--train_jsonl", "t", "--output_dir", "o"]
+    pre = ["--model_name_or_path", "m", "--train_jsonl", "t", "--output_dir", "o"]
+    for cls, argv in ((TrainConfig, base), (PrecomputeConfig, pre)):
+        got = [config.parse(cls, argv + extra, "p").compile_step
+               for extra in ([], ["--compile_step"], ["--compile_step", "off"], ["--compile_step", "on"])]
+        assert got == ["auto", "on", "off", "on"]

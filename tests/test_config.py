@@ -75,7 +75,7 @@ def test_adjoint_is_checked_against_fsdp_and_notes_compile_flags(tmp_path, monke
         train.check(TrainConfig(**{**base, "latent_grad": "full"}, gradient_checkpointing=True))
     train.check(TrainConfig(**base, compile=True))
     assert "--compile has no effect on the pass with gradients of --latent_grad adjoint" in capsys.readouterr().err
-    train.check(TrainConfig(**base, compile_step=True))
+    train.check(TrainConfig(**base, compile_step="on"))
     assert "--compile_step" not in capsys.readouterr().err  # adjoint's chain runs without gradients: it applies
     train.check(TrainConfig(**{**base, "latent_grad": "full"}, compile_step=True))
     assert "--compile_step has no effect here (--latent_grad full" in capsys.readouterr().err
@@ -84,6 +84,8 @@ def test_adjoint_is_checked_against_fsdp_and_notes_compile_flags(tmp_path, monke
     train.check(TrainConfig(**{**base, "stage": "stage1", "latent_grad": "truncated"}, compile_step=True,
                             num_latents=0))
     assert "--compile_step has no effect here (--latent_size 0" in capsys.readouterr().err
+    train.check(TrainConfig(**{**base, "latent_grad": "full"}))  # the default (auto) says nothing
+    assert "--compile_step" not in capsys.readouterr().err
     train.check(TrainConfig(**base, graph_pass=True))
     assert "--graph_pass has nothing to graph with --latent_grad adjoint (it runs a second backward" in \
         capsys.readouterr().err

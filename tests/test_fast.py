@@ -307,6 +307,29 @@ def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(ti
         fast._COMPILE_FAILED.discard(model)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA graph capture needs a GPU")
+def test_auto_compiled_step_is_compiled_at_the_first_graph(tiny_on, monkeypatch):
+    """--compile_step auto (the default): the first graphed FastLatents compiles the step, and the graph replays the
+    compiled step, within a few fp32 ulps of the eager recurrence (tests/test_compile.py's bound)."""
+    from lcot.core.latent import _COMPILED_STEP
+
+    model, b = tiny_on(3)
+    monkeypatch.delenv(fast.COMPILE_ENV, raising=False)
+    fast.step_compile(model, "auto")
+    try:
+        with torch.no_grad():
+            ref = recurrence(EagerLatents(model), model, b)
+            assert model not in _COMPILED_STEP
+            fl = fast.FastLatents(model, 256, 2)
+            assert model in _COMPILED_STEP
+            got = recurrence(fl, model, b)
+        assert isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1 and not fast._COMPILE_FAILED
+        torch.testing.assert_close(got[2], ref[2], atol=5e-6, rtol=1e-5)
+    finally:
+        fast.step_compile(model, "off")
+        _COMPILED_STEP.pop(model, None)
+
+
 def test_fast_path_refuses_gradients(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:1], k=2)

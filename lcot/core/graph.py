@@ -66,7 +66,8 @@ from lcot.core.latent import (
 FastMode = Literal["auto", "off", "static", "graph"]
 MODES = ("auto", "off", "static", "graph")
 ENV = "LCOT_FAST"
-COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": torch.compile the one-token static step (lcot.core.latent.compile_steps)
+COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": compile every FastLatents' step; "0": --compile_step auto compiles none
+COMPILE_SETTINGS = ("auto", "on", "off")  # --compile_step
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
 KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
 KEEP_PASSES = 8  # graphed passes with gradients (one per input shape) kept per model
@@ -76,6 +77,7 @@ WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, 
 CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
 COMPILE_ERRORS: list[str] = []  # compiled steps that failed (each dropped for the eager step, with a warning)
 _COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled step failed: $LCOT_COMPILE_STEP skips them
+_AUTO_COMPILE: weakref.WeakSet = weakref.WeakSet()  # models with --compile_step auto: compiled at their first graph
 
 
 # -- which path ----------------------------------------------------------------------------------------------
@@ -104,6 +106,27 @@ def resolve(model, fast: FastMode | bool | None = None) -> Literal["off", "stati
     if mode == "graph" and not cuda:
         return "static"
     return mode
+
+
+def step_compile(model, setting: str | bool) -> None:
+    """--compile_step: "on"/True compiles the model's one-token step now (lcot.core.latent.compile_steps), "off"/False
+    never (unless $LCOT_COMPILE_STEP is "1"); "auto" (the default) compiles it when its steps first run as CUDA
+    graphs (a FastLatents on a CUDA model; see `resolve`), unless $LCOT_COMPILE_STEP is "0"."""
+    if setting not in (True, False, *COMPILE_SETTINGS):
+        raise ValueError(f"compile_step must be one of {COMPILE_SETTINGS} or a bool, got {setting!r}")
+    _AUTO_COMPILE.discard(model)
+    if setting in (True, "on"):
+        compile_steps(model)
+    elif setting == "auto":
+        _AUTO_COMPILE.add(model)
+
+
+def _compile_due(model, graphed: bool) -> bool:
+    """Should a new FastLatents (its steps CUDA graphs or not) compile the step of `model` now?"""
+    if model in _COMPILED_STEP or model in _COMPILE_FAILED:
+        return False
+    env = os.environ.get(COMPILE_ENV)
+    return env == "1" or graphed and model in _AUTO_COMPILE and env != "0"
 
 
 # -- mask rows -----------------------------------------------------------------------------------------------
@@ -188,7 +211,7 @@ class FastLatents:
         cuda = self.device.type == "cuda"
         self.graph = cuda if graph is None else bool(graph) and cuda
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=max_len)
-        if os.environ.get(COMPILE_ENV) == "1" and model not in _COMPILED_STEP and model not in _COMPILE_FAILED:
+        if _compile_due(model, self.graph):
             compile_steps(model)
         self.x: torch.Tensor | None = None  # step input (B, 1, H), allocated at the first step
         self.row = torch.zeros(batch_size, 1, 1, max_len, dtype=torch.bool, device=self.device)

@@ -22,7 +22,8 @@ from lcot import config
 from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
 from lcot.core.graph import graph_parallel_pass
-from lcot.core.latent import compile_parallel_pass, compile_steps
+from lcot.core.graph import step_compile
+from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, check_output, cli_errors, writing
@@ -110,7 +111,7 @@ def check(args: TrainConfig) -> None:
             "--latent_size 0 has no latent slots" if args.num_latents == 0 else
             "--latent_grad full runs its chain with gradients, step by step on the dynamic cache"
             if args.latent_grad == "full" else None)
-    if args.compile_step and idle:
+    if args.compile_step in (True, "on") and idle:
         print(f"lcot: note: --compile_step has no effect here ({idle}); it compiles the latent chain without "
               "gradients of --latent_grad truncated, adjoint or bptt:M", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
@@ -242,8 +243,7 @@ def _train(args: TrainConfig) -> Path:
     model.config.use_cache = False
     if args.compile:
         compile_parallel_pass(model)
-    if args.compile_step:
-        compile_steps(model)
+    step_compile(model, args.compile_step)
     if args.graph_pass:
         graph_parallel_pass(model)
     if args.lora:

@@ -27,6 +27,7 @@ from transformers.trainer_utils import align_special_tokens
 from lcot.config import option
 from lcot.console import progress, transformers_errors_only
 from lcot.core.collate import Collator, drop_latents
+from lcot.core.graph import COMPILE_SETTINGS
 from lcot.core.loss import ALIGNS, align_loss
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
 from lcot.core.record import Record
@@ -115,11 +116,14 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the language model's passes without a KV cache (the pass with "
                            "gradients; lcot.core.latent.compile_parallel_pass): fewer launches for small models, "
                            "a one-off compile at the start")
-    compile_step: bool = option(False, "torch.compile the one-token latent step (inside its CUDA graph; "
-                                "lcot.core.latent.compile_steps): 4.4 ms instead of 6.9 ms a step at 3B on an H100. "
-                                "Its fused kernels round differently from the eager step by a few fp32 ulps a step "
-                                "(benchmarks/RESULTS.md); one compile (about a minute at 3B) per batch size, cache "
-                                "length and dtype. Same as LCOT_COMPILE_STEP=1")
+    compile_step: str = option("auto", "torch.compile the one-token latent step inside its CUDA graph "
+                               "(lcot.core.latent.compile_steps): on an H100 4.6 ms instead of 7.2 ms a step at 3B, "
+                               "what brings stage2/3 under 1.5x a plain step (benchmarks/RESULTS.md). auto: wherever "
+                               "the steps run as CUDA graphs (a GPU); off: the eager step, whose fp32 latents the "
+                               "compiled ones match to a few ulps a step; on: also elsewhere. One compile (about a "
+                               "minute) per batch size, cache length and dtype; a compiled step that fails is "
+                               "dropped with a warning. LCOT_COMPILE_STEP=0 turns auto off",
+                               choices=COMPILE_SETTINGS, const="on")
     graph_pass: bool = option(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) "
                               "as CUDA graphs of its forward and backward, one per batch shape "
                               "(lcot.core.graph.GraphedPass): for small models, whose step is bound by launching "
