@@ -21,8 +21,7 @@ from transformers import TrainingArguments
 from lcot import config
 from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
-from lcot.core.graph import graph_parallel_pass
-from lcot.core.graph import step_compile
+from lcot.core.graph import graph_parallel_pass, step_compile
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
