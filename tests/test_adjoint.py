@@ -175,3 +175,66 @@ def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on, monkey
     assert adjoint.CAPTURED[5] == before + 7, adjoint.CAPTURED
     assert reserved[-3:] == reserved[-1:] * 3 and reserved[-1] - reserved[0] < 16 * 2**20, reserved
     assert _largest_gap(again, g_graph) < 1e-6
+
+
+def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, monkeypatch):
+    """Under a compiled step the pass over the slots runs the compiled language model (here on AOTAutograd's eager
+    backend: its backward, run once per product, is the part that must allow it), with full's gradient; a compile
+    that fails is dropped with a warning for the uncompiled pass on the same prefix; LCOT_ADJOINT_COMPILE=0."""
+    from lcot.core import adjoint
+    from lcot.core.latent import _COMPILED_STEP, compile_steps
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
+    _, g_full = _grads(model, b, "full")
+    real, calls = torch.compile, []
+
+    def spy(module, **kw):
+        compiled = real(module, backend="aot_eager", **kw)
+        return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compile_steps(model)
+    try:
+        _, g_comp = _grads(model, b, "adjoint")
+        assert calls == [3]  # the pass over the K-1 slots (the chain's steps take the dynamic cache here)
+        _assert_same_gradients(g_comp, g_full)
+        monkeypatch.setenv(adjoint.COMPILE_ENV, "0")
+        _grads(model, b, "adjoint")
+        assert calls == [3]
+        monkeypatch.delenv(adjoint.COMPILE_ENV)
+
+        def broken(**kw):
+            raise RuntimeError("inductor: compilation failed")
+
+        _COMPILED_STEP[model] = broken
+        n = len(adjoint.COMPILE_ERRORS)
+        with pytest.warns(RuntimeWarning, match="compiled pass over the slots failed"):
+            _, g_fallback = _grads(model, b, "adjoint")
+        _grads(model, b, "adjoint")  # not tried again
+        assert len(adjoint.COMPILE_ERRORS) == n + 1 and model in adjoint._COMPILE_FAILED
+        _assert_same_gradients(g_fallback, g_full)
+    finally:
+        compile_steps(model, enable=False)
+        adjoint._COMPILE_FAILED.discard(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the products need a GPU")
+def test_compiled_products_are_graphed_and_give_the_full_gradient(tiny_on):
+    """With inductor (Triton kernels) the products of the compiled pass are captured and replayed as CUDA graphs
+    like the uncompiled ones, and give full's gradient."""
+    from lcot.core import adjoint
+    from lcot.core.latent import compile_steps
+
+    model, b = tiny_on(5)
+    _, g_full = _grads(model, b, "full")
+    compile_steps(model)
+    try:
+        before, errors = adjoint.CAPTURED[5], len(adjoint.COMPILE_ERRORS)
+        for _ in range(2):
+            _, g = _grads(model, b, "adjoint", "graph")
+        assert adjoint.CAPTURED[5] == before + 2 and len(adjoint.COMPILE_ERRORS) == errors
+        assert model not in adjoint._COMPILE_FAILED
+        _assert_same_gradients(g, g_full)
+    finally:
+        compile_steps(model, enable=False)

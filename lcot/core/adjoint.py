@@ -16,22 +16,30 @@ masks). CPU test: equal to grad="full" (tests/test_adjoint.py). Needs non-reentr
 any (lcot's default): a reentrant checkpoint refuses torch.autograd.grad.
 
 On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound:
-one token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels).
+one token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels). Where the
+one-token step is compiled (--compile_step, lcot.core.latent.compile_steps), the pass over the slots runs that
+compiled language model too, so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding
+differs by fp32 ulps); LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and a compile that fails is dropped with a
+warning.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections import Counter
 
 import torch
 from transformers import Cache, DynamicCache
 
 from lcot.core.graph import CAPTURE_ERRORS
-from lcot.core.latent import new_cache, no_checkpointing, text_forward, with_latents
+from lcot.core.latent import _COMPILED_STEP, new_cache, no_checkpointing, text_forward, with_latents
 
 GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
+COMPILE_ENV = "LCOT_ADJOINT_COMPILE"  # "0": the pass over the slots stays uncompiled under a compiled step
+COMPILE_ERRORS: list[str] = []  # compiled passes over the slots that failed (each rerun uncompiled, with a warning)
+_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled pass failed: not tried again
 GRAPH_FROM_K = 4  # fewer slots: too few products to pay for a capture
 CAPTURED: Counter[int] = Counter()  # K -> product graphs captured (tests read it)
 _GRAPHS = {"on": True}  # off for the rest of the process after a failed capture (it would fail every step)
@@ -134,6 +142,25 @@ class _AddAdjoint(torch.autograd.Function):
         return solve(grad), None
 
 
+def _slots_pass(model, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice,
+                prefix: DynamicCache) -> torch.Tensor:
+    """The pass over the slots (with gradients to x), compiled where the model's step is (see the module's doc)."""
+    compiled = _COMPILED_STEP.get(model)
+    if compiled is not None and model not in _COMPILE_FAILED and os.environ.get(COMPILE_ENV, "1") != "0":
+        try:
+            # its backward runs once per product (retain_graph): AOTAutograd must not donate its buffers
+            with torch._functorch.config.patch(donated_buffer=False):
+                return text_forward(model, x, mask4d, position_ids, cols, prefix, module=compiled)
+        except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
+            msg = f"{type(err).__name__}: {err}"
+            _COMPILE_FAILED.add(model)
+            COMPILE_ERRORS.append(msg)
+            warnings.warn(f"lcot.core.adjoint: the compiled pass over the slots failed ({msg}); running it "
+                          "uncompiled", RuntimeWarning, stacklevel=3)
+            prefix = prefix_cache(model, prefix, cols.start)  # the columns before the slots, as they came
+    return text_forward(model, x, mask4d, position_ids, cols, prefix, plain=True)
+
+
 def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
                  position_ids: torch.Tensor, start: int) -> torch.Tensor:
     """The parallel pass with gradients (hidden states (B, L, H)) of `embeds` with the K slots from `start` fed
@@ -150,8 +177,7 @@ def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: D
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
         with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
-            out = text_forward(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix,
-                               plain=True)
+            out = _slots_pass(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix)
         if stream is not None:
             torch.cuda.current_stream(x.device).wait_stream(stream)
         products = Products(x, out, stream)

@@ -103,10 +103,12 @@ def key_count(cache: Cache | None, stop: int) -> int:
 
 
 def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
-                 cols: slice, cache: Cache | None = None, plain: bool = False) -> torch.Tensor:
+                 cols: slice, cache: Cache | None = None, plain: bool = False,
+                 module: Callable | None = None) -> torch.Tensor:
     """Run the language model on columns `cols` (keys: every column before cols.stop, cached or not).
     plain=True: the module itself, never --graph_pass's CUDA graphs nor --compile's compiled module (grad="adjoint"
-    runs a second backward through the pass, which neither allows)."""
+    runs a second backward through the pass, which neither allows). module: run this language model instead
+    (lcot.core.adjoint's compiled pass over the slots)."""
     start = cols.start or 0
     if cache is None and start:
         raise ValueError("a pass that starts after column 0 needs the cache of the columns before it")
@@ -122,7 +124,9 @@ def text_forward(model, embeds: torch.Tensor, mask4d: torch.Tensor, position_ids
         out = graphed(embeds, attn_mask(model, mask, embeds.dtype), position_ids[:, :, cols])
         if out is not None:
             return out
-    if cache is None and not plain:
+    if module is not None:
+        lm = module
+    elif cache is None and not plain:
         lm = _COMPILED.get(model, lm)
     elif embeds.shape[1] == 1 and isinstance(cache, StaticCache):
         lm = _COMPILED_STEP.get(model, lm)
