@@ -196,12 +196,14 @@ def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, m
     monkeypatch.setattr(torch, "compile", spy)
     compile_steps(model)
     try:
-        _, g_comp = _grads(model, b, "adjoint")
-        assert calls == [3]  # the pass over the K-1 slots (the chain's steps take the dynamic cache here)
+        # the chain's steps on the static cache run the compiled model first, so that the pass over the slots is a
+        # recompile with dynamic shapes, whose backward AOTAutograd compiles at once, not at the first product
+        _, g_comp = _grads(model, b, "adjoint", "static")
+        assert calls == [1, 1, 1, 1, 3]  # the K steps, then the pass over the K-1 slots
         _assert_same_gradients(g_comp, g_full)
         monkeypatch.setenv(adjoint.COMPILE_ENV, "0")
         _grads(model, b, "adjoint")
-        assert calls == [3]
+        assert calls == [1, 1, 1, 1, 3]
         monkeypatch.delenv(adjoint.COMPILE_ENV)
 
         def broken(**kw):

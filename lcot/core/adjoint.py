@@ -58,6 +58,12 @@ def prefix_cache(model, cache: Cache, start: int) -> DynamicCache:
     return out
 
 
+def _not_donated():
+    """AOTAutograd's compiled backward frees ("donates") its buffers unless told not to, when it is compiled and
+    again when it runs (its check reads the flag then): the products run it once each (retain_graph)."""
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
 class Products:
     """v -> Jᵀv for the pass over the slots (x in, out out), any number of times; on CUDA a graph of the
     product is captured at the second call and replayed from then on (the first, eager, was its warm-up). The
@@ -71,7 +77,7 @@ class Products:
         self.v = self.result = None
 
     def eager(self, v: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
+        with torch.enable_grad(), _not_donated():
             g, = torch.autograd.grad(self.out, self.x, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.x) if g is None else g
 
@@ -148,8 +154,7 @@ def _slots_pass(model, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torc
     compiled = _COMPILED_STEP.get(model)
     if compiled is not None and model not in _COMPILE_FAILED and os.environ.get(COMPILE_ENV, "1") != "0":
         try:
-            # its backward runs once per product (retain_graph): AOTAutograd must not donate its buffers
-            with torch._functorch.config.patch(donated_buffer=False):
+            with _not_donated():
                 return text_forward(model, x, mask4d, position_ids, cols, prefix, module=compiled)
         except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
             msg = f"{type(err).__name__}: {err}"
