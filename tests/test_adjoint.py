@@ -240,3 +240,29 @@ def test_compiled_products_are_graphed_and_give_the_full_gradient(tiny_on):
         _assert_same_gradients(g, g_full)
     finally:
         compile_steps(model, enable=False)
+
+
+def test_compiled_pass_over_the_slots_with_lora(tiny_dir, records, monkeypatch):
+    """The same with peft's LoRA layers in the compiled pass (only the adapters train): full's gradient."""
+    from conftest import lora_tiny
+
+    from lcot.core.latent import compile_steps
+
+    model, b = lora_tiny(tiny_dir, records, torch.float32)
+    model.train()
+    _, g_full = _grads(model, b, "full")
+    real, calls = torch.compile, []
+
+    def spy(module, **kw):
+        compiled = real(module, backend="aot_eager", **kw)
+        return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compile_steps(model)
+    try:
+        _, g_comp = _grads(model, b, "adjoint", "static")
+    finally:
+        compile_steps(model, enable=False)
+    assert calls == [1, 1, 1, 2]
+    assert any(g.abs().max() > 0 for g in g_full)
+    _assert_same_gradients(g_comp, g_full)
