@@ -43,7 +43,8 @@ def compile_parallel_pass(model, enable: bool = True) -> None:
 def compile_steps(model, enable: bool = True) -> None:
     """torch.compile the language model for single-token steps on a static cache (the latent steps and
     decoding of lcot.core.graph, inside its CUDA graph): fused kernels within each step, not bit-identical to the
-    eager step (a few fp32 ulps). One compile per batch size, cache bucket and dtype; --compile_step calls it,
+    eager step (a few fp32 ulps). torch compiles at the first shape and once more, for dynamic shapes, at the next;
+    --compile_step (lcot.core.graph.step_compile; on by default where the steps are CUDA graphs) calls it,
     LCOT_COMPILE_STEP=1 turns it on for every FastLatents. Where it fails to run or to be captured in a CUDA
     graph, lcot.core.graph drops it with a warning and graphs the eager step."""
     if enable:
