@@ -96,6 +96,12 @@ class Job:
 
 
 # -- the job graph -------------------------------------------------------------------------------------------
+# Every job is a process of its own that trains a small model for a few thousand steps: compiling its step there
+# (--compile_step auto on a GPU) would cost each of them its compile time, and the README's results were measured
+# with the eager step. `--extra "--compile_step on"` still turns it on for the training jobs.
+EAGER_STEP = ("--compile_step", "off")
+
+
 def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     """The job graph of one seed (see the module docstring): warm-up, then one stage2 -> stage3 chain per row.
 
@@ -107,7 +113,7 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     common = ["--train_jsonl", plan.train_jsonl, "--bsz", str(plan.bsz), "--grad_accum_steps", "1",
               "--lr", str(plan.lr), "--lr_scheduler", plan.lr_scheduler, "--seed", str(seed),
               "--logging_steps", "50", "--save_steps", "1000", "--save_total_limit", "1",
-              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *plan.extra,
+              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *EAGER_STEP, *plan.extra,
               *(["--bf16"] if plan.bf16 else [])]
     jobs: list[Job] = []
 
@@ -120,7 +126,8 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     def teacher(name: str, src: str) -> str:
         jobs.append(Job(f"{s}/{name}", ["lcot.precompute_teacher_latents", "--model_name_or_path", str(d / src),
                                         "--output_dir", str(d / name), "--train_jsonl", plan.train_jsonl,
-                                        "--k_max", str(k), "--bsz", "64", *(["--bf16"] if plan.bf16 else [])],
+                                        "--k_max", str(k), "--bsz", "64", *EAGER_STEP,
+                                        *(["--bf16"] if plan.bf16 else [])],
                         [f"{s}/{src}"]))
         return f"{s}/{name}"
 
