@@ -74,7 +74,9 @@ class Setup:
 
     def train_flags(self, steps: int) -> dict:
         """Keyword arguments of `lcot.pipeline.train.run_stage` (CLI flags) besides stage, model, data, K, steps."""
-        common = dict(seed=0, logging_steps=max(1, steps // 10), save_steps=100_000)
+        # a notebook's runs are a few hundred steps: compiling the step (a minute or two on a GPU) costs more than
+        # it saves there, and the teacher precompute below runs the eager step too
+        common = dict(seed=0, logging_steps=max(1, steps // 10), save_steps=100_000, compile_step="off")
         if not self.real:  # 1M random parameters: a large learning rate, full fine-tuning, fp32
             return dict(common, bsz=4, grad_accum_steps=1, lr=2e-3, warmup_ratio=0.05)
         flags = dict(common, bsz=1, grad_accum_steps=8, lr=1e-4, warmup_ratio=0.03, lora=True, freeze_vision=True,
