@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcot.core.adapters import ENV, adapter_weights, autocast_adapters
+from lcot.core.adapters import ENV, adapter_layers, adapter_weights, autocast_adapters, lora_layers, tuner_layers
 from lcot.core.model import latent_hidden_states
 
 peft = pytest.importorskip("peft")
@@ -33,7 +33,13 @@ def _latents(model, batch, monkeypatch, cast: str):
 def test_adapters_are_fp32_and_change_the_output(lora_bf16, monkeypatch):
     model, batch = lora_bf16
     weights = adapter_weights(model)
-    assert len(weights) == 2 * 4 * model.config.text_config.num_hidden_layers
+    n = 4 * model.config.text_config.num_hidden_layers  # q, v, gate, down in every layer
+    layers = lora_layers(model)
+    assert len(layers) == n and len(tuner_layers(model)) == n and len(adapter_layers(model)) == 2 * n
+    assert all(name.endswith(("q_proj", "v_proj", "gate_proj", "down_proj")) for name, _ in layers)
+    assert [name for name, _ in adapter_layers(model)] == [name for name, m in model.named_modules()
+                                                          if ".lora_A." in name or ".lora_B." in name]
+    assert len(weights) == 2 * n
     assert {p.dtype for p in weights} == {torch.float32}
     on = _latents(model, batch, monkeypatch, "1")[1]
     for m in model.modules():

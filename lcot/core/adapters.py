@@ -22,9 +22,21 @@ ENV = "LCOT_CAST_ADAPTERS"
 _CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {parameter name: its cast}, reused
 
 
+def tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's adapter-carrying layers, of any method (they keep `merged_adapters`), in module order."""
+    return [m for m in model.modules() if hasattr(m, "merged_adapters")]
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """peft's LoRA layers (a base layer with `lora_A` and `lora_B` dicts of products), with their names. The one
+    definition lcot uses: these casts, lcot.core.skinny's kernels, lcot.core.graph's checks (via tuner_layers)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "merged_adapters") and hasattr(m, "lora_A")]
+
+
 def adapter_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """peft's LoRA product layers (those in its `lora_A` and `lora_B` dicts), with their names."""
-    return [(n, m) for n, m in model.named_modules() if (".lora_A." in n or ".lora_B." in n) and m._parameters]
+    return [(f"{n}.{d}.{key}", sub) for n, m in lora_layers(model) for d in ("lora_A", "lora_B")
+            for key, sub in getattr(m, d).items() if sub._parameters]
 
 
 def adapter_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:

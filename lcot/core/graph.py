@@ -52,6 +52,7 @@ import torch
 from transformers import StaticCache
 
 from lcot.core import skinny
+from lcot.core.adapters import tuner_layers
 from lcot.core.latent import (
     _COMPILED_STEP,
     _GRAPHED_PASS,
@@ -158,7 +159,7 @@ def _forward_state(model) -> tuple:
     ptrs = tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers()))
     lora = tuple((tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
                   str(getattr(m, "active_adapters", "")))
-                 for m in lm.modules() if hasattr(m, "merged_adapters"))
+                 for m in tuner_layers(lm))
     return ptrs, lora, skinny.enabled(model)
 
 

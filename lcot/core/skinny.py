@@ -28,6 +28,8 @@ from functools import cache
 
 import torch
 
+from lcot.core.adapters import lora_layers
+
 ENV = "LCOT_SKINNY"
 MAX_ROWS = 16  # rows of one kernel call (its tile height, skinny_kernel.BM); larger batches go to cuBLAS
 PLAIN_MIN_OUTPUTS = 3072  # a weight without LoRA goes to the kernel from this many outputs (see `worth`)
@@ -189,11 +191,11 @@ def step_forwards(model) -> list[tuple[torch.nn.Module, object]]:
     every time."""
     kept = _FORWARDS.get(model)
     lm = model.model.language_model
-    mods = [m for n, m in lm.named_modules()
-            if (type(m) is torch.nn.Linear or hasattr(m, "lora_A")) and ".lora_" not in n]
-    if kept is None or [m for m, _ in kept] != mods:
-        kept = _FORWARDS[model] = [(m, _lora_forward(m) if hasattr(m, "lora_A") else _linear_forward(m))
-                                   for m in mods]
+    lora = [m for _, m in lora_layers(lm)]
+    inside = {id(sub) for m in lora for d in (m.lora_A, m.lora_B) for sub in d.values()}
+    plain = [m for m in lm.modules() if type(m) is torch.nn.Linear and id(m) not in inside]
+    if kept is None or [m for m, _ in kept] != plain + lora:
+        kept = _FORWARDS[model] = [(m, _linear_forward(m)) for m in plain] + [(m, _lora_forward(m)) for m in lora]
     return kept
 
 
