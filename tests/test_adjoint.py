@@ -179,10 +179,10 @@ def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on, monkey
 
 def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, monkeypatch):
     """Under a compiled step the pass over the slots runs the compiled language model (here on AOTAutograd's eager
-    backend: its backward, run once per product, is the part that must allow it), with full's gradient; a compile
-    that fails is dropped with a warning for the uncompiled pass on the same prefix; LCOT_ADJOINT_COMPILE=0."""
+    backend: its backward, run once per product, is the part that must allow it), with full's gradient;
+    LCOT_ADJOINT_COMPILE=0 keeps it uncompiled."""
     from lcot.core import adjoint
-    from lcot.core.latent import _COMPILED_STEP, compile_steps
+    from lcot.core.latent import compile_steps
 
     model, processor = loaded
     b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
@@ -206,19 +206,67 @@ def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, m
         assert calls == [1, 1, 1, 1, 3]
         monkeypatch.delenv(adjoint.COMPILE_ENV)
 
-        def broken(**kw):
-            raise RuntimeError("inductor: compilation failed")
-
-        _COMPILED_STEP[model] = broken
-        n = len(adjoint.COMPILE_ERRORS)
-        with pytest.warns(RuntimeWarning, match="compiled pass over the slots failed"):
-            _, g_fallback = _grads(model, b, "adjoint")
-        _grads(model, b, "adjoint")  # not tried again
-        assert len(adjoint.COMPILE_ERRORS) == n + 1 and model in adjoint._COMPILE_FAILED
-        _assert_same_gradients(g_fallback, g_full)
     finally:
         compile_steps(model, enable=False)
         adjoint._COMPILE_FAILED.discard(model)
+
+
+class _FailsBackward(torch.autograd.Function):
+    """Identity whose backward raises: a compiled backward that fails at the first product."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("inductor: backward compilation failed")
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, monkeypatch, where):
+    """A compiled pass that fails when it runs (after writing into the cache) or in its backward (at the first
+    product, inside the backward pass): a warning, the uncompiled pass on the prefix as it came, full's gradient;
+    not tried again for that model. Running out of memory is no compile failure: it propagates."""
+    from lcot.core import adjoint
+    from lcot.core.latent import _COMPILED_STEP
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
+    _, g_full = _grads(model, b, "full")
+    lm = model.model.language_model
+
+    def broken(**kw):
+        cache = kw["past_key_values"]
+        if where == "forward":  # half-run: one layer's columns written, then the failure
+            layer = cache.layers[0]
+            cache.update(torch.zeros_like(layer.keys[:, :, :3]), torch.zeros_like(layer.values[:, :, :3]), 0)
+            raise RuntimeError("inductor: compilation failed")
+        out = lm(**kw)
+        out.last_hidden_state = _FailsBackward.apply(out.last_hidden_state)
+        return out
+
+    monkeypatch.setitem(_COMPILED_STEP, model, broken)
+    n = len(adjoint.COMPILE_ERRORS)
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled pass over the slots failed"):
+            _, g_fallback = _grads(model, b, "adjoint")
+        _, g_again = _grads(model, b, "adjoint")  # not tried again (no warning, no error)
+        assert len(adjoint.COMPILE_ERRORS) == n + 1 and model in adjoint._COMPILE_FAILED
+        _assert_same_gradients(g_fallback, g_full)
+        _assert_same_gradients(g_again, g_full)
+        adjoint._COMPILE_FAILED.discard(model)
+
+        def oom(**kw):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        monkeypatch.setitem(_COMPILED_STEP, model, oom)
+        with pytest.raises(torch.OutOfMemoryError):
+            _grads(model, b, "adjoint")
+        assert model not in adjoint._COMPILE_FAILED
+    finally:
+        adjoint._COMPILE_FAILED.discard(model)
+        model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the products need a GPU")
@@ -226,15 +274,18 @@ def test_compiled_products_are_graphed_and_give_the_full_gradient(tiny_on):
     """With inductor (Triton kernels) the products of the compiled pass are captured and replayed as CUDA graphs
     like the uncompiled ones, and give full's gradient."""
     from lcot.core import adjoint
-    from lcot.core.latent import compile_steps
+    from lcot.core.latent import _COMPILED_STEP, compile_steps
 
     model, b = tiny_on(5)
     _, g_full = _grads(model, b, "full")
     compile_steps(model)
+    compiled, passes = _COMPILED_STEP[model], []
+    _COMPILED_STEP[model] = lambda **kw: passes.append(kw["inputs_embeds"].shape[1]) or compiled(**kw)
     try:
         before, errors = adjoint.CAPTURED[5], len(adjoint.COMPILE_ERRORS)
         for _ in range(2):
             _, g = _grads(model, b, "adjoint", "graph")
+        assert [n for n in passes if n > 1] == [4, 4]  # the compiled pass over the K-1 slots, once a step
         assert adjoint.CAPTURED[5] == before + 2 and len(adjoint.COMPILE_ERRORS) == errors
         assert model not in adjoint._COMPILE_FAILED
         _assert_same_gradients(g, g_full)

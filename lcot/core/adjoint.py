@@ -29,6 +29,7 @@ import os
 import warnings
 import weakref
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from transformers import Cache, DynamicCache
@@ -70,8 +71,10 @@ class Products:
     pass must have run on `stream` (not the current one), so that its backward does too and can be captured
     there."""
 
-    def __init__(self, x: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+    def __init__(self, x: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None,
+                 rebuild: Callable[[Exception], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.x, self.out, self.stream = x, out, stream
+        self.rebuild = rebuild  # a compiled pass: (x, out) of the pass run again uncompiled, if its first product fails
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.v = self.result = None
@@ -86,6 +89,13 @@ class Products:
         v = v.to(self.out.dtype)
         if self.graph is None and self.calls == 2 and self.stream is not None:
             self._capture(v)
+        if self.graph is None and self.calls == 1 and self.rebuild is not None:
+            try:
+                return self.eager(v)
+            except Exception as err:  # noqa: BLE001 - the compiled backward failed: the uncompiled pass, loudly
+                self.x, self.out = self.rebuild(err)
+            finally:
+                self.rebuild = None
         if self.graph is None:
             return self.eager(v)
         self.v.copy_(v)
@@ -148,22 +158,51 @@ class _AddAdjoint(torch.autograd.Function):
         return solve(grad), None
 
 
-def _slots_pass(model, x: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, cols: slice,
-                prefix: DynamicCache) -> torch.Tensor:
-    """The pass over the slots (with gradients to x), compiled where the model's step is (see the module's doc)."""
-    compiled = _COMPILED_STEP.get(model)
-    if compiled is not None and model not in _COMPILE_FAILED and os.environ.get(COMPILE_ENV, "1") != "0":
-        try:
-            with _not_donated():
-                return text_forward(model, x, mask4d, position_ids, cols, prefix, module=compiled)
-        except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
-            msg = f"{type(err).__name__}: {err}"
-            _COMPILE_FAILED.add(model)
-            COMPILE_ERRORS.append(msg)
-            warnings.warn(f"lcot.core.adjoint: the compiled pass over the slots failed ({msg}); running it "
-                          "uncompiled", RuntimeWarning, stacklevel=3)
-            prefix = prefix_cache(model, prefix, cols.start)  # the columns before the slots, as they came
-    return text_forward(model, x, mask4d, position_ids, cols, prefix, plain=True)
+def _compiled_module(model):
+    """The compiled language model for the pass over the slots, or None (see the module's doc)."""
+    if model in _COMPILE_FAILED or os.environ.get(COMPILE_ENV, "1") == "0":
+        return None
+    return _COMPILED_STEP.get(model)
+
+
+def _compile_failed(model, err: Exception) -> None:
+    """A compiled pass over the slots failed (building it, or its backward): drop it for the model, loudly. Running
+    out of memory is not a compile failure: that propagates."""
+    if isinstance(err, torch.OutOfMemoryError):
+        raise err
+    msg = f"{type(err).__name__}: {err}"
+    _COMPILE_FAILED.add(model)
+    COMPILE_ERRORS.append(msg)
+    warnings.warn(f"lcot.core.adjoint: the compiled pass over the slots failed ({msg}); running it uncompiled "
+                  f"(set {COMPILE_ENV}=0 to skip the compile)", RuntimeWarning, stacklevel=4)
+
+
+def _slots_pass(model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int,
+                prefix: DynamicCache, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """The slots 0..K-2 once more, fed `latent_in`, with gradients to their inputs only: (x, out, module run), on
+    the products' stream. Compiled where `compiled` and the model's step is; a compiled forward that fails runs
+    again uncompiled. The pass appends its columns to `prefix` (a new tensor per layer: its first `start` columns
+    keep the prefix, see `prefix_cache`)."""
+    x = latent_in.detach().requires_grad_()
+    k, stream = x.shape[1], _graph_stream(x)
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+    module = _compiled_module(model) if compiled else None
+    cols = slice(start, start + k - 1)
+    with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
+        out = None
+        if module is not None:
+            try:
+                with _not_donated():
+                    out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, module=module)
+            except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
+                _compile_failed(model, err)
+                module, prefix = None, prefix_cache(model, prefix, start)  # as it came, whatever the failure left
+        if out is None:
+            out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, plain=True)
+    if stream is not None:
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+    return x, out, module
 
 
 def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
@@ -176,16 +215,18 @@ def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: D
                           slice(0, embeds.shape[1]), plain=True)
     k = latent_in.shape[1]
     products = None
-    if k > 1:  # the slots 1..K-1 once more, with gradients to their inputs only: J's vector products
-        x = latent_in.detach().requires_grad_()
-        stream = _graph_stream(x)
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-        with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
-            out = _slots_pass(model, x[:, :-1], mask4d, position_ids, slice(start, start + k - 1), prefix)
-        if stream is not None:
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-        products = Products(x, out, stream)
+    if k > 1:  # J's vector products, on a pass over the slots
+        x, out, module = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled=True)
+        rebuild = None
+        if module is not None:  # its backward is compiled (or checked) at the first product: may fail there
+
+            def rebuild(err: Exception) -> tuple[torch.Tensor, torch.Tensor]:
+                _compile_failed(model, err)
+                again = prefix_cache(model, prefix, start)  # the compiled pass appended its columns to prefix
+                with torch.enable_grad():  # (inside the backward pass)
+                    return _slots_pass(model, latent_in, mask4d, position_ids, start, again, compiled=False)[:2]
+
+        products = Products(x, out, _graph_stream(x), rebuild)
 
     def solve(grad: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
