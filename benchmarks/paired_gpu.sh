@@ -18,7 +18,10 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh skinny7b  # the same: lcot.core.skinny's kernels or cuBLAS's
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh final3b   # issue 11's rows on the default GPU path (compiled step)
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh final7b   # the same at 7B (LoRA training, plain-weight teacher)
-# Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT.
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh adjoint3b # the full gradient, its pass over the slots compiled or not
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh adjoint7b # the same at 7B, compiled only
+# Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT. The modes
+# before final3b keep the adjoint's pass over the slots uncompiled (LCOT_ADJOINT_COMPILE=0), as they measured it.
 set -u -o pipefail
 OUT=${OUT:-runs/bench_paired}
 PAIRS=${PAIRS:-5}
@@ -37,7 +40,7 @@ B7T=(--shape 7b --stages stage2 --rows forward,teacher_graph --no-fp32_check)
 case ${1:-3b} in
   3b)
     one b3_eager_step 200 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}"
-    one b3_compiled_step 330 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}" ;;
+    one b3_compiled_step 330 LCOT_COMPILE_STEP=1 LCOT_ADJOINT_COMPILE=0 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}" ;;
   7b)
     one b7_eager_step 300 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
     one b7_compiled_step 300 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${B7[@]}" "${COMMON[@]}"
@@ -55,7 +58,7 @@ case ${1:-3b} in
     F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,latent_adjoint,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,floor)
     T=(--shape 3b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
     one b3_floor_eager 200 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
-    one b3_floor_compiled 260 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
+    one b3_floor_compiled 260 LCOT_COMPILE_STEP=1 LCOT_ADJOINT_COMPILE=0 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
     for n in 4 8; do
       one b3_floor_teacher_batch$n 70 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch $n
     done ;;
@@ -97,8 +100,8 @@ case ${1:-3b} in
     one b7_skinny_eager 100 $PY benchmarks/bench.py "${L[@]}"
     one b7_cublas_eager 100 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}" ;;
   final3b)  # issue 11's 3B rows on lcot's default GPU path (the compiled step, --compile_step auto): training,
-    # the full gradient, the teacher at batch 2 and 16, generation, each beside its floor
-    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,latent_adjoint,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
+    # the teacher at batch 2 and 16, generation, each beside its floor (the full gradient: adjoint3b)
+    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
     T=(--shape 3b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
     one b3_final 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
     one b3_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
@@ -109,6 +112,15 @@ case ${1:-3b} in
     T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
     one b7_final 270 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
     one b7_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b" >&2
+  adjoint3b)  # the full gradient under the compiled step: its pass over the slots compiled (the default; minutes of
+    # compilation) and not (LCOT_ADJOINT_COMPILE=0)
+    A=(--shape 3b --stages stage2 --no-fp32_check --rows sft,latent_adjoint "${COMMON[@]}")
+    one b3_adjoint_slots_compiled 420 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${A[@]}"
+    one b3_adjoint_slots_uncompiled 110 LCOT_COMPILE_STEP=1 LCOT_ADJOINT_COMPILE=0 $PY benchmarks/bench.py "${A[@]}" ;;
+  adjoint7b)  # the same at 7B (LoRA + checkpointing under autocast), compiled only: one call's time
+    A=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --stages stage2
+       --rows sft,latent_adjoint --batch 2 --latent_size 32 --iters 2 --warmup 2 --dtype bf16 --paired 3)
+    one b7_adjoint_slots_compiled 400 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${A[@]}" ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b" >&2
      exit 2 ;;
 esac

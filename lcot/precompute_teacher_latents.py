@@ -12,6 +12,7 @@ precompute (or training) started on it is refused.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from lcot import config
 from lcot.config import option
 from lcot.console import quiet_libraries
-from lcot.core.graph import COMPILE_SETTINGS, step_compile
+from lcot.core.graph import COMPILE_NOTE, COMPILE_SETTINGS, step_compile, step_compiles
 from lcot.errors import LcotInputError, check_output, cli_errors
 from lcot.io import inside
 from lcot.pipeline.data import read_records
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = load(args.model_name_or_path, dtype, state.device, max_pixels=args.max_pixels)
         feed = trained_feed(args.model_name_or_path)
         step_compile(model, args.compile_step)
+        if step_compiles(args.compile_step, model.device) and state.is_main_process:
+            print(COMPILE_NOTE, file=sys.stderr)
         counts = precompute(model, processor, records, args.output_dir, args.k_max, args.bsz,
                             model_name=str(args.model_name_or_path), rank=state.process_index,
                             world_size=state.num_processes, progress=state.is_local_main_process, feed=feed,

@@ -184,3 +184,39 @@ def test_compile_step_flag_spellings():
         got = [config.parse(cls, argv + extra, "p").compile_step
                for extra in ([], ["--compile_step"], ["--compile_step", "off"], ["--compile_step", "on"])]
         assert got == ["auto", "on", "off", "on"]
+
+
+@pytest.mark.parametrize(("setting", "device", "env", "expected"), [
+    ("auto", "cuda", {}, True), ("auto", "cpu", {}, False), ("off", "cuda", {}, False), ("on", "cuda", {}, True),
+    ("on", "cpu", {}, False), ("on", "cpu", {"LCOT_FAST": "static"}, True),
+    ("auto", "cuda", {"LCOT_FAST": "off"}, False), ("auto", "cuda", {"LCOT_FAST": "static"}, False),
+    ("auto", "cuda", {"LCOT_COMPILE_STEP": "0"}, False),
+    ("off", "cuda", {"LCOT_COMPILE_STEP": "1"}, True), (True, "cuda", {}, True), (False, "cuda", {}, False)])
+def test_what_the_commands_say_before_a_run(monkeypatch, setting, device, env, expected):
+    """step_compiles: whether a setting compiles the step on a device (the eager CPU chain never runs it)."""
+    from lcot.core import graph
+
+    for name in (graph.ENV, graph.COMPILE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert graph.step_compiles(setting, device) is expected
+
+
+def test_training_says_when_it_compiles(tiny_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """A run that will compile its step says so before it starts (here --compile_step on with the static-cache
+    chain a CPU runs with LCOT_FAST=static; the eager backend); the default on a CPU says nothing."""
+    from lcot.core.graph import COMPILE_NOTE
+    from lcot.pipeline import train as cli
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real(module, backend="eager", **kw))
+    argv = ["--stage", "stage2", "--model_name_or_path", str(tiny_dir), "--train_jsonl", str(data_dir / "train.jsonl"),
+            "--latent_size", "2", "--max_steps", "1", "--bsz", "2", "--grad_accum_steps", "1", "--align_weight", "0",
+            "--latent_grad", "adjoint"]
+    cli.main([*argv, "--output_dir", str(tmp_path / "default")])
+    assert COMPILE_NOTE not in capsys.readouterr().err
+    monkeypatch.setenv("LCOT_FAST", "static")
+    cli.main([*argv, "--output_dir", str(tmp_path / "on"), "--compile_step", "on"])
+    err = capsys.readouterr().err
+    assert COMPILE_NOTE in err and "--latent_grad adjoint) is compiled too" in err

@@ -69,6 +69,9 @@ MODES = ("auto", "off", "static", "graph")
 ENV = "LCOT_FAST"
 COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": compile every FastLatents' step; "0": --compile_step auto compiles none
 COMPILE_SETTINGS = ("auto", "on", "off")  # --compile_step
+COMPILE_NOTE = ("lcot: note: the one-token latent step is compiled (torch.compile) when the first batch reaches it, "
+                "and once more at the first new sequence length: about a minute each for a 3B or 7B model (the "
+                "progress bar waits meanwhile); --compile_step off skips it.")
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
 KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
 KEEP_PASSES = 8  # graphed passes with gradients (one per input shape) kept per model
@@ -110,9 +113,10 @@ def resolve(model, fast: FastMode | bool | None = None) -> Literal["off", "stati
 
 
 def step_compile(model, setting: str | bool) -> None:
-    """--compile_step: "on"/True compiles the model's one-token step now (lcot.core.latent.compile_steps), "off"/False
-    never (unless $LCOT_COMPILE_STEP is "1"); "auto" (the default) compiles it when its steps first run as CUDA
-    graphs (a FastLatents on a CUDA model; see `resolve`), unless $LCOT_COMPILE_STEP is "0"."""
+    """--compile_step: "on"/True compiles the model's one-token step now (lcot.core.latent.compile_steps);
+    "off"/False drops a compiled one and compiles none (unless $LCOT_COMPILE_STEP is "1"); "auto" (the default)
+    compiles it when its steps first run as CUDA graphs (a FastLatents on a CUDA model; see `resolve`), unless
+    $LCOT_COMPILE_STEP is "0"."""
     if setting not in (True, False, *COMPILE_SETTINGS):
         raise ValueError(f"compile_step must be one of {COMPILE_SETTINGS} or a bool, got {setting!r}")
     _AUTO_COMPILE.discard(model)
@@ -120,6 +124,20 @@ def step_compile(model, setting: str | bool) -> None:
         compile_steps(model)
     elif setting == "auto":
         _AUTO_COMPILE.add(model)
+    else:
+        compile_steps(model, False)
+
+
+def step_compiles(setting: str | bool, device: torch.device | str) -> bool:
+    """Will --compile_step `setting` compile the one-token step of a model on `device` (given $LCOT_FAST and
+    $LCOT_COMPILE_STEP)? What the commands say before a run; `_compile_due` decides at the first FastLatents."""
+    mode = os.environ.get(ENV, "auto")
+    cuda = torch.device(device).type == "cuda"
+    static = mode in ("static", "graph") or mode == "auto" and cuda  # the compiled step runs on the static cache
+    env = os.environ.get(COMPILE_ENV)
+    if setting in (True, "on") or env == "1":
+        return static
+    return setting == "auto" and cuda and mode in ("auto", "graph") and env != "0"
 
 
 def _compile_due(model, graphed: bool) -> bool:

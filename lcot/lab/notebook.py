@@ -74,8 +74,8 @@ class Setup:
 
     def train_flags(self, steps: int) -> dict:
         """Keyword arguments of `lcot.pipeline.train.run_stage` (CLI flags) besides stage, model, data, K, steps."""
-        # a notebook's runs are a few hundred steps: compiling the step (a minute or two on a GPU) costs more than
-        # it saves there, and the teacher precompute below runs the eager step too
+        # a notebook's runs are a few hundred steps: compiling the step (a minute or two on a GPU) would cost more
+        # than it saves, and the teacher precompute runs the eager step too
         common = dict(seed=0, logging_steps=max(1, steps // 10), save_steps=100_000, compile_step="off")
         if not self.real:  # 1M random parameters: a large learning rate, full fine-tuning, fp32
             return dict(common, bsz=4, grad_accum_steps=1, lr=2e-3, warmup_ratio=0.05)
@@ -167,7 +167,7 @@ def prerequisite(s: Setup, stage: str, num_latents: int, steps: int) -> Path:
     if stage not in CHAIN:
         raise ValueError(f"stage must be one of {CHAIN}, got {stage!r}")
     key = {"model": str(s.model), "train": str(s.train_jsonl), "k": num_latents, "steps": steps, "dtype": str(s.dtype),
-           "flags": s.train_flags(steps)}
+           "flags": {k: v for k, v in s.train_flags(steps).items() if k != "compile_step"}}  # same results
     folder = s.shared / f"chain-{_digest(key)}"
     out = {}
     rebuilt = False  # once a stage is rebuilt, every later one is too (it was made from the old one)

@@ -20,8 +20,9 @@ from transformers import TrainingArguments
 
 from lcot import config
 from lcot.console import quiet_libraries
+from lcot.core.adjoint import COMPILE_ENV as ADJOINT_COMPILE_ENV
 from lcot.core.collate import Collator
-from lcot.core.graph import graph_parallel_pass, step_compile
+from lcot.core.graph import COMPILE_NOTE, graph_parallel_pass, step_compile, step_compiles
 from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
@@ -106,10 +107,7 @@ def check(args: TrainConfig) -> None:
         print("lcot: note: --compile has no effect on the pass with gradients of --latent_grad adjoint (it runs a "
               "second backward through it, which a compiled pass does not allow); that pass runs uncompiled",
               file=sys.stderr)
-    idle = ("--latent_feed pause feeds nothing back" if args.latent_feed == "pause" else
-            "--latent_size 0 has no latent slots" if args.num_latents == 0 else
-            "--latent_grad full runs its chain with gradients, step by step on the dynamic cache"
-            if args.latent_grad == "full" else None)
+    idle = chain_idle(args)
     if args.compile_step in (True, "on") and idle:
         print(f"lcot: note: --compile_step has no effect here ({idle}); it compiles the latent chain without "
               "gradients of --latent_grad truncated, adjoint or bptt:M", file=sys.stderr)
@@ -195,6 +193,14 @@ def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
         accelerator_config={"non_blocking": torch.cuda.is_available()}, logging_nan_inf_filter=False)
 
 
+def chain_idle(args: TrainConfig) -> str | None:
+    """Why this stage runs no latent chain without gradients (which --compile_step compiles), or None."""
+    return ("--latent_feed pause feeds nothing back" if args.latent_feed == "pause" else
+            "--latent_size 0 has no latent slots" if args.num_latents == 0 else
+            "--latent_grad full runs its chain with gradients, step by step on the dynamic cache"
+            if args.latent_grad == "full" else None)
+
+
 def one_gpu_per_process(targs: TrainingArguments) -> TrainingArguments:
     """One process sees several GPUs (started without a launcher): train on the first only, with a note.
 
@@ -243,6 +249,11 @@ def _train(args: TrainConfig) -> Path:
     if args.compile:
         compile_parallel_pass(model)
     step_compile(model, args.compile_step)
+    if not chain_idle(args) and step_compiles(args.compile_step, "cuda" if torch.cuda.is_available() else "cpu") \
+            and process_state().is_main_process:
+        print(COMPILE_NOTE + (" The full gradient's pass over the slots (--latent_grad adjoint) is compiled too, "
+                              f"which takes minutes more ({ADJOINT_COMPILE_ENV}=0 skips that)."
+                              if args.latent_grad == "adjoint" else ""), file=sys.stderr)
     if args.graph_pass:
         graph_parallel_pass(model)
     if args.lora:

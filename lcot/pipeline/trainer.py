@@ -117,12 +117,16 @@ class TrainConfig:
                            "gradients; lcot.core.latent.compile_parallel_pass): fewer launches for small models, "
                            "a one-off compile at the start")
     compile_step: str = option("auto", "torch.compile the one-token latent step inside its CUDA graph "
-                               "(lcot.core.latent.compile_steps): on an H100 4.6 ms instead of 7.2 ms a step at 3B, "
-                               "what brings stage2/3 under 1.5x a plain step (benchmarks/RESULTS.md). auto: wherever "
-                               "the steps run as CUDA graphs (a GPU); off: the eager step, whose fp32 latents the "
-                               "compiled ones match to a few ulps a step; on: also elsewhere. One compile (about a "
-                               "minute) per batch size, cache length and dtype; a compiled step that fails is "
-                               "dropped with a warning. LCOT_COMPILE_STEP=0 turns auto off",
+                               "(lcot.core.latent.compile_steps): on an H100 a 3B chain takes 0.18 s instead of "
+                               "0.26 s, and stage2/3 cost 1.44-1.50x a plain step at 3B and 7B "
+                               "(benchmarks/RESULTS.md). auto: wherever the steps run as CUDA graphs (a GPU); off: "
+                               "the eager step, whose fp32 latents the compiled ones match to a few ulps a step; on: "
+                               "also on a static cache without graphs (LCOT_FAST=static). torch compiles at the first "
+                               "batch and again, for dynamic shapes, at the first new sequence length: about a "
+                               "minute each at 3B or 7B. Under it, --latent_grad adjoint's pass over the slots is "
+                               "compiled too (minutes more; 1.14x the plain step's memory at 3B; "
+                               "LCOT_ADJOINT_COMPILE=0 keeps it uncompiled). A compile that fails is dropped with a "
+                               "warning. LCOT_COMPILE_STEP=0 turns auto off",
                                choices=COMPILE_SETTINGS, const="on")
     graph_pass: bool = option(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) "
                               "as CUDA graphs of its forward and backward, one per batch shape "
