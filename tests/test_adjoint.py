@@ -177,6 +177,22 @@ def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on, monkey
     assert _largest_gap(again, g_graph) < 1e-6
 
 
+def _compile_on_aot_eager(model, monkeypatch) -> list[int]:
+    """Compile the model's step (lcot.core.latent.compile_steps) on AOTAutograd's eager backend; returns the list of
+    the compiled module's calls, each as its number of input columns."""
+    from lcot.core.latent import compile_steps
+
+    real, calls = torch.compile, []
+
+    def spy(module, **kw):
+        compiled = real(module, backend="aot_eager", **kw)
+        return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compile_steps(model)
+    return calls
+
+
 def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, monkeypatch):
     """Under a compiled step the pass over the slots runs the compiled language model (here on AOTAutograd's eager
     backend: its backward, run once per product, is the part that must allow it), with full's gradient;
@@ -187,14 +203,7 @@ def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, m
     model, processor = loaded
     b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
     _, g_full = _grads(model, b, "full")
-    real, calls = torch.compile, []
-
-    def spy(module, **kw):
-        compiled = real(module, backend="aot_eager", **kw)
-        return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    compile_steps(model)
+    calls = _compile_on_aot_eager(model, monkeypatch)
     try:
         # the chain's steps on the static cache run the compiled model first, so that the pass over the slots is a
         # recompile with dynamic shapes, whose backward AOTAutograd compiles at once, not at the first product
@@ -302,14 +311,7 @@ def test_compiled_pass_over_the_slots_with_lora(tiny_dir, records, monkeypatch):
     model, b = lora_tiny(tiny_dir, records, torch.float32)
     model.train()
     _, g_full = _grads(model, b, "full")
-    real, calls = torch.compile, []
-
-    def spy(module, **kw):
-        compiled = real(module, backend="aot_eager", **kw)
-        return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    compile_steps(model)
+    calls = _compile_on_aot_eager(model, monkeypatch)
     try:
         _, g_comp = _grads(model, b, "adjoint", "static")
     finally:
