@@ -89,13 +89,12 @@ class Products:
         v = v.to(self.out.dtype)
         if self.graph is None and self.calls == 2 and self.stream is not None:
             self._capture(v)
-        if self.graph is None and self.calls == 1 and self.rebuild is not None:
+        rebuild, self.rebuild = self.rebuild, None  # only ever for the first product
+        if self.graph is None and rebuild is not None:
             try:
                 return self.eager(v)
             except Exception as err:  # noqa: BLE001 - the compiled backward failed: the uncompiled pass, loudly
-                self.x, self.out = self.rebuild(err)
-            finally:
-                self.rebuild = None
+                self.x, self.out = rebuild(err)
         if self.graph is None:
             return self.eager(v)
         self.v.copy_(v)
@@ -178,9 +177,9 @@ def _compile_failed(model, err: Exception) -> None:
 
 
 def _slots_pass(model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int,
-                prefix: DynamicCache, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """The slots 0..K-2 once more, fed `latent_in`, with gradients to their inputs only: (x, out, module run), on
-    the products' stream. Compiled where `compiled` and the model's step is; a compiled forward that fails runs
+                prefix: DynamicCache, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, object, object]:
+    """The slots 0..K-2 once more, fed `latent_in`, with gradients to their inputs only: (x, out, module run, the
+    products' stream it ran on). Compiled where `compiled` and the model's step is; a compiled forward that fails runs
     again uncompiled. The pass appends its columns to `prefix` (a new tensor per layer: its first `start` columns
     keep the prefix, see `prefix_cache`)."""
     x = latent_in.detach().requires_grad_()
@@ -202,7 +201,7 @@ def _slots_pass(model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_i
             out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, plain=True)
     if stream is not None:
         torch.cuda.current_stream(x.device).wait_stream(stream)
-    return x, out, module
+    return x, out, module, stream
 
 
 def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
@@ -216,7 +215,7 @@ def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: D
     k = latent_in.shape[1]
     products = None
     if k > 1:  # J's vector products, on a pass over the slots
-        x, out, module = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled=True)
+        x, out, module, stream = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled=True)
         rebuild = None
         if module is not None:  # its backward is compiled (or checked) at the first product: may fail there
 
@@ -226,7 +225,7 @@ def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: D
                 with torch.enable_grad():  # (inside the backward pass)
                     return _slots_pass(model, latent_in, mask4d, position_ids, start, again, compiled=False)[:2]
 
-        products = Products(x, out, _graph_stream(x), rebuild)
+        products = Products(x, out, stream, rebuild)
 
     def solve(grad: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
