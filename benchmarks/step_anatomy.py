@@ -16,8 +16,9 @@ Variants: the eager and the compiled step (--compile), in training and eval mode
 disabled and merged into the weights (what fusing them could at best reach), and with --lora --autocast (bf16
 autocast in training mode, as the trainer runs) the adapters cast in every product instead of once a chain
 (LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --stock_attention also transformers' own sdpa path for the steps
-(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), and with --cublas cuBLAS's
-products (LCOT_SKINNY=0) instead of lcot.core.skinny's kernels; these two with their largest difference from the
+(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), with --sdpa_steps sdpa's kernel
+for the compiled step's grouped attention (instead of FlexAttention's), and with --cublas cuBLAS's
+products (LCOT_SKINNY=0) instead of lcot.core.skinny's kernels; these three with their largest difference from the
 default over all K latents (in bf16 that difference grows with K whatever the change: compare it with bench.py's
 numerics rows).
 """
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import busy_time  # noqa: E402 - a sibling script
 
-KINDS = (("attention", r"flash|fmha|attention|attn"),
+KINDS = (("attention", r"flash|fmha|attention|attn|flex"),
          ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|triton_tem|_mm_|matmul|dot_kernel|skinny_kernel|shrink_kernel"),
          ("copy", r"copy|memcpy|memset|index|scatter|catarray|fill|(?<!no)cast"),
          ("fused", r"^triton"))
@@ -137,10 +138,13 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
 
 def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | None = None,
                   attn: str | None = None, cast: str | None = None, kernels: str | None = None,
-                  iters: int = 5) -> dict:
+                  steps_attention: str | None = None, iters: int = 5) -> dict:
     """One variant: its steps' times, its profiled kernels and (in eval mode) its latents. cast="0": the adapters
     cast in every product (LCOT_CAST_ADAPTERS=0); kernels="0": cuBLAS's products instead of lcot.core.skinny's
-    (LCOT_SKINNY=0); None leaves the environment's choice."""
+    (LCOT_SKINNY=0); steps_attention="sdpa": sdpa's kernel in the compiled step instead of FlexAttention's
+    (LCOT_STEP_ATTENTION=sdpa; dynamo's cache is reset around it, since the variable is read while compiling);
+    None leaves the environment's choice."""
+    from lcot.core import attention as step_attention
     from lcot.core import graph, skinny
     from lcot.core.adapters import ENV
     from lcot.core.latent import compile_steps
@@ -150,8 +154,11 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
     graph.clear(model)
     compile_steps(model, compiled)
     model.train(train)
+    if steps_attention:
+        torch._dynamo.reset()
     t0 = time.perf_counter()
-    with adapters(model, lora), attention(model, attn), env(ENV, cast), env(skinny.ENV, kernels):
+    with (adapters(model, lora), attention(model, attn), env(ENV, cast), env(skinny.ENV, kernels),
+          env(step_attention.ENV, steps_attention)):
         for _ in range(2):  # capture (and compile) first
             bench.chain_steps(b)
         warm_s = time.perf_counter() - t0
@@ -172,8 +179,11 @@ def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | 
                 latents = latent_hidden_states(model, b, fast="graph")[1].float()
     compile_steps(model, False)
     graph.clear(model)
+    if steps_attention:
+        torch._dynamo.reset()
     kern = _kernels(prof)
-    row = {"variant": name, "compiled": compiled, "train": train, "lora": lora, "attention": attn or "default",
+    row = {"variant": name, "compiled": compiled, "train": train, "lora": lora,
+           "attention": attn or steps_attention or "default",
            "products": "cuBLAS" if kernels == "0" or not skinny.enabled(model) else "lcot.core.skinny",
            "step_ms": statistics.median(times) / k * 1e3, "steps_ms": [t / k * 1e3 for t in times],
            "warm_s": round(warm_s, 1), "profiled_kernels": len(kern),
@@ -205,6 +215,9 @@ def variants(args) -> list[dict]:
         if args.stock_attention:
             out.append(dict(name=f"{tag} eval + transformers' attention", compiled=compiled, train=False,
                             attn="sdpa"))
+        if args.sdpa_steps and compiled:
+            out.append(dict(name=f"{tag} eval + sdpa's kernel", compiled=compiled, train=False,
+                            steps_attention="sdpa"))
         if args.cublas:
             out.append(dict(name=f"{tag} train + cuBLAS", compiled=compiled, train=True, kernels="0"))
             out.append(dict(name=f"{tag} eval + cuBLAS", compiled=compiled, train=False, kernels="0"))
@@ -240,6 +253,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--stock_attention", action="store_true",
                    help="also transformers' sdpa path for the steps (eval mode; lcot.core.attention's is the default)")
+    p.add_argument("--sdpa_steps", action="store_true",
+                   help="also sdpa's kernel for the compiled steps' grouped attention (LCOT_STEP_ATTENTION=sdpa; "
+                   "FlexAttention's decoding kernel is the default)")
     p.add_argument("--cublas", action="store_true",
                    help="also cuBLAS's products for the steps (LCOT_SKINNY=0; lcot.core.skinny's kernels are the "
                    "default)")
@@ -265,9 +281,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = v.pop("name")
         row, lat = probe_variant(bench, name, iters=own.probe_iters, **v)
         key = (v["compiled"], v["train"])
-        if (v.get("attn") or v.get("kernels")) and lat is not None and (v["compiled"], False) in ref:
+        if (v.get("attn") or v.get("kernels") or v.get("steps_attention")) and lat is not None and (v["compiled"], False) in ref:
             row["diff"] = float((lat - ref[(v["compiled"], False)]).abs().max())
-        elif not v.get("lora") and not v.get("attn") and not v.get("kernels") and lat is not None:
+        elif not any(v.get(x) for x in ("lora", "attn", "kernels", "steps_attention")) and lat is not None:
             ref[key] = lat
         rows.append(row)
         print(json.dumps({k: r for k, r in row.items() if k != "top"}), file=sys.stderr, flush=True)

@@ -39,6 +39,48 @@ def test_grouped_step_equals_sdpa_with_repeated_heads():
     assert (swapped - ref).abs().max() > 1e-2  # each query head reads its own key-value head
 
 
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")  # FlexAttention's unfused form: the same values
+@pytest.mark.parametrize("s", [13, 128, 300])
+def test_flex_rows_equal_sdpa(s):
+    """FlexAttention over the query rows of each key-value head (every key block listed, the mask read per key)
+    equals sdpa under the same mask row, also where the keys do not fill their last block."""
+    query, key, value, mask = _qkv(s=s)
+    rows = query.reshape(2, 2, 4, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=0.25)
+    out = attention.flex_rows(rows, key, value, mask[:, 0, 0], 0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    mask[:, :, :, -1] = ~mask[:, :, :, -1]  # the last key, in the last (partial) block, is read
+    assert (attention.flex_rows(rows, key, value, mask[:, 0, 0], 0.25) - out).abs().max() > 1e-3
+
+
+def _graphs_of(fn, *args):
+    """fn compiled on a backend that keeps its FX graphs (and runs them as they are): (output, graphs' code)."""
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=keep)(*args), graphs
+
+
+@pytest.mark.parametrize("env", ["steps", "sdpa"])
+def test_compiled_steps_take_flex_attention(env, monkeypatch):
+    """In a compiled step the grouped rows go to FlexAttention (LCOT_STEP_ATTENTION=sdpa: to sdpa), the same values."""
+    monkeypatch.setenv(attention.ENV, env)
+    query, key, value, mask = _qkv(s=200)
+    ref, _ = attention.step_sdpa(_module(), query, key, value, mask, scaling=0.25)
+    (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert any("flex_attention" in code for code in graphs) == (env == "steps")
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))  # a float mask: sdpa's kernel
+    (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value,
+                                  additive)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert not any("flex_attention" in code for code in graphs)
+
+
 @pytest.mark.parametrize("case", ["several queries", "no mask", "no groups", "per-head mask", "dropout"])
 def test_other_calls_go_to_transformers_sdpa(case, monkeypatch):
     heads, groups, q = (8, 8, 1) if case == "no groups" else (8, 2, 3 if case == "several queries" else 1)
@@ -87,6 +129,8 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
 
     monkeypatch.setenv(attention.ENV, "stock")
     assert load(tiny_dir)[0].config.text_config._attn_implementation == "sdpa"
+    monkeypatch.setenv(attention.ENV, "sdpa")
+    assert load(tiny_dir)[0].config.text_config._attn_implementation == attention.STEPS
     monkeypatch.setenv(attention.ENV, "other")
     with pytest.raises(ValueError, match="LCOT_STEP_ATTENTION"):
         load(tiny_dir)
@@ -96,3 +140,39 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
     assert attention.STEPS not in (tmp_path / "saved" / "config.json").read_text()
     stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "saved", attn_implementation="sdpa")
     assert stock.config.text_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,groups", [(16, 2), (28, 4)])  # the 3B and the 7B model's attention
+def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups):
+    """The compiled step's attention on the GPU, at the 3B and 7B shapes (head dim 128, a cache of 1,024 slots),
+    captured in a CUDA graph and replayed with new mask rows, keys and values: sdpa's values each time."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, d, s = 2, 128, 1024
+    bufs = [torch.randn(b, heads, 1, d, device="cuda", dtype=dtype, generator=g),
+            torch.randn(b, groups, s, d, device="cuda", dtype=dtype, generator=g),
+            torch.randn(b, groups, s, d, device="cuda", dtype=dtype, generator=g),
+            torch.zeros(b, 1, 1, s, device="cuda", dtype=torch.bool)]
+    module = _module(heads, groups)
+    step = torch.compile(lambda q, k, v, m: attention.step_sdpa(module, q, k, v, m)[0])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+    def refill(n: int) -> None:  # the first n slots written, some of them padding
+        for buf in bufs[:3]:
+            buf.normal_(generator=g)
+        bufs[3].zero_()
+        bufs[3][..., :n] = torch.rand(b, 1, 1, n, device="cuda", generator=g) > 0.2
+        bufs[3][..., n - 1] = True
+
+    refill(900)
+    for _ in range(2):  # compile and warm up outside the capture
+        step(*bufs)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*bufs)
+    for n in (900, 901, 300, 1024):
+        refill(n)
+        graph.replay()
+        ref, _ = sdpa_attention_forward(module, *bufs)
+        torch.testing.assert_close(out, ref, **tol)

@@ -18,6 +18,7 @@ _spec.loader.exec_module(anat)
     ("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT", "gemm"),
     ("void cutlass::Kernel2<cutlass_80_simt_sgemm_64x64_8x5_tn_align1>", "gemm"),
     ("triton_tem_fused_mm_t_view_15", "gemm"),
+    ("triton_tem_fused_flex_attention_view_3", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16", "attention"),
     ("triton_poi_fused__scaled_dot_product_cudnn_attention__unsafe_view_clone_expand", "attention"),
     ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda", "copy"),
@@ -42,13 +43,14 @@ def test_anatomy_counts_per_step_and_idle_time():
 
 def test_variants_filter():
     class A:
-        compile, lora, autocast, stock_attention, cublas = "both", True, True, True, True
-        variants = "eager*,compiled train?*merged,compiled eval + cu*"
+        compile, lora, autocast, stock_attention, sdpa_steps, cublas = "both", True, True, True, True, True
+        variants = "eager*,compiled train?*merged,compiled eval + cu*,compiled eval + sdpa*"
 
     names = [v["name"] for v in anat.variants(A)]
     assert names == ["eager train", "eager eval", "eager train + adapters off", "eager train + adapters merged",
                      "eager train + per-call casts", "eager eval + transformers' attention", "eager train + cuBLAS",
-                     "eager eval + cuBLAS", "compiled train + adapters merged", "compiled eval + cuBLAS"]
+                     "eager eval + cuBLAS", "compiled train + adapters merged", "compiled eval + sdpa's kernel",
+                     "compiled eval + cuBLAS"]  # sdpa's kernel: compiled steps only
     assert anat.kind_of("skinny_kernel") == anat.kind_of("shrink_kernel") == "gemm"
     assert anat.kind_of("triton_red_fused_add_mean_native_dropout_rsqrt_skinny_linear_view_9") == "fused"
 

@@ -7,9 +7,14 @@ cache copied 8 times in every layer (benchmarks/RESULTS.md, `step_anatomy.py`). 
 query heads of one key-value head be the query rows of one attention over that head, under the same mask row:
 the same attention, without the copies. Every other call goes to transformers' sdpa unchanged.
 
+Inside a compiled step (--compile_step) those query rows go to FlexAttention instead of sdpa: torch.compile makes
+it a decoding kernel that splits the keys over the GPU's multiprocessors. sdpa's kernel gives one program to each
+key-value head of each record (4 programs at 3B, batch 2): 0.84 ms of a 4.6 ms step (benchmarks/RESULTS.md).
+
 It is registered through transformers' AttentionInterface (and its mask interface, so 2D masks are built as for
 sdpa) under STEPS, and `use_step_attention` selects it for a model's language model where that uses sdpa.
-LCOT_STEP_ATTENTION=stock keeps transformers' path.
+LCOT_STEP_ATTENTION (read when a model loads, and when its step compiles): "steps" (the default) as above;
+"sdpa": sdpa's kernel in compiled steps too; "stock": transformers' path.
 """
 
 from __future__ import annotations
@@ -23,7 +28,37 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 STEPS = "lcot_sdpa_steps"
-ENV = "LCOT_STEP_ATTENTION"  # "stock": transformers' sdpa for every call
+ENV = "LCOT_STEP_ATTENTION"  # "steps" (default), "sdpa" (no FlexAttention), "stock" (transformers' sdpa throughout)
+MODES = ("steps", "sdpa", "stock")
+FLEX_BLOCK = 128  # keys per block of the FlexAttention mask (its default block size)
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "steps")
+    if value not in MODES:
+        raise ValueError(f"${ENV} must be one of {MODES}, got {value!r}")
+    return value
+
+
+def flex_rows(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+              scale: float | None = None) -> torch.Tensor:
+    """Attention of query rows (B, G, R, D) over keys and values (B, G, S, D) where keep (B, S) is True, by
+    FlexAttention: (B, G, R, D). Every block of keys is listed as partly masked, so the mask is read element by
+    element and the block mask need not change between steps (a CUDA graph replays it with new mask rows)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    b, _, r, _ = rows.shape
+    s = key.shape[2]
+    n = -(-s // FLEX_BLOCK)
+    counts = torch.full((b, 1, 1), n, dtype=torch.int32, device=rows.device)
+    blocks = torch.arange(n, dtype=torch.int32, device=rows.device).view(1, 1, 1, n).expand(b, 1, 1, n)
+
+    def visible(bi, _h, _q, kv):
+        return keep[bi, kv]
+
+    block_mask = BlockMask.from_kv_blocks(counts, blocks, BLOCK_SIZE=FLEX_BLOCK, mask_mod=visible,
+                                          seq_lengths=(r, s), compute_q_blocks=False)
+    return flex_attention(rows, key, value, block_mask=block_mask, scale=scale)
 
 
 def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -31,7 +66,8 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: q (B, H, Q, D), k and v (B, Hkv, S, D) -> (B, Q, H, D).
     For Q == 1, Hkv < H and a mask row shared by the heads (B, 1, 1, S): the H/Hkv query heads of each key-value
-    head as query rows of one attention; otherwise transformers' sdpa."""
+    head as query rows of one attention (FlexAttention in a compiled step with a bool mask, see the module's
+    docstring; sdpa otherwise); every other call: transformers' sdpa."""
     b, heads, q, d = query.shape
     groups = key.shape[1]
     if (q != 1 or groups == heads or attention_mask is None or attention_mask.shape[1:3] != (1, 1)
@@ -39,7 +75,11 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = query.reshape(b, groups, heads // groups, d)  # head i serves key-value head i // (H/Hkv), as repeat_kv
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    if (torch.compiler.is_compiling() and attention_mask.dtype == torch.bool and mode() == "steps"
+            and query.dtype == key.dtype == value.dtype):
+        out = flex_rows(rows, key, value, attention_mask[:, 0, 0], scaling)
+    else:
+        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, 1, heads, d), None
 
 
@@ -48,10 +88,7 @@ AttentionMaskInterface.register(STEPS, sdpa_mask)
 
 
 def enabled() -> bool:
-    mode = os.environ.get(ENV, "steps")
-    if mode not in ("steps", "stock"):
-        raise ValueError(f"${ENV} must be 'steps' or 'stock', got {mode!r}")
-    return mode == "steps"
+    return mode() != "stock"
 
 
 def set_text_attention(model, name: str) -> str:
