@@ -176,3 +176,103 @@ def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups):
         graph.replay()
         ref, _ = sdpa_attention_forward(module, *bufs)
         torch.testing.assert_close(out, ref, **tol)
+
+
+def _segments_mask(b=2, length=300, seed=0):
+    """A collator-like 4D mask: padding on the left, question, thought image, latents, answer."""
+    from lcot.core.mask import Seg, build_mask
+
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.full((b, length), int(Seg.PROMPT))
+    for row in range(b):
+        pad = int(torch.randint(0, 40, (1,), generator=g))
+        seg[row, :pad] = Seg.PAD
+        seg[row, 100:180] = Seg.THOUGHT_IMAGE
+        seg[row, 180:200] = Seg.LATENT
+        seg[row, 200:] = Seg.ANSWER
+    return build_mask(seg)
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")
+@pytest.mark.parametrize("queries", [300, 7])  # a whole pass; a suffix pass over cached keys
+def test_flex_pass_equals_sdpa_under_lcots_mask(queries):
+    """A multi-token pass by FlexAttention, its block mask made from lcot's mask (padding, thought images seen by
+    the latent slots only), equals sdpa's under the same mask, grouped heads and all."""
+    mask = _segments_mask()[:, :, -queries:]
+    query, key, value, _ = _qkv(q=queries, s=300)
+    ref, _ = sdpa_attention_forward(_module(), query, key, value, mask, scaling=0.25)
+    out = attention.flex_pass(query, key, value, mask, 0.25, compiled=False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    block_mask = attention.block_mask_of(mask)
+    assert attention.block_mask_of(mask) is block_mask and attention.block_mask_of(mask.clone()) is not block_mask
+    if queries == 300:  # blocks above the diagonal skipped
+        assert block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum() == 2 * (1 + 2 + 3)
+    from lcot.core.mask import Seg, build_mask
+
+    causal = attention.block_mask_of(build_mask(torch.full((1, 512), int(Seg.PROMPT))))
+    assert causal.kv_num_blocks.tolist() == [[[1, 1, 1, 1]]]  # the diagonal blocks, read key by key
+    assert causal.full_kv_num_blocks.tolist() == [[[0, 1, 2, 3]]]  # the blocks below it, whole
+
+
+def test_flex_pass_only_on_a_gpu_outside_compile_and_graphs(monkeypatch):
+    query, key, value, _ = _qkv(q=5, s=300)
+    mask = _segments_mask()[:, :, -5:]
+    assert not attention._takes_flex_pass(query, key, value, mask, 0.0)  # a CPU: FlexAttention has no backward there
+    monkeypatch.setenv(attention.PASS_ENV, "other")
+    with pytest.raises(ValueError, match="LCOT_PASS_ATTENTION"):
+        attention.pass_mode()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernels (a CPU has no backward)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
+@pytest.mark.parametrize("queries", [960, 40])  # training's pass; a suffix over cached keys
+def test_compiled_flex_pass_forward_and_backward_on_a_gpu(dtype, queries):
+    """The 3B attention shape (16 heads over 2 key-value heads, head dim 128) under lcot's mask of a 960-token
+    sequence: FlexAttention's compiled kernels give sdpa's outputs and gradients (also from fp32 inputs under bf16
+    autocast, as the trainer runs a LoRA model)."""
+    autocast = dtype == "autocast"
+    dtype = torch.float32 if autocast else dtype
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, length = 2, 960
+    mask = _segments_mask(b, length).cuda()[:, :, -queries:]
+    q = torch.randn(b, 16, queries, 128, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(b, 2, length, 128, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(b, 2, length, 128, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    w = torch.randn(b, queries, 16, 128, device="cuda", dtype=dtype, generator=g)
+    module = _module(16, 2)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 and not autocast else {"rtol": 3e-2, "atol": 3e-2}
+    results = []
+    for fn in (lambda: attention.flex_pass(q, k, v, mask), lambda: sdpa_attention_forward(module, q, k, v, mask)[0]):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn()
+            assert out.dtype == (torch.bfloat16 if autocast else dtype)
+            grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+        results.append((out, *grads))
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernels (a CPU has no backward)")
+def test_training_step_gradients_with_the_flex_pass(tiny_on, monkeypatch):
+    """The tiny model's training pass (latents, thought images, padding) on a GPU in fp32: FlexAttention and
+    sdpa give the same loss gradients, and the pass did take FlexAttention."""
+    from lcot.core.model import latent_hidden_states
+
+    model, b = tiny_on(3)
+    model.train()
+    used = []
+    real = attention.flex_pass
+    monkeypatch.setattr(attention, "flex_pass", lambda *a, **k: used.append(1) or real(*a, **k))
+    grads = []
+    for mode in ("flex", "sdpa"):
+        monkeypatch.setenv(attention.PASS_ENV, mode)
+        model.zero_grad()
+        hidden, latents = latent_hidden_states(model, b, grad="truncated", fast="off")
+        (hidden.pow(2).mean() + latents.pow(2).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if mode == "flex":
+            assert used
+            used.clear()
+    assert not used and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
