@@ -24,9 +24,6 @@
 #                                                     # FlexAttention (the default) and in sdpa's kernel
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex7b_teacher  # the 7B teacher at batch 2, the same two ways
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex7b    # final7b's rows (FlexAttention in the compiled step)
-#     PYTHONPATH=. bash benchmarks/paired_gpu.sh flexpass3b  # 3B training rows and the teacher with the passes'
-#                                                     # attention in FlexAttention (the default) and in sdpa
-#     PYTHONPATH=. bash benchmarks/paired_gpu.sh flexpass7b  # the 7B training rows the same two ways
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT. The modes
 # before final3b keep the adjoint's pass over the slots uncompiled (LCOT_ADJOINT_COMPILE=0), as they measured it.
 set -u -o pipefail
@@ -144,16 +141,6 @@ case ${1:-3b} in
     T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
     one b7_flex 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
     one b7_flex_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
-  flexpass3b)  # multi-token passes under lcot's mask in FlexAttention (the default) and in sdpa (LCOT_PASS_ATTENTION=sdpa)
-    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,floor)
-    one b3_flexpass 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
-    one b3_sdpa_pass 280 LCOT_COMPILE_STEP=1 LCOT_PASS_ATTENTION=sdpa $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}" ;;
-  flexpass7b)
-    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
-       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
-       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
-    one b7_flexpass 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
-    one b7_sdpa_pass 280 LCOT_COMPILE_STEP=1 LCOT_PASS_ATTENTION=sdpa $PY benchmarks/bench.py "${L[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher|flex7b|flexpass3b|flexpass7b" >&2
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher|flex7b" >&2
      exit 2 ;;
 esac
