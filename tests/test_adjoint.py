@@ -196,7 +196,8 @@ def _compile_on_aot_eager(model, monkeypatch) -> list[int]:
 def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, monkeypatch):
     """Under a compiled step the pass over the slots runs the compiled language model (here on AOTAutograd's eager
     backend: its backward, run once per product, is the part that must allow it), with full's gradient;
-    LCOT_ADJOINT_COMPILE=0 keeps it uncompiled."""
+    LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and so does a chain on the dynamic cache (LCOT_FAST=off), which
+    never runs the compiled step."""
     from lcot.core import adjoint
     from lcot.core.latent import compile_steps
 
@@ -211,9 +212,11 @@ def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, m
         assert calls == [1, 1, 1, 1, 3]  # the K steps, then the pass over the K-1 slots
         _assert_same_gradients(g_comp, g_full)
         monkeypatch.setenv(adjoint.COMPILE_ENV, "0")
-        _grads(model, b, "adjoint")
-        assert calls == [1, 1, 1, 1, 3]
+        _grads(model, b, "adjoint", "static")
+        assert calls == [1, 1, 1, 1, 3] + [1] * 4  # the steps only
         monkeypatch.delenv(adjoint.COMPILE_ENV)
+        _grads(model, b, "adjoint", "off")
+        assert calls == [1, 1, 1, 1, 3] + [1] * 4
 
     finally:
         compile_steps(model, enable=False)
@@ -247,6 +250,8 @@ def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, monk
 
     def broken(**kw):
         cache = kw["past_key_values"]
+        if kw["inputs_embeds"].shape[1] == 1:  # the chain's steps (on the static cache) run
+            return lm(**kw)
         if where == "forward":  # half-run: one layer's columns written, then the failure
             layer = cache.layers[0]
             cache.update(torch.zeros_like(layer.keys[:, :, :3]), torch.zeros_like(layer.values[:, :, :3]), 0)
@@ -259,19 +264,21 @@ def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, monk
     n = len(adjoint.COMPILE_ERRORS)
     try:
         with pytest.warns(RuntimeWarning, match="compiled pass over the slots failed"):
-            _, g_fallback = _grads(model, b, "adjoint")
-        _, g_again = _grads(model, b, "adjoint")  # not tried again (no warning, no error)
+            _, g_fallback = _grads(model, b, "adjoint", "static")
+        _, g_again = _grads(model, b, "adjoint", "static")  # not tried again (no warning, no error)
         assert len(adjoint.COMPILE_ERRORS) == n + 1 and model in adjoint._COMPILE_FAILED
         _assert_same_gradients(g_fallback, g_full)
         _assert_same_gradients(g_again, g_full)
         adjoint._COMPILE_FAILED.discard(model)
 
         def oom(**kw):
+            if kw["inputs_embeds"].shape[1] == 1:
+                return lm(**kw)
             raise torch.OutOfMemoryError("CUDA out of memory")
 
         monkeypatch.setitem(_COMPILED_STEP, model, oom)
         with pytest.raises(torch.OutOfMemoryError):
-            _grads(model, b, "adjoint")
+            _grads(model, b, "adjoint", "static")
         assert model not in adjoint._COMPILE_FAILED
     finally:
         adjoint._COMPILE_FAILED.discard(model)

@@ -17,8 +17,8 @@ any (lcot's default): a reentrant checkpoint refuses torch.autograd.grad.
 
 On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound:
 one token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels). Where the
-one-token step is compiled (--compile_step, lcot.core.latent.compile_steps), the pass over the slots runs that
-compiled language model too, so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding
+one-token step is compiled (--compile_step, lcot.core.latent.compile_steps) and the chain ran it (on the static
+cache of lcot.core.graph, not with LCOT_FAST=off), the pass over the slots runs that compiled language model too, so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding
 differs by fp32 ulps); LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and a compile that fails is dropped with a
 warning.
 """
@@ -205,17 +205,18 @@ def _slots_pass(model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_i
 
 
 def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
-                 position_ids: torch.Tensor, start: int) -> torch.Tensor:
+                 position_ids: torch.Tensor, start: int, compiled: bool = True) -> torch.Tensor:
     """The parallel pass with gradients (hidden states (B, L, H)) of `embeds` with the K slots from `start` fed
     the chain's `latent_in` (B, K, H), whose backward pass carries the gradient through the whole latent chain.
-    `prefix`: the chain's cache of the columns before `start` (prefix_cache)."""
+    `prefix`: the chain's cache of the columns before `start` (prefix_cache). compiled=False: the pass over the
+    slots uncompiled even under a compiled step (whose chain ran on the dynamic cache, where the step is not run)."""
     latent_in = latent_in.detach().to(embeds.dtype).requires_grad_()
     hidden = text_forward(model, with_latents(embeds, latent_in, start), mask4d, position_ids,
                           slice(0, embeds.shape[1]), plain=True)
     k = latent_in.shape[1]
     products = None
     if k > 1:  # J's vector products, on a pass over the slots
-        x, out, module, stream = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled=True)
+        x, out, module, stream = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled)
         rebuild = None
         if module is not None:  # its backward is compiled (or checked) at the first product: may fail there
 

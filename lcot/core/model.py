@@ -23,6 +23,7 @@ from lcot.core.adapters import autocast_adapters
 from lcot.core.adjoint import adjoint_pass, prefix_cache
 from lcot.core.graph import runner
 from lcot.core.latent import (
+    EagerLatents,
     attn_mask,
     checkpointing_on,
     embed_inputs,
@@ -111,7 +112,9 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
             prefix = prefix_cache(model, steps.cache, s) if adjoint else None
         if adjoint:
-            hidden = adjoint_pass(model, embeds, latent_in, prefix, mask, pos, s)
+            # compiled like the step, where the chain ran it (on a static cache)
+            hidden = adjoint_pass(model, embeds, latent_in, prefix, mask, pos, s,
+                                  compiled=not isinstance(steps, EagerLatents))
             return hidden, hidden[:, s:s + k]
         hidden = text_forward(model, with_latents(embeds, latent_in, s), mask, pos, slice(0, length))
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
