@@ -281,9 +281,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = v.pop("name")
         row, lat = probe_variant(bench, name, iters=own.probe_iters, **v)
         key = (v["compiled"], v["train"])
-        if (v.get("attn") or v.get("kernels") or v.get("steps_attention")) and lat is not None and (v["compiled"], False) in ref:
+        changed = any(v.get(x) for x in ("attn", "kernels", "steps_attention"))
+        if changed and lat is not None and (v["compiled"], False) in ref:
             row["diff"] = float((lat - ref[(v["compiled"], False)]).abs().max())
-        elif not any(v.get(x) for x in ("lora", "attn", "kernels", "steps_attention")) and lat is not None:
+        elif not changed and not v.get("lora") and lat is not None:
             ref[key] = lat
         rows.append(row)
         print(json.dumps({k: r for k, r in row.items() if k != "top"}), file=sys.stderr, flush=True)

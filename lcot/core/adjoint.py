@@ -15,12 +15,12 @@ parallel pass yields the full gradient. One backward per forward. Exact without 
 masks). CPU test: equal to grad="full" (tests/test_adjoint.py). Needs non-reentrant gradient checkpointing, if
 any (lcot's default): a reentrant checkpoint refuses torch.autograd.grad.
 
-On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound:
-one token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels). Where the
+On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound: one
+token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels). Where the
 one-token step is compiled (--compile_step, lcot.core.latent.compile_steps) and the chain ran it (on the static
-cache of lcot.core.graph, not with LCOT_FAST=off), the pass over the slots runs that compiled language model too, so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding
-differs by fp32 ulps); LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and a compile that fails is dropped with a
-warning.
+cache of lcot.core.graph, not with LCOT_FAST=off), the pass over the slots runs that compiled language model too,
+so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding differs by fp32 ulps);
+LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and a compile that fails is dropped with a warning.
 """
 
 from __future__ import annotations
