@@ -223,6 +223,32 @@ def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, m
         adjoint._COMPILE_FAILED.discard(model)
 
 
+def test_compiled_pass_over_a_single_slot_keeps_sdpa(loaded, records, monkeypatch):
+    """K=2: the compiled pass over the slots is one token, as a step is, but with gradients; it neither fails nor
+    falls back, and gives full's gradient. (On an H100 it used to take the steps' FlexAttention, which has no
+    backward, and failed; tests/test_attention.py checks the condition itself.)"""
+    from lcot.core import adjoint, attention
+    from lcot.core.latent import compile_steps
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 2, thought_images=True)(records[:2])
+    _, g_full = _grads(model, b, "full")
+    flex = []
+    real = attention.flex_rows
+    monkeypatch.setattr(attention, "flex_rows", lambda *a: flex.append(torch.is_grad_enabled()) or real(*a))
+    torch._dynamo.reset()
+    calls, errors = _compile_on_aot_eager(model, monkeypatch), len(adjoint.COMPILE_ERRORS)
+    try:
+        _, g_comp = _grads(model, b, "adjoint", "static")
+        assert calls == [1, 1, 1]  # the 2 steps, then the pass over the 1 slot
+        assert flex and not any(flex)  # the steps' attention in FlexAttention, never with gradients
+        assert len(adjoint.COMPILE_ERRORS) == errors and model not in adjoint._COMPILE_FAILED
+        _assert_same_gradients(g_comp, g_full)
+    finally:
+        compile_steps(model, enable=False)
+        adjoint._COMPILE_FAILED.discard(model)
+
+
 class _FailsBackward(torch.autograd.Function):
     """Identity whose backward raises: a compiled backward that fails at the first product."""
 

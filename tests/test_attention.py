@@ -71,14 +71,35 @@ def test_compiled_steps_take_flex_attention(env, monkeypatch):
     monkeypatch.setenv(attention.ENV, env)
     query, key, value, mask = _qkv(s=200)
     ref, _ = attention.step_sdpa(_module(), query, key, value, mask, scaling=0.25)
-    (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value, mask)
+    with torch.no_grad():  # as the chain runs its steps
+        (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value,
+                                      mask)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert any("flex_attention" in code for code in graphs) == (env == "steps")
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))  # a float mask: sdpa's kernel
-    (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value,
-                                  additive)
+    with torch.no_grad():
+        (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key,
+                                      value, additive)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert not any("flex_attention" in code for code in graphs)
+    with torch.enable_grad():  # a pass with gradients (its block mask has no backward): sdpa's kernel
+        (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25),
+                                      query.requires_grad_(), key, value, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert not any("flex_attention" in code for code in graphs)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiled_steps_with_gradients_keep_sdpa(grad, monkeypatch):
+    """Inside torch.compile a single-token pass goes to FlexAttention only without gradients: its block mask has no
+    query blocks, so no backward (the adjoint's pass over a single slot, K=2, runs with them)."""
+    query, key, value, mask = _qkv(s=200)
+    used = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(attention, "flex_rows", lambda *a: used.append(1) or torch.zeros(2, 2, 4, 16))
+    with torch.set_grad_enabled(grad):
+        attention.step_sdpa(_module(), query.requires_grad_(grad), key, value, mask, scaling=0.25)
+    assert bool(used) != grad
 
 
 @pytest.mark.parametrize("case", ["several queries", "no mask", "no groups", "per-head mask", "dropout"])
@@ -144,12 +165,16 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,groups", [(16, 2), (28, 4)])  # the 3B and the 7B model's attention
-def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups):
+@pytest.mark.parametrize("heads,groups,s", [(16, 2, 1024), (28, 4, 1024), (16, 2, 1000)])  # 3B, 7B; a partial block
+def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups, s, monkeypatch):
     """The compiled step's attention on the GPU, at the 3B and 7B shapes (head dim 128, a cache of 1,024 slots),
     captured in a CUDA graph and replayed with new mask rows, keys and values: sdpa's values each time."""
+    used = []
+    real = attention.flex_rows
+    monkeypatch.setattr(attention, "flex_rows", lambda *a: used.append(1) or real(*a))
+    torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
-    b, d, s = 2, 128, 1024
+    b, d = 2, 128
     bufs = [torch.randn(b, heads, 1, d, device="cuda", dtype=dtype, generator=g),
             torch.randn(b, groups, s, d, device="cuda", dtype=dtype, generator=g),
             torch.randn(b, groups, s, d, device="cuda", dtype=dtype, generator=g),
@@ -171,7 +196,8 @@ def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step(*bufs)
-    for n in (900, 901, 300, 1024):
+    assert used  # FlexAttention's kernel, not sdpa's
+    for n in (900, 901, 300, s):
         refill(n)
         graph.replay()
         ref, _ = sdpa_attention_forward(module, *bufs)

@@ -7,9 +7,10 @@ cache copied 8 times in every layer (benchmarks/RESULTS.md, `step_anatomy.py`). 
 query heads of one key-value head be the query rows of one attention over that head, under the same mask row:
 the same attention, without the copies. Every other call goes to transformers' sdpa unchanged.
 
-Inside a compiled step (--compile_step) those query rows go to FlexAttention instead of sdpa: torch.compile makes
-it a decoding kernel that splits the keys over the GPU's multiprocessors. sdpa's kernel gives one program to each
-key-value head of each record (4 programs at 3B, batch 2): 0.84 ms of a 4.6 ms step (benchmarks/RESULTS.md).
+Inside a compiled step without gradients (--compile_step) those query rows go to FlexAttention instead of sdpa:
+torch.compile makes it a decoding kernel that splits the keys over the GPU's multiprocessors. sdpa's kernel gives
+one program to each key-value head of each record (4 programs at 3B, batch 2): 0.84 ms of a 4.5 ms step
+(benchmarks/RESULTS.md).
 
 It is registered through transformers' AttentionInterface (and its mask interface, so 2D masks are built as for
 sdpa) under STEPS, and `use_step_attention` selects it for a model's language model where that uses sdpa.
@@ -75,8 +76,10 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows = query.reshape(b, groups, heads // groups, d)  # head i serves key-value head i // (H/Hkv), as repeat_kv
-    if (torch.compiler.is_compiling() and attention_mask.dtype == torch.bool and mode() == "steps"
-            and query.dtype == key.dtype == value.dtype):
+    # FlexAttention's block mask here has no query blocks, so no backward: passes with gradients (the adjoint's pass
+    # over a single slot, K=2) keep sdpa
+    if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and attention_mask.dtype == torch.bool
+            and mode() == "steps" and query.dtype == key.dtype == value.dtype):
         out = flex_rows(rows, key, value, attention_mask[:, 0, 0], scaling)
     else:
         out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
