@@ -23,7 +23,6 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex3b    # final3b's rows with the compiled step's attention in
 #                                                     # FlexAttention (the default) and in sdpa's kernel
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex7b_teacher  # the 7B teacher at batch 2, the same two ways
-#     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex7b    # final7b's rows (FlexAttention in the compiled step)
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT. The modes
 # before final3b keep the adjoint's pass over the slots uncompiled (LCOT_ADJOINT_COMPILE=0), as they measured it.
 set -u -o pipefail
@@ -41,6 +40,12 @@ B3=(--shape 3b --stages stage2,stage3 --rows sft,latent_truncated_graph,latent_a
 B7=(--shape 7b --lora --gradient_checkpointing --freeze_vision --stages stage2,stage3 --no-fp32_check
     --rows sft,latent_truncated_graph,stage3:sft,stage3:latent_truncated_graph)
 B7T=(--shape 7b --stages stage2 --rows forward,teacher_graph --no-fp32_check)
+# the default path's rows (final3b, flex3b; final7b): 3B training, teacher and generation; 7B LoRA training; a teacher
+F3=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
+L7=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
+    --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
+    --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
+teacher_rows() { echo --shape "$1" --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor; }
 case ${1:-3b} in
   3b)
     one b3_eager_step 200 $PY benchmarks/bench.py "${B3[@]}" "${COMMON[@]}"
@@ -105,17 +110,11 @@ case ${1:-3b} in
     one b7_cublas_eager 100 LCOT_SKINNY=0 $PY benchmarks/bench.py "${L[@]}" ;;
   final3b)  # issue 11's 3B rows on lcot's default GPU path (the compiled step, --compile_step auto): training,
     # the teacher at batch 2 and 16, generation, each beside its floor (the full gradient: adjoint3b)
-    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
-    T=(--shape 3b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
-    one b3_final 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
-    one b3_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
+    one b3_final 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F3[@]}" "${COMMON[@]}"
+    one b3_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}" --batch 16 ;;
   final7b)  # the 7B rows the same way: LoRA + checkpointing under the trainer's autocast; the teacher on plain weights
-    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
-       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
-       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
-    T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
-    one b7_final 270 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
-    one b7_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
+    one b7_final 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L7[@]}"
+    one b7_final_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}" --batch 16 ;;
   adjoint3b)  # the full gradient under the compiled step: its pass over the slots compiled (the default; minutes of
     # compilation) and not (LCOT_ADJOINT_COMPILE=0)
     A=(--shape 3b --stages stage2 --no-fp32_check --rows sft,latent_adjoint "${COMMON[@]}")
@@ -127,20 +126,11 @@ case ${1:-3b} in
     one b7_adjoint_slots_compiled 400 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${A[@]}" ;;
   flex3b)  # final3b's rows, the compiled step's grouped attention in FlexAttention's decoding kernel (the default)
     # and in sdpa's kernel (LCOT_STEP_ATTENTION=sdpa, the tenth session's path)
-    F=(--shape 3b --stages stage2,stage3 --no-fp32_check --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,forward,teacher_graph,teacher_steps,gen_latent_graph,gen_decode_graph,floor)
-    one b3_flex 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}"
-    one b3_sdpa_steps 280 LCOT_COMPILE_STEP=1 LCOT_STEP_ATTENTION=sdpa $PY benchmarks/bench.py "${F[@]}" "${COMMON[@]}" ;;
+    one b3_flex 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${F3[@]}" "${COMMON[@]}"
+    one b3_sdpa_steps 280 LCOT_COMPILE_STEP=1 LCOT_STEP_ATTENTION=sdpa $PY benchmarks/bench.py "${F3[@]}" "${COMMON[@]}" ;;
   flex7b_teacher)
-    T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
-    one b7_flex_teacher 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}"
-    one b7_sdpa_steps_teacher 170 LCOT_COMPILE_STEP=1 LCOT_STEP_ATTENTION=sdpa $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" ;;
-  flex7b)  # final7b's rows on this code
-    L=(--shape 7b --lora --gradient_checkpointing --freeze_vision --no-fp32_check --autocast --batch 2 --latent_size 32
-       --iters 2 --warmup 2 --dtype bf16 --paired "$PAIRS" --stages stage2,stage3
-       --rows sft,latent_truncated_graph,steps,stage3:sft,stage3:latent_truncated_graph,stage3:steps,floor)
-    T=(--shape 7b --stages stage2 --no-fp32_check --rows forward,teacher_graph,teacher_steps,floor)
-    one b7_flex 280 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${L[@]}"
-    one b7_flex_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py "${T[@]}" "${COMMON[@]}" --batch 16 ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher|flex7b" >&2
+    one b7_flex_teacher 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}"
+    one b7_sdpa_steps_teacher 170 LCOT_COMPILE_STEP=1 LCOT_STEP_ATTENTION=sdpa $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}" ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher" >&2
      exit 2 ;;
 esac
