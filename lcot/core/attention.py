@@ -67,8 +67,8 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: q (B, H, Q, D), k and v (B, Hkv, S, D) -> (B, Q, H, D).
     For Q == 1, Hkv < H and a mask row shared by the heads (B, 1, 1, S): the H/Hkv query heads of each key-value
-    head as query rows of one attention (FlexAttention in a compiled step with a bool mask, see the module's
-    docstring; sdpa otherwise); every other call: transformers' sdpa."""
+    head as query rows of one attention (FlexAttention in a compiled step without gradients under a bool mask, see
+    the module's docstring; sdpa otherwise); every other call: transformers' sdpa."""
     b, heads, q, d = query.shape
     groups = key.shape[1]
     if (q != 1 or groups == heads or attention_mask is None or attention_mask.shape[1:3] != (1, 1)
