@@ -14,6 +14,15 @@ if not torch.cuda.is_available():  # Triton's CPU interpreter for lcot.core.skin
 torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin-waits)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles from scratch. transformers wraps every model's forward in one function, whose compiled
+    versions dynamo counts together: past its recompile limit (8) a compiled call runs eagerly, with only a log
+    line to say so, and a test of the compiled path would test the eager one (seen on a GPU, where more tests
+    compile)."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from lcot.toy.tiny import build_tiny

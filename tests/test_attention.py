@@ -166,6 +166,7 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,groups,s", [(16, 2, 1024), (28, 4, 1024), (16, 2, 1000)])  # 3B, 7B; a partial block
+@torch.no_grad()  # as the chain runs its steps (with gradients: sdpa, test_compiled_steps_with_gradients_keep_sdpa)
 def test_compiled_flex_step_in_a_cuda_graph(dtype, heads, groups, s, monkeypatch):
     """The compiled step's attention on the GPU, at the 3B and 7B shapes (head dim 128, a cache of 1,024 slots),
     captured in a CUDA graph and replayed with new mask rows, keys and values: sdpa's values each time."""
