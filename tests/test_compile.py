@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcot.core.collate import Collator
-from lcot.core.latent import _COMPILED, compile_parallel_pass
+from lcot.core.latent import _COMPILED, RECOMPILE_LIMIT, compile_parallel_pass, compile_steps
 from lcot.core.model import latent_hidden_states
 
 
@@ -224,3 +224,18 @@ def test_training_says_when_it_compiles(tiny_dir, data_dir, tmp_path, monkeypatc
     cli.main([*argv, "--output_dir", str(tmp_path / "on"), "--compile_step", "on"])
     err = capsys.readouterr().err
     assert COMPILE_NOTE in err and "--latent_grad adjoint) is compiled too" in err
+
+
+@pytest.mark.parametrize("compile_fn", [compile_parallel_pass, compile_steps])
+def test_compiling_raises_the_recompile_limit(loaded, compile_fn):
+    """transformers' forward wrapper is one function for every model, so lcot's compiled passes (with and without
+    gradients, each batch shape) count against one dynamo limit; at its default of 8, torch runs the ninth eagerly."""
+    model, _ = loaded
+    config = torch._dynamo.config  # set and restored by hand: monkeypatch's undo deletes a config entry
+    old, config.recompile_limit = config.recompile_limit, 8
+    try:
+        compile_fn(model)
+        assert config.recompile_limit == RECOMPILE_LIMIT == 64
+    finally:
+        compile_fn(model, enable=False)
+        config.recompile_limit = old

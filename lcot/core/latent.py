@@ -29,12 +29,26 @@ _COMPILED_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model
 _GRAPHED_PASS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+RECOMPILE_LIMIT = 64  # dynamo's default is 8
+
+
+def allow_recompiles() -> None:
+    """Raise dynamo's limit of compiled versions per function to RECOMPILE_LIMIT. transformers runs every model's
+    forward inside one wrapper function, whose versions dynamo counts together: the steps (without gradients), the
+    adjoint's passes (with them), the parallel pass and each new batch shape add up (a 40-step stage3 of the tiny
+    model made 7), and past the limit torch runs new ones eagerly, saying so in one log line. transformers' own
+    generate raises it to 64 as well."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+
+
 def compile_parallel_pass(model, enable: bool = True) -> None:
     """torch.compile the language model for passes without a KV cache (the pass with gradients of training, the
     pause feed, stage1): fused kernels, far fewer launches for small models. Passes through a cache (the
     prefix, the latent steps, generation) stay eager or CUDA-graphed. Kept outside the module tree, so
     checkpoints are unchanged."""
     if enable:
+        allow_recompiles()
         _COMPILED[model] = torch.compile(model.model.language_model, dynamic=True)
     else:
         _COMPILED.pop(model, None)
@@ -48,6 +62,7 @@ def compile_steps(model, enable: bool = True) -> None:
     LCOT_COMPILE_STEP=1 turns it on for every FastLatents. Where it fails to run or to be captured in a CUDA
     graph, lcot.core.graph drops it with a warning and graphs the eager step."""
     if enable:
+        allow_recompiles()
         _COMPILED_STEP[model] = torch.compile(model.model.language_model)
     else:
         _COMPILED_STEP.pop(model, None)
