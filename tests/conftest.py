@@ -17,9 +17,9 @@ torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every test compiles from scratch. transformers wraps every model's forward in one function, whose compiled
-    versions dynamo counts together: past its recompile limit (8) a compiled call runs eagerly, with only a log
-    line to say so, and a test of the compiled path would test the eager one (seen on a GPU, where more tests
-    compile)."""
+    versions dynamo counts together: past its recompile limit (8 by default) a compiled call runs eagerly, with
+    only a log line to say so, and a test of the compiled path would test the eager one (seen on a GPU, where
+    more tests compile)."""
     torch._dynamo.reset()
 
 

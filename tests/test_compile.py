@@ -239,3 +239,15 @@ def test_compiling_raises_the_recompile_limit(loaded, compile_fn):
     finally:
         compile_fn(model, enable=False)
         config.recompile_limit = old
+
+
+def test_recompile_limit_under_its_old_name(monkeypatch):
+    """torch before 2.7 (pyproject allows 2.6) names the limit cache_size_limit."""
+    from types import SimpleNamespace
+
+    from lcot.core.latent import allow_recompiles
+
+    old = SimpleNamespace(cache_size_limit=8)
+    monkeypatch.setattr(torch._dynamo, "config", old)
+    allow_recompiles()
+    assert old.cache_size_limit == RECOMPILE_LIMIT and not hasattr(old, "recompile_limit")

@@ -36,10 +36,11 @@ def allow_recompiles() -> None:
     """Raise dynamo's limit of compiled versions per function to RECOMPILE_LIMIT. transformers runs every model's
     forward inside one wrapper function, whose versions dynamo counts together: the steps (without gradients), the
     adjoint's passes (with them), the parallel pass and each new batch shape add up (a 40-step stage3 of the tiny
-    model made 7), and past the limit torch runs new ones eagerly, saying so in one log line. transformers' own
-    generate raises it to 64 as well."""
+    model with --compile_step on --latent_grad adjoint made 7), and past the limit torch runs new ones eagerly,
+    saying so in one log line. transformers' generate sets 64 too, for chunked prefill."""
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before torch 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
 
 
 def compile_parallel_pass(model, enable: bool = True) -> None:
