@@ -468,7 +468,7 @@ class Bench:
     def teacher_latents(self, b: dict, fast: str) -> torch.Tensor:
         from lcot.core.model import latent_hidden_states
 
-        return latent_hidden_states(self.model, b, fast=fast)[1]
+        return latent_hidden_states(self.model, b, fast=fast, answer=False)[1]  # as lcot.pipeline.teacher
 
     @torch.no_grad()
     def chain_steps(self, b: dict, fast: str = "graph", around=None) -> float:

@@ -139,6 +139,35 @@ def test_truncated_gradient_mode_has_the_same_forward(loaded, records):
     torch.testing.assert_close(lat_trunc, lat_full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fast,feed", [("off", "continuous"), ("static", "continuous"), ("off", "pause")])
+def test_latents_without_the_answer_pass(loaded, records, fast, feed, monkeypatch):
+    """answer=False (the teacher precompute): the same latents and hidden states up to the last slot, bit for bit,
+    without the pass over the answer; refused with gradients, whose loss needs the answer."""
+    from lcot.core import graph
+    from lcot.core import model as model_module
+
+    model, _ = loaded
+    b = collate(loaded, records[:2], k=4, thought=True)
+    end = b["latent_start"] + 4
+    passes, real_runner = [], model_module.runner
+
+    def counting(*args):  # the cache and steps, recording the columns of each multi-token pass they run
+        steps = real_runner(*args)
+        real = steps.forward
+        monkeypatch.setattr(steps, "forward", lambda x, m, pos, cols: passes.append(cols) or real(x, m, pos, cols))
+        return steps
+
+    graph.clear(model)
+    with torch.no_grad():
+        hidden, latents = latent_hidden_states(model, b, fast=fast, feed=feed)
+        monkeypatch.setattr(model_module, "runner", counting)
+        short, short_latents = latent_hidden_states(model, b, fast=fast, feed=feed, answer=False)
+    assert torch.equal(short_latents, latents) and torch.equal(short, hidden[:, :end])
+    assert hidden.shape[1] > end and passes == ([] if feed == "pause" else [slice(0, b["latent_start"])])
+    with pytest.raises(ValueError, match="without gradients"):
+        latent_hidden_states(model, b, answer=False)
+
+
 # -- 4. teacher latents with k_max, cut to K, equal those with K -----------------------------------------
 def test_kmax_latents_cut_to_k_equal_k_latents(loaded, records):
     model, _ = loaded

@@ -69,7 +69,7 @@ def chain_mode(model) -> Iterator[None]:
 
 
 def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: str | bool | None = None,
-                         feed: FeedMode = "continuous") -> tuple[torch.Tensor, torch.Tensor]:
+                         feed: FeedMode = "continuous", answer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward of a collator batch (lcot.core.collate; on the model's device, except that
     `image_grid_thw` may stay on the CPU). Returns (hidden (B, L, H), latent outputs (B, K, H)).
 
@@ -93,6 +93,8 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
     dynamic cache otherwise), or "off", "static", "graph" (see lcot.core.graph). With gradients: always the
     dynamic cache.
+    answer=False: without gradients, stop after the latent slots (the teacher precompute needs only their outputs):
+    hidden then holds columns :s+K, the same values, and the pass over the answer is not run.
     """
     links = bptt_links(grad)
     if feed not in FEEDS:
@@ -101,8 +103,11 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     s, k = batch["latent_start"], batch["num_latents"]
     embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"))
     rows, length = ids.shape
+    if not answer and torch.is_grad_enabled():
+        raise ValueError("answer=False stops before the answer, whose loss needs it: use it without gradients")
+    stop = length if answer else s + k  # causal: no column before s+k reads the answer
     if feed == "pause" or not k:  # nothing fed back: one parallel pass computes everything
-        hidden = text_forward(model, embeds, mask, pos, slice(0, length))
+        hidden = text_forward(model, embeds, mask, pos, slice(0, length))[:, :stop]
         return hidden, hidden[:, s:s + k]
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
     if grad in ("truncated", "adjoint") or links is not None:
@@ -120,13 +125,15 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
             hidden = text_forward(model, with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
                                   slice(0, length))
-        return hidden, hidden[:, s:s + k]
+        return hidden[:, :stop], hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
                          "use grad='adjoint' (the same gradient) or 'truncated' with gradient checkpointing")
     steps = runner(model, rows, length, fast)  # the dynamic cache whenever gradients are on
     pre = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
     _, latents = steps.run(pre[:, -1:], mask, pos, s, k)
+    if stop == s + k:
+        return torch.cat([pre, latents], 1), latents
     post = steps.forward(embeds[:, s + k:], mask, pos, slice(s + k, length))
     return torch.cat([pre, latents, post], 1), latents
 

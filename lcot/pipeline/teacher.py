@@ -206,7 +206,7 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     for chunk, batch in zip(chunks, loader):
         prefixes = prefix_lengths(batch)
         batch = to_device(batch, model.device)
-        _, latents = latent_hidden_states(model, batch, feed=feed)
+        _, latents = latent_hidden_states(model, batch, feed=feed, answer=False)
         for rec, lat, prefix in zip(chunk, latents, prefixes):
             save_torch(teacher_file(out_dir, rec.idx),
                        {"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
