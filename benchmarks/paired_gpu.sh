@@ -23,6 +23,8 @@
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex3b    # final3b's rows with the compiled step's attention in
 #                                                     # FlexAttention (the default) and in sdpa's kernel
 #     PYTHONPATH=. bash benchmarks/paired_gpu.sh flex7b_teacher  # the 7B teacher at batch 2, the same two ways
+#     PYTHONPATH=. bash benchmarks/paired_gpu.sh teachers  # the teacher at batch 2 (3B, 7B) and 16 (3B), as the
+#                                                     # precompute runs it (since the twelfth session: no answer pass)
 # Batch 2, K=32, bf16, random weights, lcot's packed vision attention in every row. Tables in $OUT. The modes
 # before final3b keep the adjoint's pass over the slots uncompiled (LCOT_ADJOINT_COMPILE=0), as they measured it.
 set -u -o pipefail
@@ -131,6 +133,10 @@ case ${1:-3b} in
   flex7b_teacher)
     one b7_flex_teacher 170 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}"
     one b7_sdpa_steps_teacher 170 LCOT_COMPILE_STEP=1 LCOT_STEP_ATTENTION=sdpa $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}" ;;
-  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher" >&2
+  teachers)
+    one b3_teacher 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}"
+    one b7_teacher 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}"
+    one b3_teacher_batch16 130 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}" --batch 16 ;;
+  *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher|teachers" >&2
      exit 2 ;;
 esac

@@ -37,8 +37,8 @@ class PrecomputeConfig:
     output_dir: str = option(help="the teacher latent folder (--teacher_latent_dir later)")
     k_max: int = option(32, "latents stored per record (>= every later --latent_size)")
     bsz: int = option(16, "records per forward (records of similar shapes are batched together); the batch shares "
-                      "the weight reads of the K latent steps: on an H100 (3B and 7B, compiled step) a batch of 16 "
-                      "costs about 1.3x a forward of it, of 2 about 2.7-2.8x (benchmarks/RESULTS.md); also the batch "
+                      "the weight reads of the K latent steps: on an H100 (compiled step) a batch of 16 costs about "
+                      "1.2-1.3x a forward of it, of 2 about 2.5-2.7x (benchmarks/RESULTS.md); also the batch "
                       "of the benefit evaluation. Lower it if large images (--max_pixels) run out of memory")
     num_workers: int = option(0, "DataLoader worker processes that build batches while the model runs")
     bf16: bool = option(False, "compute in bfloat16 (then train stage2/3 with --bf16 too)")
