@@ -139,10 +139,12 @@ def test_truncated_gradient_mode_has_the_same_forward(loaded, records):
     torch.testing.assert_close(lat_trunc, lat_full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fast,feed", [("off", "continuous"), ("static", "continuous"), ("off", "pause")])
-def test_latents_without_the_answer_pass(loaded, records, fast, feed, monkeypatch):
-    """answer=False (the teacher precompute): the same latents and hidden states up to the last slot, bit for bit,
-    without the pass over the answer; refused with gradients, whose loss needs the answer."""
+@pytest.mark.parametrize("fast,feed,grad", [("off", "continuous", "full"), ("static", "continuous", "full"),
+                                            ("off", "pause", "full"), ("static", "continuous", "truncated")])
+def test_latents_without_the_answer_pass(loaded, records, fast, feed, grad, monkeypatch):
+    """answer=False (the teacher precompute): the same latents and hidden states up to the last slot, bit for bit;
+    the recurrence runs no pass over the answer (a parallel pass still covers every column); refused with
+    gradients, whose loss needs the answer."""
     from lcot.core import graph
     from lcot.core import model as model_module
 
@@ -159,9 +161,9 @@ def test_latents_without_the_answer_pass(loaded, records, fast, feed, monkeypatc
 
     graph.clear(model)
     with torch.no_grad():
-        hidden, latents = latent_hidden_states(model, b, fast=fast, feed=feed)
+        hidden, latents = latent_hidden_states(model, b, grad, fast, feed)
         monkeypatch.setattr(model_module, "runner", counting)
-        short, short_latents = latent_hidden_states(model, b, fast=fast, feed=feed, answer=False)
+        short, short_latents = latent_hidden_states(model, b, grad, fast, feed, answer=False)
     assert torch.equal(short_latents, latents) and torch.equal(short, hidden[:, :end])
     assert hidden.shape[1] > end and passes == ([] if feed == "pause" else [slice(0, b["latent_start"])])
     with pytest.raises(ValueError, match="without gradients"):

@@ -94,8 +94,12 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     dynamic cache otherwise), or "off", "static", "graph" (see lcot.core.graph). With gradients: always the
     dynamic cache.
     answer=False: without gradients, stop after the latent slots (the teacher precompute needs only their outputs):
-    hidden then holds columns :s+K, the same values, and the pass over the answer is not run.
+    hidden then holds columns :s+K, the same values. The recurrence skips its pass over the answer; a parallel pass
+    (feed="pause", K=0, "truncated" and "bptt:m" without gradients) still runs over every column, so that its
+    values stay bit for bit those of the whole pass.
     """
+    if not answer and torch.is_grad_enabled():
+        raise ValueError("answer=False stops before the answer, whose loss needs it: use it without gradients")
     links = bptt_links(grad)
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
@@ -103,8 +107,6 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     s, k = batch["latent_start"], batch["num_latents"]
     embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"))
     rows, length = ids.shape
-    if not answer and torch.is_grad_enabled():
-        raise ValueError("answer=False stops before the answer, whose loss needs it: use it without gradients")
     stop = length if answer else s + k  # causal: no column before s+k reads the answer
     if feed == "pause" or not k:  # nothing fed back: one parallel pass computes everything
         hidden = text_forward(model, embeds, mask, pos, slice(0, length))[:, :stop]
