@@ -136,7 +136,7 @@ case ${1:-3b} in
   teachers)
     one b3_teacher 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}"
     one b7_teacher 190 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 7b) "${COMMON[@]}"
-    one b3_teacher_batch16 130 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}" --batch 16 ;;
+    one b3_teacher_batch16 150 LCOT_COMPILE_STEP=1 $PY benchmarks/bench.py $(teacher_rows 3b) "${COMMON[@]}" --batch 16 ;;
   *) echo "usage: bash benchmarks/paired_gpu.sh 3b|7b|step|floor3b|floor7b|floor7b_teacher|teacher_batches|adapters7b|skinny7b|final3b|final7b|adjoint3b|adjoint7b|flex3b|flex7b_teacher|teachers" >&2
      exit 2 ;;
 esac
