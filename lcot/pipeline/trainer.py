@@ -118,7 +118,7 @@ class TrainConfig:
                            "a one-off compile at the start")
     compile_step: str = option("auto", "torch.compile the one-token latent step inside its CUDA graph "
                                "(lcot.core.latent.compile_steps): on an H100 a 3B chain takes 0.18 s instead of "
-                               "0.26 s, and stage2/3 cost 1.44-1.50x a plain step at 3B and 7B "
+                               "0.26 s, and stage2/3 cost 1.3-1.5x a plain step at 3B and about 1.5x at 7B "
                                "(benchmarks/RESULTS.md). auto: wherever the steps run as CUDA graphs (a GPU); off: "
                                "the eager step, whose fp32 latents the compiled ones match to a few ulps a step; on: "
                                "also on a static cache without graphs (LCOT_FAST=static). torch compiles at the first "
