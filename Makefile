@@ -40,6 +40,15 @@ test: setup lint
 	$(NB_ISOLATION) $(PY) -m pytest -q tests
 	$(NB_ISOLATION) $(PY) -m pytest -q --nbval-lax notebooks
 
+# Quick local runs: the tests without those marked slow (over ~15 s on a CPU) or gpu; no lint, no notebooks.
+.PHONY: test-fast test-gpu
+test-fast: setup
+	$(NB_ISOLATION) $(PY) -m pytest -q -m "not slow and not gpu" tests
+
+# For a GPU machine: only the tests marked gpu (without a CUDA GPU each of them is skipped, see tests/conftest.py).
+test-gpu: setup
+	$(NB_ISOLATION) $(PY) -m pytest -q -m gpu tests
+
 demo: setup
 	$(PY) -m lcot.demo
 

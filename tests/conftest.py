@@ -14,6 +14,16 @@ if not torch.cuda.is_available():  # Triton's CPU interpreter for lcot.core.skin
 torch.set_num_threads(1)  # 2 threads on 2 busy cores made runs 10x slower (spin-waits)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are skipped where torch sees no CUDA device (the markers: pyproject.toml)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Every test compiles from scratch. transformers wraps every model's forward in one function, whose compiled
