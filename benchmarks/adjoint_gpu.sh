@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# --latent_grad adjoint on one GPU (issue 11's affordable full gradient): the CUDA test of its graphed products,
+# --latent_grad adjoint on one GPU (the affordable full gradient, target <= 3x a plain SFT step): the CUDA test of its graphed products,
 # then paired timings against the plain SFT step. From the repo root:
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b     # 3B full fine-tuning, stage2; graphed and eager products
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 7b     # 7B LoRA + gradient checkpointing, stage2 and stage3
-#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b_all # issue 11 3B rows in one process; the teacher at batch 8
+#     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh 3b_all # the 3B target rows in one process; the teacher at batch 8
 #     PYTHONPATH=. bash benchmarks/adjoint_gpu.sh cli    # the GPU test, and stage2 through lcot.main on the tiny
 #                                                        # model: full vs adjoint (fp32), adjoint in bf16 + GC
 # Tables in $OUT (default runs/bench_adjoint). Batch 2, K=32, bf16, random weights.
@@ -26,13 +26,13 @@ case ${1:-3b} in
     gpu_test
     one b3_adjoint 260 $PY benchmarks/bench.py --shape 3b --stages stage2 \
         --rows sft,latent_truncated_graph,latent_adjoint "${COMMON[@]}"
-    one b3_adjoint_eager_products 170 LCOT_ADJOINT_GRAPH=0 $PY benchmarks/bench.py --shape 3b --stages stage2 \
+    one b3_adjoint_eager_products 170 $PY benchmarks/bench.py --adjoint_graphs off --shape 3b --stages stage2 \
         --rows sft,latent_adjoint "${COMMON[@]}" ;;
   7b)
     one b7_lora_gc 560 $PY benchmarks/bench.py --shape 7b --lora --gradient_checkpointing --freeze_vision \
         --stages stage2,stage3 --rows sft,latent_truncated_graph,latent_adjoint,stage3:sft,stage3:latent_truncated_graph,stage3:latent_adjoint \
         "${COMMON[@]}" ;;
-  3b_all)  # all of issue 11's 3B rows in one process, and the teacher at the precompute's batch of 8
+  3b_all)  # all of the 3B target rows in one process, and the teacher at the precompute's batch of 8
     one b3_all 330 $PY benchmarks/bench.py --shape 3b --stages stage2,stage3 \
         --rows sft,latent_truncated_graph,latent_adjoint,forward,teacher_graph,stage3:sft,stage3:latent_truncated_graph,stage3:latent_adjoint \
         "${COMMON[@]}"
@@ -52,7 +52,7 @@ case ${1:-3b} in
       name=$(echo "$run" | cut -d' ' -f1-3 | tr -d ' -')
       $PY -m lcot.main --stage stage2 --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" \
           --teacher_latent_dir "$W/teacher" --output_dir "$W/s2_$name" --latent_size 6 --max_steps 20 --bsz 8 \
-          --grad_accum_steps 1 --lr 2e-3 --logging_steps 5 --latent_grad $run > "$OUT/cli_$name.log" 2>&1
+          --grad_accum_steps 1 --learning_rate 2e-3 --logging_steps 5 --latent_grad $run > "$OUT/cli_$name.log" 2>&1
       echo "=== stage2 --latent_grad $run rc=$?" | tee -a "$OUT/summary.txt"
       grep -E "^step " "$OUT/cli_$name.log" | tee -a "$OUT/summary.txt"
     done ;;

@@ -34,6 +34,14 @@ Rows (each: median time over --iters after --warmup, the ratio to its baseline, 
   ~8 steps on a random deep model), and all K steps in fp32 (--fp32_check converts the model at the end); beside
   it the eager path's own rounding noise: each record alone against the same record in the batch.
 On a CPU "graph" runs eager static-cache steps (no CUDA graphs) and no memory is reported.
+
+Every latent row runs through one lcot.fast.Runner (the one `lcot.pipeline.load` gives a model), its path switched
+per row (fast = off, static or graph); the switches below build it with the matching keyword, for comparisons:
+--compile_step (default off: the eager step; on: the compiled step wherever a static cache runs), --kernels off
+(cuBLAS's products in the steps' graphs instead of lcot.fast.skinny's kernels), --step_attention sdpa|stock (the
+grouped step attention without FlexAttention, or transformers' sdpa), --no-packed_vision (transformers' vision
+tower), --no_cast_adapters (LoRA's adapters cast in every product), --adjoint_graphs off and --adjoint_compile off
+(--latent_grad adjoint's products eager, its pass over the slots uncompiled). The table's `runner` line names them.
 --paired N also times each row against its baseline in N alternating pairs and notes the median ratio: ratios of
 rows timed apart moved by +-20% between processes on one H100 (benchmarks/RESULTS.md).
 """
@@ -178,8 +186,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2**30, iters: int = 5, re
 
 def step_floor(model, batch: dict, bandwidth: float) -> tuple[float, int]:
     """(seconds, bytes) of one latent step of `batch` (a collator batch) at the floor: the bytes it must read, over
-    the copy bandwidth; its KV cache has lcot.core.graph's bucketed number of slots."""
-    from lcot.core.graph import bucket
+    the copy bandwidth; its KV cache has lcot.fast.graph's bucketed number of slots."""
+    from lcot.fast.graph import bucket
 
     nbytes = step_bytes(model, batch["input_ids"].shape[0], bucket(batch["input_ids"].shape[1]))
     return nbytes / bandwidth, nbytes
@@ -212,10 +220,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _fresh(model, device: torch.device) -> None:
-    """Between rows: no kept graphs or caches, no gradients, allocator emptied, peak reset."""
-    from lcot.core import graph as fast
-
-    fast.clear(model)
+    """Between rows: no kept graphs or caches (the model's runner's), no gradients, allocator emptied, peak reset."""
+    runner = getattr(model, "lcot_runner", None)
+    if runner is not None:
+        runner.clear()
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":  # (a full gc.collect takes ~0.5 s: only where memory is measured)
         gc.collect()
@@ -248,9 +256,9 @@ def measure(fn: Callable[[], dict | None], iters: int, warmup: int, device: torc
 
 
 def source_commit() -> str:
-    """The commit the benchmark ran from: $LCOT_COMMIT when given (a lent GPU machine gets a copy of the tree
-    whose .git, if any, may be stale), else git's; "unknown" otherwise. A table names its device, commit and
-    date."""
+    """The commit the benchmark ran from: $LCOT_COMMIT when given (a GPU machine that got a copy of the tree may
+    have no .git, or a stale one), else git's; "unknown" otherwise. A table names its device, commit and date.
+    (Metadata only: no LCOT_* variable changes what runs.)"""
     if os.environ.get("LCOT_COMMIT"):
         return os.environ["LCOT_COMMIT"]
     try:
@@ -282,6 +290,16 @@ def paired_ratio(fn: Callable, base: Callable, pairs: int, device: torch.device)
     return statistics.median(ratios), ratios
 
 
+KERNELS = {"on": True, "off": False, "interpret": "interpret"}
+
+
+def runner_options(args) -> dict:
+    """The lcot.fast.Runner keywords (besides `fast`, which each row sets) that the command line asks for."""
+    return {"compile_step": args.compile_step, "kernels": KERNELS[args.kernels], "step_attention": args.step_attention,
+            "vision": args.packed_vision, "cast_adapters": args.cast_adapters,
+            "adjoint_graphs": args.adjoint_graphs == "on", "adjoint_compile": args.adjoint_compile == "on"}
+
+
 # -- the bench ---------------------------------------------------------------------------------------------------
 class Bench:
     def __init__(self, args) -> None:
@@ -290,7 +308,9 @@ class Bench:
         self.dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
         self.rows: list[dict] = []
         self.env: dict = {}
-        self._captures_seen = self._compiles_seen = 0
+        self.options = runner_options(args)  # the runner's keywords (besides fast)
+        self.runner = None  # lcot.fast.Runner, built in setup
+        self._seen: dict[str, int] = {}  # failure list -> entries already noted in a row
         self._fns: dict[str, Callable] = {}  # row name -> what it timed (the baselines of --paired)
         self.tmp = Path(tempfile.mkdtemp(prefix="lcot-bench-"))
 
@@ -298,15 +318,10 @@ class Bench:
     def add(self, name: str, what: str, *, time_s: float | None = None, baseline: str | None = None,
             peak: float | None = None, value: float | None = None, note: str = "", unit: str = "s",
             paired: float | None = None) -> dict:
-        from lcot.core import graph as fast
-
-        if len(fast.CAPTURE_ERRORS) > self._captures_seen:  # a graph row that silently ran eager steps
-            note = (note + "; " if note else "") + f"GRAPH CAPTURE FAILED, eager steps: {fast.CAPTURE_ERRORS[-1][:160]}"
-            self._captures_seen = len(fast.CAPTURE_ERRORS)
-        if len(fast.COMPILE_ERRORS) > self._compiles_seen:  # a compiled-step row that ran the eager step
-            note = (note + "; " if note else "") + ("COMPILED STEP FAILED, the eager step graphed: "
-                                                    f"{fast.COMPILE_ERRORS[-1][:160]}")
-            self._compiles_seen = len(fast.COMPILE_ERRORS)
+        for label, errors in self.failures():  # a row that silently ran another path says so
+            if len(errors) > self._seen.get(label, 0):
+                note = (note + "; " if note else "") + f"{label}: {errors[-1][:160]}"
+                self._seen[label] = len(errors)
         ratio = None
         if time_s is not None and baseline:
             base = next((r for r in self.rows if r["name"] == baseline), None)
@@ -320,6 +335,25 @@ class Bench:
         print(format_row(row), file=sys.stderr, flush=True)
         self.write()
         return row
+
+    def failures(self) -> list[tuple[str, list[str]]]:
+        """The runner's failure lists, each with the note a row gets when it grew (each failure turns one thing off
+        for the runner, with a warning)."""
+        r = self.runner
+        if r is None:
+            return []
+        return [("GRAPH CAPTURE FAILED, eager steps", r.capture_errors),
+                ("COMPILED STEP FAILED, the eager step graphed", r.compile_errors),
+                ("SKINNY KERNELS FAILED, cuBLAS's products", r.kernel_errors),
+                ("ADJOINT FELL BACK", r.adjoint_state.errors)]
+
+    def path(self, fast: str, runner=None):
+        """The runner (default: the bench's) on path `fast` ("off": the dynamic cache; "static"; "graph"). The rows
+        share one runner, as a trained model has one: its compiled step, kernel copy and adjoint state serve every
+        row, and each path keeps its own static caches and graphs."""
+        runner = self.runner if runner is None else runner
+        runner.fast = fast
+        return runner
 
     def write(self) -> None:
         if self.args.out:
@@ -368,13 +402,11 @@ class Bench:
             cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                              target_modules=rf".*language_model.*\.({LORA_TARGETS})")
             self.model = get_peft_model(self.model, cfg).get_base_model()  # LoRA layers injected in place
-        if a.packed_vision:
-            from lcot.core.vision import use_packed_attention
+        from lcot.fast import Runner
 
-            use_packed_attention(self.model)
-        from lcot.core.attention import use_step_attention
-
-        use_step_attention(self.model)  # as lcot.pipeline.load does (LCOT_STEP_ATTENTION=stock: transformers')
+        # as lcot.pipeline.load does: the runner selects lcot's vision and step attention (--no-packed_vision,
+        # --step_attention stock: transformers')
+        self.runner = Runner(self.model, fast="graph", **self.options).attach()
         if a.freeze_vision:
             self.model.model.visual.requires_grad_(False)
         if a.gradient_checkpointing:
@@ -409,12 +441,12 @@ class Bench:
             "seq_len": {s: int(x["input_ids"].shape[1]) for s, x in self.batches.items()},
             "latent_start": int(b["latent_start"]), "lora": a.lora, "gradient_checkpointing": a.gradient_checkpointing,
             "freeze_vision": a.freeze_vision, "packed_vision": a.packed_vision, "optim": a.optim,
+            "runner": self.options,
             "autocast": a.autocast, "iters": a.iters, "warmup": a.warmup,
             "init_s": round(init_s, 2), "command": "python benchmarks/bench.py " + " ".join(a.argv),
             "commit": source_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "lcot_env": {k: v for k, v in sorted(os.environ.items())  # lcot's and inductor's options
-                         if k.startswith("LCOT_")
-                         or (k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR")},
+            "inductor_env": {k: v for k, v in sorted(os.environ.items())  # inductor's options
+                             if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"},
         }
         print(json.dumps(self.env), file=sys.stderr, flush=True)
         self.write()
@@ -451,38 +483,43 @@ class Bench:
             out = self.model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
                              position_ids=b["position_ids"], pixel_values=b["pixel_values"],
                              image_grid_thw=b["image_grid_thw"], labels=b["labels"], latent_mode=True,
-                             latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad, fast=fast,
-                             return_logits=False)
+                             latent_start=b["latent_start"], num_latents=b["num_latents"], grad=grad,
+                             runner=self.path(fast), return_logits=False)
             loss = out.loss + align_loss(out.latent_hidden, self.teacher[:, :b["num_latents"]])[0]
         loss.backward()
         self._optim_step()
 
+    def embed(self, b: dict) -> torch.Tensor:
+        """The input embeddings of a collator batch, the vision tower run as the runner runs it."""
+        from lcot.core.latent import embed_inputs
+
+        return embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"],
+                            vision=self.runner.vision(self.model))
+
     @torch.no_grad()
     def forward_nograd(self, b: dict) -> None:
-        from lcot.core.latent import embed_inputs, text_forward
+        from lcot.core.latent import text_forward
 
-        embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+        embeds = self.embed(b)
         text_forward(self.model, embeds, b["attention_mask_4d"], b["position_ids"], slice(0, embeds.shape[1]))
 
     @torch.no_grad()
     def teacher_latents(self, b: dict, fast: str) -> torch.Tensor:
         from lcot.core.model import latent_hidden_states
 
-        return latent_hidden_states(self.model, b, fast=fast, answer=False)[1]  # as lcot.pipeline.teacher
+        return latent_hidden_states(self.model, b, answer=False, runner=self.path(fast))[1]  # as lcot.pipeline.teacher
 
     @torch.no_grad()
-    def chain_steps(self, b: dict, fast: str = "graph", around=None) -> float:
+    def chain_steps(self, b: dict, fast: str = "graph", around=None, runner=None) -> float:
         """Seconds of the K graphed latent steps alone, after the prefix pass they read (in the model's mode; in
-        training mode under --autocast, with the chain's adapter casts, as lcot.core.model runs it)."""
-        from lcot.core.graph import runner
-        from lcot.core.latent import embed_inputs
-        from lcot.core.model import chain_mode
-
+        training mode under --autocast, with the chain's adapter casts, as lcot.core.model runs it). runner: another
+        lcot.fast.Runner of the model to run them with (default: the bench's)."""
         s, k, mask, pos = b["latent_start"], b["num_latents"], b["attention_mask_4d"], b["position_ids"]
         amp = self.amp() if self.model.training else nullcontext()
-        with amp, chain_mode(self.model):
-            embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
-            steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
+        runner = self.path(fast, runner)
+        with amp, runner.chain(self.model):
+            embeds = self.embed(b)
+            steps = runner.recurrence(self.model, embeds.shape[0], embeds.shape[1])
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             _sync(self.device)
             t0 = time.perf_counter()
@@ -496,8 +533,7 @@ class Bench:
 
         timings: dict = {}
         generate_batch(self.model, self.processor, self.records, self.args.num_latents,
-                       max_new_tokens=self.args.decode_tokens,
-                       fast=fast, timings=timings)
+                       max_new_tokens=self.args.decode_tokens, runner=self.path(fast), timings=timings)
         return timings
 
     # -- the rows ----------------------------------------------------------------------------------------------
@@ -604,10 +640,8 @@ class Bench:
     @torch.no_grad()
     def _recurrence(self, b: dict, embeds: torch.Tensor, fast: str) -> torch.Tensor:
         """The teacher's latents from given input embeddings (prefix pass, K steps) on one path."""
-        from lcot.core.graph import runner
-
         s, k = b["latent_start"], b["num_latents"]
-        steps = runner(self.model, embeds.shape[0], embeds.shape[1], fast)
+        steps = self.path(fast).recurrence(self.model, embeds.shape[0], embeds.shape[1])
         h = steps.forward(embeds[:, :s], b["attention_mask_4d"], b["position_ids"], slice(0, s))
         return steps.run(h[:, -1:], b["attention_mask_4d"], b["position_ids"], s, k)[1].float()
 
@@ -616,13 +650,12 @@ class Bench:
         """The eager teacher latents of each record of the stage2 batch, computed in a batch of one: the same
         values up to rounding (other matrix shapes), so their distance is the eager path's own rounding noise."""
         from lcot.core.collate import Collator
-        from lcot.core.latent import embed_inputs
 
         coll = Collator(self.processor, self.model.config, b["num_latents"], thought_images=True)
         out = []
         for rec in self.records:
             one = to_device(coll([rec]), self.device)
-            embeds = embed_inputs(self.model, one["input_ids"], one["pixel_values"], one["image_grid_thw"])
+            embeds = self.embed(one)
             out.append(self._recurrence(one, embeds, "off"))
         return torch.cat(out)
 
@@ -630,15 +663,13 @@ class Bench:
         """Teacher latents, same input embeddings, three paths: graphed vs the dynamic cache (first 8 steps,
         all K), and graphed (steps; then steps and prefix) vs static eager (same kernels: the capture/replay
         alone; expect 0)."""
-        from lcot.core.latent import embed_inputs
-
         name = f"numerics_{dtype_name}"
         if not self.wanted(name):
             return
         _fresh(self.model, self.device)
         try:
             with torch.no_grad():
-                embeds = embed_inputs(self.model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+                embeds = self.embed(b)
             ref = self._recurrence(b, embeds, "off")
             static = self._recurrence(b, embeds, "static")
             got = self._recurrence(b, embeds, "graph")
@@ -720,10 +751,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--freeze_vision", action="store_true")
     p.add_argument("--packed_vision", action=argparse.BooleanOptionalAction, default=True,
-                   help="the vision tower's attention as lcot trains it (lcot.core.vision's packed attention, no "
+                   help="the vision tower's attention as lcot trains it (lcot.fast.vision's packed attention, no "
                         "per-window loop) in every row, the plain SFT step included; --no-packed_vision: "
-                        "transformers' sdpa path (a loop over windows) in every row, as the tables before "
-                        "2026-11-26's fifth session, whose shared vision cost flattered every ratio")
+                        "transformers' sdpa path (a loop over windows) in every row (the runner's vision=False), as "
+                        "the tables measured before 2026-11-26, whose shared vision cost flattered every ratio")
+    # the runner's switches (lcot.fast.Runner's keywords; the defaults are lcot's but for --compile_step)
+    p.add_argument("--compile_step", choices=["auto", "on", "off"], default="off",
+                   help="torch.compile the one-token step: off (the eager step, in every row: bench.py's default, "
+                        "which lcot's commands' auto differs from), on (the compiled step wherever the steps run on "
+                        "a static cache: the _static and _graph rows, generation; the adjoint's pass over the slots "
+                        "too), auto (where the steps run as CUDA graphs, as lcot's commands)")
+    p.add_argument("--kernels", choices=list(KERNELS), default="on",
+                   help="lcot.fast.skinny's kernels for the products in the steps' CUDA graphs; off: cuBLAS's; "
+                        "interpret: also on a CPU under Triton's interpreter (TRITON_INTERPRET=1)")
+    p.add_argument("--step_attention", choices=["flex", "sdpa", "stock"], default="flex",
+                   help="the language model's attention: lcot.fast.attention's grouped step attention in "
+                        "FlexAttention (flex) or in sdpa's kernel (sdpa), or transformers' sdpa (stock)")
+    p.add_argument("--no_cast_adapters", dest="cast_adapters", action="store_false",
+                   help="LoRA's adapter weights cast in every product under autocast, instead of once a chain "
+                        "(lcot.fast.adapters)")
+    p.add_argument("--adjoint_graphs", choices=["on", "off"], default="on",
+                   help="--latent_grad adjoint's vector-Jacobian products as CUDA graphs (off: eager)")
+    p.add_argument("--adjoint_compile", choices=["on", "off"], default="on",
+                   help="--latent_grad adjoint's pass over the slots compiled where the chain ran the compiled "
+                        "step (off: uncompiled)")
     p.add_argument("--optim", action="store_true", help="add an AdamW step to every training row")
     p.add_argument("--autocast", action="store_true", help="the training rows (and the K steps in training mode) "
                    "under bf16 autocast, as the trainer runs a --bf16 model; with --lora, peft's fp32 adapters are "

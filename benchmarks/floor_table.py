@@ -10,6 +10,7 @@ floor by well under 1%).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -44,4 +45,7 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(prog="python benchmarks/floor_table.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tables", nargs="+", help="bench.py's JSON tables")
+    main(parser.parse_args(sys.argv[1:]).tables)

@@ -72,7 +72,7 @@ step model $PY benchmarks/bench.py --shape "$SHAPE" --save_model "$W/model" --dt
 step data $PY -m lcot.toy.synthetic --output_dir "$W/data" --n "$N" --test_fraction 0 --image_size 224
 TRAIN=$W/data/train.jsonl
 COMMON=(--model_name_or_path "$W/model" --train_jsonl "$TRAIN" --latent_size "$K" --max_steps "$STEPS"
-        --logging_steps 1 --seed 0 --lr 1e-4 --warmup_ratio 0 --save_steps 100000 --overwrite_output_dir)
+        --logging_steps 1 --seed 0 --learning_rate 1e-4 --warmup_steps 0 --save_steps 100000 --overwrite_output_dir)
 
 # -- stage1: 1 GPU (4 x accum 2) vs DDP (4 x 1 x 2 GPUs) ------------------------------------------------------
 step stage1_1gpu $SINGLE $PY -m lcot.main --stage stage1 "${COMMON[@]}" --output_dir "$W/s1_1gpu" \
@@ -93,7 +93,7 @@ $PY benchmarks/check.py teacher "$W/teacher" "$TRAIN" --k_max "$K" 2>&1 | tee -a
 
 # -- stage2 (truncated: graphed recurrence under DDP) and stage3 (FSDP2) ---------------------------------------
 S23=(--model_name_or_path "$STUDENT" --train_jsonl "$TRAIN" --latent_size "$K" --max_steps "$((STEPS / 2))"
-     --logging_steps 1 --seed 0 --lr 1e-4 --warmup_ratio 0 --save_steps 100000 --overwrite_output_dir
+     --logging_steps 1 --seed 0 --learning_rate 1e-4 --warmup_steps 0 --save_steps 100000 --overwrite_output_dir
      --teacher_latent_dir "$W/teacher" --latent_grad truncated)
 step stage2_1gpu $SINGLE $PY -m lcot.main --stage stage2 "${S23[@]}" --output_dir "$W/s2_1gpu" \
     --bsz 2 --grad_accum_steps 2

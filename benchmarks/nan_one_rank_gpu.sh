@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12, item 2, on 2 GPUs (NCCL): a NaN loss on rank 1 only must stop both processes at that step with
+# A NaN on one rank, on 2 GPUs (NCCL): a NaN loss on rank 1 only must stop both processes at that step with
 # exit 3 within seconds, and the last checkpoint must load. From the repo root:
 #     PYTHONPATH=. bash benchmarks/nan_one_rank_gpu.sh          # logs and summary in $OUT (runs/nan_one_rank)
 # 1. tests/test_multi_process.py: two processes started directly (each one's exit code is seen);
@@ -32,7 +32,7 @@ for cfg in ddp fsdp; do
       --num_processes 2 benchmarks/nan_one_rank.py --bad_rank 1 --bad_step 3 -- --stage stage2 \
       --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" --output_dir "$W/out_$cfg" \
       --latent_size 3 --latent_grad truncated --teacher_latent_dir "$W/teacher" --bsz 2 --grad_accum_steps 1 --max_steps 6 \
-      --save_steps 1 --logging_steps 1 --warmup_ratio 0 > "$OUT/launch_$cfg.log" 2>&1
+      --save_steps 1 --logging_steps 1 --warmup_steps 0 > "$OUT/launch_$cfg.log" 2>&1
   rc=$?
   took=$(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")
   msgs=$(grep -c "lcot: error: loss is nan at step 3 on rank 1 of 2" "$OUT/launch_$cfg.log")
@@ -48,7 +48,7 @@ timeout --kill-after=10 300 $PY -m accelerate.commands.launch --config_file conf
     --num_processes 2 benchmarks/nan_one_rank.py --fault disk --bad_rank 1 --bad_step 3 -- --stage stage2 \
     --model_name_or_path "$W/tiny" --train_jsonl "$W/data/train.jsonl" --output_dir "$W/out_disk" \
     --latent_size 3 --latent_grad truncated --teacher_latent_dir "$W/teacher" --bsz 2 --grad_accum_steps 1 \
-    --max_steps 6 --save_steps 1 --logging_steps 1 --warmup_ratio 0 > "$OUT/launch_disk.log" 2>&1
+    --max_steps 6 --save_steps 1 --logging_steps 1 --warmup_steps 0 > "$OUT/launch_disk.log" 2>&1
 rc=$?
 echo "accelerate ddp, full disk on rank 1 at checkpoint-3: launcher rc=$rc in $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')")s," \
      "exit codes: $(grep -o 'exitcode *: *-\?[0-9]*' "$OUT/launch_disk.log" | tr -s ' ' | tr '\n' ' ')," \

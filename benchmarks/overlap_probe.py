@@ -6,6 +6,7 @@ Times, on the bench's model and batch (bench.py): (a) the no-gradient prefix pas
 prefix columns' forward with gradients, and (c) both at once, the steps replayed on a side stream while the
 forward runs on the main stream. If (c) is well below (a) + (b), splitting training's pass with gradients at the
 slots and running the chain beside its prefix part would pay; if not, the GPU does not overlap them.
+Any other flag is bench.py's (its runner's switches: --compile_step on, --kernels off, --step_attention sdpa, ...).
 """
 
 from __future__ import annotations
@@ -40,21 +41,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="3b")
     p.add_argument("--stage", default="stage3", choices=("stage2", "stage3"))
     p.add_argument("--iters", type=int, default=7)
-    a = p.parse_args(argv)
+    a, rest = p.parse_known_args(argv)
     args = bench.parser().parse_args(["--shape", a.shape, "--batch", "2", "--latent_size", "32", "--dtype", "bf16",
-                                      "--stages", a.stage, "--device", "cuda"])
-    args.argv, args.stages = [], [a.stage]
+                                      "--stages", a.stage, "--device", "cuda", *rest])
+    args.argv, args.stages = rest, [a.stage]
     b_ = bench.Bench(args)
     b_.setup()
-    from lcot.core.graph import runner
-    from lcot.core.latent import embed_inputs, new_cache, text_forward
+    from lcot.core.latent import new_cache, text_forward
 
     model, b = b_.model, b_.batches[a.stage]
     s, k = b["latent_start"], b["num_latents"]
     mask, pos = b["attention_mask_4d"], b["position_ids"]
-    with torch.no_grad():  # the graphed runner is for passes without gradients
-        embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
-        steps = runner(model, embeds.shape[0], embeds.shape[1], "graph")
+    with torch.no_grad():  # the graphed recurrence is for passes without gradients
+        embeds = b_.embed(b)
+        steps = b_.path("graph").recurrence(model, embeds.shape[0], embeds.shape[1])
     side = torch.cuda.Stream()
 
     def chain() -> None:

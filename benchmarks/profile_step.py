@@ -109,42 +109,46 @@ class StepProfiler(TrainerCallback):
 def check_graph_pass(model_dir: str, train_jsonl: str, bsz: int, steps: int = 3) -> dict:
     """The CUDA graphs of a training step (the prefix pass, the latent steps, --graph_pass's pass with gradients)
     against the same step without graphs (static cache, eager), in fp32, on this device: the hidden states and
-    every parameter's gradient, for batches of two shapes, each run `steps` times. Returns the largest
-    differences (0.0: bit for bit)."""
-    from lcot.core import graph
+    every parameter's gradient, for batches of two shapes, each run `steps` times. Two runners of one model, both
+    with the eager step (--compile_step off): the reference one on the static cache without graphs, and one on the
+    graph path with the pass with gradients graphed (graph_pass). Returns the largest differences (0.0: bit for
+    bit)."""
+    from lcot.config import SpeedConfig
     from lcot.core.collate import Collator
     from lcot.core.model import latent_hidden_states
+    from lcot.fast import Runner
     from lcot.io import to_device
     from lcot.pipeline.data import read_records
     from lcot.pipeline.load import load
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load(model_dir, torch.float32)
-    model.to(device).train()
+    model, processor = load(model_dir, torch.float32, device=device, speed=SpeedConfig(fast="static",
+                                                                                       compile_step="off"))
+    model.train()
+    eager = model.lcot_runner  # attached: it selected lcot's attention functions, which both runners share
+    graphed = Runner(model, fast="graph", compile_step="off", graph_pass=True)
     records = read_records(train_jsonl, need_thought_images=True)
     collate = Collator(processor, model.config, 4, thought_images=True, cache=True)
     batches = [to_device(collate(records[i:i + n]), device) for i, n in ((0, bsz), (bsz, bsz // 2 + 1))]
 
-    def step(batch, fast: str) -> tuple[torch.Tensor, dict]:
+    def step(batch, runner: Runner) -> tuple[torch.Tensor, dict]:
         model.zero_grad(set_to_none=True)
-        hidden, lat = latent_hidden_states(model, batch, grad="truncated", fast=fast)
+        hidden, lat = latent_hidden_states(model, batch, grad="truncated", runner=runner)
         (hidden.pow(2).mean() + lat.pow(2).mean()).backward()
         return hidden.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    ref = [step(b, "static") for b in batches]  # no graph at all: static cache, eager prefix and steps
-    graph.graph_parallel_pass(model)
+    ref = [step(b, eager) for b in batches]  # no graph at all: static cache, eager prefix and steps
     dh = dg = 0.0
     for _ in range(steps):
         for b, (h0, g0) in zip(batches, ref):
-            h, g = step(b, "graph")  # the prefix graphed from its second pass on, the steps, the pass
+            h, g = step(b, graphed)  # the prefix graphed from its second pass on, the steps, the pass
             dh = max(dh, (h - h0).abs().max().item())
             dg = max(dg, max((g[n] - g0[n]).abs().max().item() for n in g0))
             assert g.keys() == g0.keys()
-    gp = graph._GRAPHED_PASS[model]
-    graph.graph_parallel_pass(model, enable=False)
-    prefixes = sum(len(fl._prefix) for fl in graph._REGISTRY.get(model, {}).values())
+    gp = graphed.graphed_pass
+    prefixes = sum(len(fl._prefix) for fl in graphed._kept.values())
     return {"device": str(device), "max_abs_diff_hidden": dh, "max_abs_diff_grad": dg, "pass_captures": gp.captures,
-            "pass_failed": gp.failed, "prefix_graphs": prefixes, "capture_errors": graph.CAPTURE_ERRORS,
+            "pass_failed": gp.failed, "prefix_graphs": prefixes, "capture_errors": graphed.capture_errors,
             "shapes": [tuple(b["input_ids"].shape) for b in batches], "replays_each": steps}
 
 
@@ -156,9 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bsz", type=int, default=64)
     p.add_argument("--skip", type=int, default=20, help="optimizer steps before the profile (warm-up)")
     p.add_argument("--profile_steps", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--graph_pass", action="store_true")
+    p.add_argument("--workers", type=int, default=2, help="lcot.main's --dataloader_num_workers")
+    p.add_argument("--compile", action="store_true", help="lcot.main's --compile")
+    p.add_argument("--graph_pass", action="store_true", help="lcot.main's --graph_pass")
+    p.add_argument("--compile_step", choices=["auto", "on", "off"], default="auto", help="lcot.main's --compile_step")
     p.add_argument("--check_graph_pass", action="store_true",
                    help="only compare --graph_pass with the eager pass (fp32 values and gradients), no profile")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -184,9 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         train_mod.train(TrainConfig(
             stage="stage2", model_name_or_path=args.model, train_jsonl=args.train_jsonl, output_dir=args.output_dir,
-            num_latents=4, align_weight=0.0, latent_grad="truncated", bsz=args.bsz, grad_accum_steps=1, lr=1e-3,
-            max_steps=args.skip + args.profile_steps + 2, save_steps=100000, logging_steps=1000, preprocess=True,
-            num_workers=args.workers, compile=args.compile, graph_pass=args.graph_pass,
+            num_latents=4, align_weight=0.0, latent_grad="truncated", per_device_train_batch_size=args.bsz,
+            gradient_accumulation_steps=1, learning_rate=1e-3, max_steps=args.skip + args.profile_steps + 2,
+            save_steps=100000, logging_steps=1000, preprocess=True, dataloader_num_workers=args.workers,
+            compile=args.compile, graph_pass=args.graph_pass, compile_step=args.compile_step,
             overwrite_output_dir=True))
     finally:
         train_mod.LatentTrainer = real

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single-GPU benchmark of issue #5 (H100/H200). From the repo root:
+# The single-GPU benchmark of the K latent steps' cost (H100/H200; benchmarks/RESULTS.md, "The first benchmark"). From the repo root:
 #     PYTHONPATH=. bash benchmarks/run_gpu.sh          # results in $OUT (default runs/bench_gpu)
 #
 # 1. environment: GPU, driver, python/torch/CUDA/transformers/accelerate/peft versions (env.txt);

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The science run of issue 9 on one GPU: small-model training speed, then the 3-seed experiment matrix.
+# The science run on one GPU (docs/results.md): small-model training speed, then the 3-seed experiment matrix.
 #     PYTHONPATH=. bash benchmarks/science_gpu.sh          # results under $OUT (default runs/science)
 #     NAME=hops_tiny_long SPEED_LIMIT=0 bash benchmarks/science_gpu.sh --seeds 1 --stage3_steps 5000 \
 #         --rows grad pause nolatent                    # more lcot.experiment flags override the defaults
 #
-# 1. benchmarks/small_speed.py: stage2 of the 8M model on the hops task, records/s, the first round's path
+# 1. benchmarks/small_speed.py: stage2 of the 8M model on the hops task, records/s, the original path
 #    (images processed in the main process every batch) against --preprocess, on the same card;
 # 2. python -m lcot.experiment --name $NAME: the matrix (tiny model from scratch, hops task, 3 seeds, the
 #    warm-up-teacher protocol with centred alignment; every row, see lcot/experiment.py);

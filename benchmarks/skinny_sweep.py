@@ -1,4 +1,4 @@
-"""lcot.core.skinny's kernel against cuBLAS on the projections of a latent step, per tile configuration.
+"""lcot.fast.skinny's kernel against cuBLAS on the projections of a latent step, per tile configuration.
 
     PYTHONPATH=. python benchmarks/skinny_sweep.py --out runs/skinny/sweep.json
 
@@ -56,7 +56,7 @@ def timed(fn, calls: int = 32, reps: int = 7) -> float:
 
 def check(n: int, k: int, r: int) -> dict:
     """The kernel's largest errors: fp32 against F.linear; bf16 (and cuBLAS's bf16) against fp32 products."""
-    from lcot.core.skinny import skinny_linear
+    from lcot.fast.skinny import skinny_linear
 
     g = torch.Generator(device="cuda").manual_seed(n + k)
     x, w = torch.randn(2, k, device="cuda", generator=g), torch.randn(n, k, device="cuda", generator=g) / k ** 0.5
@@ -72,7 +72,7 @@ def check(n: int, k: int, r: int) -> dict:
 
 
 def sweep_shape(n: int, k: int, rows: int, lora: int, configs: list, bw: float) -> dict:
-    from lcot.core import skinny_kernel
+    from lcot.fast import skinny_kernel
 
     dt = torch.bfloat16
     copies = max(2, L2_SPAN // (n * k * 2))

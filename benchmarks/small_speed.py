@@ -1,17 +1,23 @@
-"""Small-model training throughput (issue 9, item 6): stage2 of an 8M model on the hops task, records/s.
+"""Small-model training throughput: stage2 of an 8M model on the hops task, records/s.
 
     python benchmarks/small_speed.py --out runs/small_speed          # a GPU; prints a markdown table
 
-Every row runs `python -m lcot.main --stage stage2` (align_weight 0, truncated gradient, K=4, batch 64) in
-the same process environment on the same card, one after the other:
-  * baseline: the path of the first round: images decoded and processed in the main process for every
-    batch (--num_workers 0), transformers' per-image vision loops (LCOT_VISION=stock);
+Every row runs lcot.main's stage2 (align_weight 0, truncated gradient, K=4, batch 64) in its own process, with
+the same environment on the same card, one after the other:
+  * baseline: the kit's original data path: images decoded and processed in the main process for every
+    batch (--dataloader_num_workers 0), and transformers' per-image vision loops (the runner built with
+    vision=False: `python benchmarks/small_speed.py lcot.main --no_vision -- FLAGS`, below);
   * cached: `--preprocess` (every record's tokens, positions and exact uint8 pixel codes built once,
     before training; decoded on the GPU), DataLoader workers, and the vision tower without per-image
-    loops (lcot.core.vision);
-  * --graph_pass (optional): the cached row with the pass with gradients as CUDA graphs (lcot.core.graph).
+    loops (lcot.fast.vision; `python -m lcot.main` itself);
+  * --graph_pass (optional): the cached row with the pass with gradients as CUDA graphs (lcot.fast.graph).
 records/s is the Trainer's train_samples_per_second (the training loop only); the one-off preprocessing
 time is reported beside it. CPU dry run: --shape tiny --steps 4 --n 200.
+
+    python benchmarks/small_speed.py lcot.main [--no_vision] -- FLAGS
+
+runs `python -m lcot.main FLAGS` in this process with its runner (lcot.fast.Runner) also given the
+keywords lcot.main has no flag for: --no_vision builds it with vision=False.
 """
 
 from __future__ import annotations
@@ -37,11 +43,34 @@ def steady_rate(text: str, steps: int, bsz: int) -> float | None:
     return (later[-1][0] - later[0][0]) * bsz / (later[-1][1] - later[0][1])
 
 
-def run(argv: list[str], log: Path, **env_extra: str) -> tuple[float, float, str]:
+def lcot_main(argv: list[str]) -> None:
+    """`python -m lcot.main` in this process, its runner built with the keywords of this script's own flags too."""
+    p = argparse.ArgumentParser(prog="python benchmarks/small_speed.py lcot.main",
+                                description=lcot_main.__doc__)
+    p.add_argument("--no_vision", dest="vision", action="store_false",
+                   help="the runner's vision=False: transformers' vision tower (per-image loops)")
+    own, rest = p.parse_known_args(argv)
+    from lcot.pipeline import load as load_mod
+    from lcot.pipeline.train import main as train_main
+
+    options = {} if own.vision else {"vision": False}
+    real = load_mod.attach_runner
+
+    def attach_runner(model, speed=None, **kwargs):
+        return real(model, speed, **kwargs, **options)
+
+    load_mod.attach_runner = attach_runner  # lcot.pipeline.load.load gives the model its runner through it
+    train_main([a for a in rest if a != "--"])
+
+
+def run(argv: list[str], log: Path, runner_flags: tuple[str, ...] = ()) -> tuple[float, float, str, float | None]:
+    """One row: `python -m ARGV` (ARGV: lcot.main and its flags), or with runner_flags through `lcot_main`."""
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", *argv] if not runner_flags else \
+        [sys.executable, str(Path(__file__).resolve()), argv[0], *runner_flags, "--", *argv[1:]]
     with open(log, "w") as fh:
-        rc = subprocess.call([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     text = log.read_text()
     if rc:
         raise SystemExit(f"{' '.join(argv)} failed (rc {rc}); see {log}")
@@ -62,10 +91,10 @@ def main() -> None:
     p.add_argument("--baseline_steps", type=int, default=40)
     p.add_argument("--compile_steps", type=int, default=0, help="optimizer steps of the --compile row (0: --steps)")
     p.add_argument("--bsz", type=int, nargs="+", default=[64], help="batch sizes (each gets both rows)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the cached rows")
     p.add_argument("--graph_pass", action="store_true",
                    help="also a row with --graph_pass (the pass with gradients as CUDA graphs)")
-    p.add_argument("--no_baseline", action="store_true", help="skip the first round's path (rows then show no ratio)")
+    p.add_argument("--no_baseline", action="store_true", help="skip the baseline row (rows then show no ratio)")
     p.add_argument("--compile", action="store_true",
                    help="also a row with --compile, after a 10-step run that fills the compile cache")
     args = p.parse_args()
@@ -77,17 +106,18 @@ def main() -> None:
                            "--output_dir", str(out / "data")], stderr=subprocess.DEVNULL)
     common = ["lcot.main", "--stage", "stage2", "--align_weight", "0", "--latent_grad", "truncated",
               "--latent_size", "4", "--model_name_or_path", str(out / "model"), "--train_jsonl",
-              str(out / "data" / "train.jsonl"), "--grad_accum_steps", "1", "--lr", "1e-3",
-              "--save_steps", "100000", "--logging_steps", "1000", "--overwrite_output_dir"]
+              str(out / "data" / "train.jsonl"), "--grad_accum_steps", "1", "--learning_rate", "1e-3",
+              "--save_steps", "100000", "--logging_steps", "1000", "--overwrite_output_dir",
+              "--verbose"]  # transformers' own bars and final log line, which the rates are read from
     rows = {}
     for bsz in args.bsz:  # the same number of records per row at every batch size
         steps, base_steps = max(1, args.steps * 64 // bsz), max(1, args.baseline_steps * 64 // bsz)
         if not args.no_baseline:
             rows[("baseline", bsz)] = run([*common, "--bsz", str(bsz), "--output_dir", str(out / "baseline"),
                                            "--max_steps", str(base_steps)], out / f"baseline_{bsz}.log",
-                                          LCOT_VISION="stock")
+                                          runner_flags=("--no_vision",))
         cached = [*common, "--bsz", str(bsz), "--output_dir", str(out / "cached"), "--max_steps", str(steps),
-                  "--preprocess", "--num_workers", str(args.workers)]
+                  "--preprocess", "--dataloader_num_workers", str(args.workers)]
         rows[("cached", bsz)] = run(cached, out / f"cached_{bsz}.log")
         if args.graph_pass:
             rows[("cached + --graph_pass", bsz)] = run([*cached, "--graph_pass"], out / f"graph_pass_{bsz}.log")
@@ -121,4 +151,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["lcot.main"]:
+        lcot_main(sys.argv[2:])
+    else:
+        main()

@@ -15,12 +15,14 @@ Beside them: the step's floor (bench.py's bytes over the measured copy bandwidth
 Variants: the eager and the compiled step (--compile), in training and eval mode; with --lora also the adapters
 disabled and merged into the weights (what fusing them could at best reach), and with --lora --autocast (bf16
 autocast in training mode, as the trainer runs) the adapters cast in every product instead of once a chain
-(LCOT_CAST_ADAPTERS=0, lcot.core.adapters); with --stock_attention also transformers' own sdpa path for the steps
-(repeat_kv's copies of the cache, instead of lcot.core.attention's grouped steps), with --sdpa_steps sdpa's kernel
-for the compiled step's grouped attention (instead of FlexAttention's), and with --cublas cuBLAS's
-products (LCOT_SKINNY=0) instead of lcot.core.skinny's kernels; these three with their largest difference from the
-default over all K latents (in bf16 that difference grows with K whatever the change: compare it with bench.py's
-numerics rows).
+(a runner built with cast_adapters=False, lcot.fast.adapters); with --stock_attention also transformers' own sdpa
+path for the steps (repeat_kv's copies of the cache, instead of lcot.fast.attention's grouped steps), with
+--sdpa_steps sdpa's kernel for the compiled step's grouped attention (step_attention="sdpa", instead of
+FlexAttention's), and with --cublas cuBLAS's products (kernels=False) instead of lcot.fast.skinny's kernels; these
+three with their largest difference from the default over all K latents (in bf16 that difference grows with K
+whatever the change: compare it with bench.py's numerics rows). Each variant runs on an lcot.fast.Runner of its
+own, built with bench.py's runner switches (any given here: --kernels, --step_attention, ...) and the variant's
+changes; the bench's runner is attached again after it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def top_kernels(kernels: list[tuple[str, float, float]], steps: int, n: int = 12
 @contextmanager
 def attention(model, name: str | None):
     """The language model's attention implementation set to `name` for the block (None: unchanged)."""
-    from lcot.core.attention import set_text_attention
+    from lcot.fast.attention import set_text_attention
 
     if name is None:
         yield
@@ -89,23 +91,6 @@ def attention(model, name: str | None):
         yield
     finally:
         set_text_attention(model, old)
-
-
-@contextmanager
-def env(name: str, value: str | None):
-    """Environment variable `name` set to `value` for the block (None: as it is)."""
-    import os
-
-    before = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 @contextmanager
@@ -137,61 +122,63 @@ def _kernels(prof) -> list[tuple[str, float, float]]:
 
 
 def probe_variant(bench, name: str, *, compiled: bool, train: bool, lora: str | None = None,
-                  attn: str | None = None, cast: str | None = None, kernels: str | None = None,
+                  attn: str | None = None, cast: bool | None = None, kernels: bool | None = None,
                   steps_attention: str | None = None, iters: int = 5) -> dict:
-    """One variant: its steps' times, its profiled kernels and (in eval mode) its latents. cast="0": the adapters
-    cast in every product (LCOT_CAST_ADAPTERS=0); kernels="0": cuBLAS's products instead of lcot.core.skinny's
-    (LCOT_SKINNY=0); steps_attention="sdpa": sdpa's kernel in the compiled step instead of FlexAttention's
-    (LCOT_STEP_ATTENTION=sdpa; dynamo's cache is reset around it, since the variable is read while compiling);
-    None leaves the environment's choice."""
-    from lcot.core import attention as step_attention
-    from lcot.core import graph, skinny
-    from lcot.core.adapters import ENV
-    from lcot.core.latent import compile_steps
+    """One variant: its steps' times, its profiled kernels and (in eval mode) its latents, on a runner of its own
+    (bench.py's runner switches, the step compiled or not). cast=False: the adapters cast in every product (the
+    runner's cast_adapters=False); kernels=False: cuBLAS's products instead of lcot.fast.skinny's (kernels=False);
+    steps_attention="sdpa": sdpa's kernel in the compiled step instead of FlexAttention's (step_attention="sdpa";
+    dynamo's cache is reset around it); None leaves bench.py's switch."""
     from lcot.core.model import latent_hidden_states
+    from lcot.fast import Runner
 
     model, b, k = bench.model, bench.batches["stage2"], bench.batches["stage2"]["num_latents"]
-    graph.clear(model)
-    compile_steps(model, compiled)
+    options = {**bench.options, "compile_step": "on" if compiled else "off"}
+    for key, value in (("cast_adapters", cast), ("kernels", kernels), ("step_attention", steps_attention)):
+        if value is not None:
+            options[key] = value
+    bench.runner.clear()
+    runner = Runner(model, fast="graph", **options).attach()
     model.train(train)
     if steps_attention:
         torch._dynamo.reset()
     t0 = time.perf_counter()
-    with (adapters(model, lora), attention(model, attn), env(ENV, cast), env(skinny.ENV, kernels),
-          env(step_attention.ENV, steps_attention)):
-        for _ in range(2):  # capture (and compile) first
-            bench.chain_steps(b)
-        warm_s = time.perf_counter() - t0
-        times = [bench.chain_steps(b) for _ in range(iters)]
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if bench.device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(activities=acts)
-        bench.chain_steps(b, around=prof)  # the K steps alone, not the prefix pass before them
-        profiled = "graph"
-        if bench.device.type == "cuda" and not _kernels(prof):  # a profiler that does not see into graphs
+    try:
+        with adapters(model, lora), attention(model, attn):
+            for _ in range(2):  # capture (and compile) first
+                bench.chain_steps(b, runner=runner)
+            warm_s = time.perf_counter() - t0
+            times = [bench.chain_steps(b, runner=runner) for _ in range(iters)]
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if bench.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
             prof = torch.profiler.profile(activities=acts)
-            bench.chain_steps(b, "static", around=prof)
-            profiled = "static (eager launches)"
-        latents = None
-        if not train:  # (in training mode, dropout and checkpointing make the latents another question)
-            with torch.no_grad():
-                latents = latent_hidden_states(model, b, fast="graph")[1].float()
-    compile_steps(model, False)
-    graph.clear(model)
-    if steps_attention:
-        torch._dynamo.reset()
+            bench.chain_steps(b, around=prof, runner=runner)  # the K steps alone, not the prefix pass before them
+            profiled = "graph"
+            if bench.device.type == "cuda" and not _kernels(prof):  # a profiler that does not see into graphs
+                prof = torch.profiler.profile(activities=acts)
+                bench.chain_steps(b, "static", around=prof, runner=runner)
+                profiled = "static (eager launches)"
+            latents = None
+            if not train:  # (in training mode, dropout and checkpointing make the latents another question)
+                with torch.no_grad():
+                    latents = latent_hidden_states(model, b, runner=bench.path("graph", runner))[1].float()
+        products = "lcot.fast.skinny" if runner.kernels_active(model) else "cuBLAS"
+    finally:
+        runner.clear()
+        bench.runner.attach()  # the bench's own runner and attention functions again
+        if steps_attention:
+            torch._dynamo.reset()
     kern = _kernels(prof)
     row = {"variant": name, "compiled": compiled, "train": train, "lora": lora,
-           "attention": attn or steps_attention or "default",
-           "products": "cuBLAS" if kernels == "0" or not skinny.enabled(model) else "lcot.core.skinny",
+           "attention": attn or steps_attention or "default", "products": products,
            "step_ms": statistics.median(times) / k * 1e3, "steps_ms": [t / k * 1e3 for t in times],
            "warm_s": round(warm_s, 1), "profiled_kernels": len(kern),
            "profiled": profiled}
     if kern:
         row.update(anatomy(kern, k))
         row["top"] = top_kernels(kern, k)
-    compile_note = graph.COMPILE_ERRORS[-1][:200] if compiled and graph.COMPILE_ERRORS else ""
+    compile_note = runner.compile_errors[-1][:200] if compiled and runner.compile_errors else ""
     if compile_note:
         row["note"] = "COMPILED STEP FAILED: " + compile_note
     return row, latents
@@ -210,8 +197,8 @@ def variants(args) -> list[dict]:
         if args.lora:
             out.append(dict(name=f"{tag} train + adapters off", compiled=compiled, train=True, lora="off"))
             out.append(dict(name=f"{tag} train + adapters merged", compiled=compiled, train=True, lora="merged"))
-            if args.autocast:  # the adapters' weights cast in every product, as before lcot.core.adapters
-                out.append(dict(name=f"{tag} train + per-call casts", compiled=compiled, train=True, cast="0"))
+            if args.autocast:  # the adapters' weights cast in every product, as without lcot.fast.adapters
+                out.append(dict(name=f"{tag} train + per-call casts", compiled=compiled, train=True, cast=False))
         if args.stock_attention:
             out.append(dict(name=f"{tag} eval + transformers' attention", compiled=compiled, train=False,
                             attn="sdpa"))
@@ -219,8 +206,8 @@ def variants(args) -> list[dict]:
             out.append(dict(name=f"{tag} eval + sdpa's kernel", compiled=compiled, train=False,
                             steps_attention="sdpa"))
         if args.cublas:
-            out.append(dict(name=f"{tag} train + cuBLAS", compiled=compiled, train=True, kernels="0"))
-            out.append(dict(name=f"{tag} eval + cuBLAS", compiled=compiled, train=False, kernels="0"))
+            out.append(dict(name=f"{tag} train + cuBLAS", compiled=compiled, train=True, kernels=False))
+            out.append(dict(name=f"{tag} eval + cuBLAS", compiled=compiled, train=False, kernels=False))
     pats = [v.strip() for v in args.variants.split(",") if v.strip()]
     return [v for v in out if not pats or any(fnmatch(v["name"], pat) for pat in pats)]
 
@@ -252,13 +239,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compile", choices=["off", "on", "both"], default="both")
     p.add_argument("--stock_attention", action="store_true",
-                   help="also transformers' sdpa path for the steps (eval mode; lcot.core.attention's is the default)")
+                   help="also transformers' sdpa path for the steps (eval mode; lcot.fast.attention's is the default)")
     p.add_argument("--sdpa_steps", action="store_true",
-                   help="also sdpa's kernel for the compiled steps' grouped attention (LCOT_STEP_ATTENTION=sdpa; "
-                   "FlexAttention's decoding kernel is the default)")
+                   help="also sdpa's kernel for the compiled steps' grouped attention (a runner with "
+                   "step_attention='sdpa'; FlexAttention's decoding kernel is the default)")
     p.add_argument("--cublas", action="store_true",
-                   help="also cuBLAS's products for the steps (LCOT_SKINNY=0; lcot.core.skinny's kernels are the "
-                   "default)")
+                   help="also cuBLAS's products for the steps (a runner with kernels=False; lcot.fast.skinny's "
+                   "kernels are the default)")
     p.add_argument("--variants", default="", help="only these variants (comma-separated fnmatch patterns of their "
                    "names, e.g. 'eager*,compiled train')")
     p.add_argument("--probe_iters", type=int, default=5)
@@ -281,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = v.pop("name")
         row, lat = probe_variant(bench, name, iters=own.probe_iters, **v)
         key = (v["compiled"], v["train"])
-        changed = any(v.get(x) for x in ("attn", "kernels", "steps_attention"))
+        changed = any(v.get(x) is not None for x in ("attn", "kernels", "steps_attention"))
         if changed and lat is not None and (v["compiled"], False) in ref:
             row["diff"] = float((lat - ref[(v["compiled"], False)]).abs().max())
         elif not changed and not v.get("lora") and lat is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from dataclasses import MISSING, Field, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 
@@ -93,3 +93,26 @@ def saved(cfg) -> dict:
 
 def resume_keys(cls: type) -> list[Field]:
     return [f for f in fields(cls) if f.metadata.get("resume")]
+
+
+FAST_CHOICES = ("auto", "off", "static", "graph")  # lcot.fast.runner.FAST_MODES (a leaf may not import it)
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass
+class SpeedConfig:
+    """How the latent passes run: the flags training, the teacher precompute, generation and evaluation share.
+    Plain metadata (help, choices), so that transformers' HfArgumentParser reads the fields too."""
+
+    fast: str = field(default="auto", metadata={"choices": FAST_CHOICES, "help": (
+        "how the latent passes run. auto: lcot.fast's runner, which on a GPU runs the latent chain without "
+        "gradients on a static KV cache replayed as CUDA graphs, and everywhere uses lcot's packed vision "
+        "attention and grouped step attention; off: the method alone (transformers' modules, a dynamic cache; "
+        "lcot.fast is not loaded; --latent_grad adjoint is computed as full); static, graph: the static cache "
+        "with eager steps, or with CUDA graphs where there is a GPU")})
+    compile_step: str = field(default="auto", metadata={"choices": COMPILE_CHOICES, "help": (
+        "torch.compile the one-token latent step (and decoding steps) inside its CUDA graph. auto: where the steps "
+        "run as CUDA graphs (a GPU); on: also on a static cache without graphs (--fast static); off: the eager "
+        "step. Compiled steps round like fused kernels (a few fp32 ulps a step). torch compiles at the first batch "
+        "and again at the first new sequence length, about a minute each at 3B or 7B; under it --latent_grad "
+        "adjoint's pass over the slots is compiled too. A compile that fails is dropped with a warning")})

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     data = make_dataset(run / "hops", n=args.n, seed=0, task="hops")
     train, test = Path(data["train"]), Path(data["test"])
     print(f"demo · tiny model {run / 'tiny'} · hops task {run / 'hops'} ({args.n} records)", flush=True)
-    common = dict(train_jsonl=train, num_latents=args.num_latents, bsz=args.bsz, grad_accum_steps=1, lr=args.lr,
-                  lr_scheduler="constant", logging_steps=10, save_steps=10_000, seed=0, warmup_ratio=0.03,
+    common = dict(train_jsonl=train, num_latents=args.num_latents, bsz=args.bsz, grad_accum_steps=1,
+                  learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", logging_steps=10, save_steps=10_000,
+                  seed=0, warmup_steps=0.03,
                   latent_grad="truncated", preprocess=True, overwrite_output_dir=True, verbose=args.verbose)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
     print(f"teacher latents · K={args.num_latents} · from {run / 'warmup'} -> {run / 'teacher'}", flush=True)

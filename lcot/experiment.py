@@ -18,7 +18,12 @@ Rows: stage3 (the main recipe: --align, --latent_grad), align0 (no alignment), m
 alignments), grad (the other --latent_grad), pause (K slots fed one learned embedding, nothing fed
 back), nolatent (--stage stage1 --question_images --latent_size 0 for stage2 + stage3 steps), curriculum
 (the main row's stage2, then stage3 with --latent_curriculum: K's bound grows 1..Kmax in equal phases, after
-Coconut's stages). Rows whose stage2 would be identical share it.
+Coconut's stages), forcing (the main row's stage2, then stage3 with --teacher_forcing: slot j fed the teacher's
+latent j-1 with a probability annealed to 0). Rows whose stage2 would be identical share it. Every training job
+gets --thought_visibility.
+
+A seed whose teacher does not read its thought images (benefit below TEACHER_READS) is reported as a failed
+protocol, and its rows are left out of the means.
 
 Every model is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model,
 answer sees the thought images), stage2 with and without thought images (the thought-image benefit),
@@ -42,7 +47,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -53,8 +58,11 @@ from lcot.console import quiet_libraries
 from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import write_json
 
-ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum")
-DEFAULT_ROWS = ROWS[:-1]  # curriculum came later: opt in with --rows, so earlier runs resume as they were
+ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum", "forcing")
+DEFAULT_ROWS = ROWS[:-2]  # curriculum and forcing are opt-in (--rows), so earlier runs resume as they were
+RECIPES = ("stage3", "curriculum", "forcing")  # the rows whose model is a stage3 on the main stage2
+RECIPE_NAMES = {"stage3": "stage3", "curriculum": "curriculum stage3", "forcing": "teacher-forced stage3"}
+TEACHER_READS = 0.1  # default --min_teacher_benefit: a seed whose teacher gains less failed the protocol
 PROTOCOLS = ("stage2-teacher", "warmup-teacher")
 CAUSAL = ("zero", "shuffle", "mean", "noise")
 COLLAPSE_COS = 0.99  # mean cosine across records above this: the latents do not depend on the record
@@ -86,6 +94,9 @@ class Plan:
     probe_records: int
     bf16: bool = False
     extra: list[str] = field(default_factory=list)  # more lcot.main flags for every training job
+    thought_visibility: str = "all"
+    teacher_forcing: float = 0.5  # the forcing row's initial probability
+    min_teacher_benefit: float = TEACHER_READS
 
 
 @dataclass
@@ -100,6 +111,7 @@ class Job:
 # (--compile_step auto on a GPU) would cost each of them its compile time, and the README's results were measured
 # with the eager step. `--extra "--compile_step on"` still turns it on for the training jobs.
 EAGER_STEP = ("--compile_step", "off")
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # after the 3% warm-up
 
 
 def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
@@ -111,9 +123,10 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     k, grad, align = plan.num_latents, plan.latent_grad, plan.align
     other = "full" if grad == "truncated" else "truncated"
     common = ["--train_jsonl", plan.train_jsonl, "--bsz", str(plan.bsz), "--grad_accum_steps", "1",
-              "--lr", str(plan.lr), "--lr_scheduler", plan.lr_scheduler, "--seed", str(seed),
+              "--learning_rate", str(plan.lr), "--lr_scheduler_type", SCHEDULES[plan.lr_scheduler], "--seed", str(seed),
               "--logging_steps", "50", "--save_steps", "1000", "--save_total_limit", "1",
-              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *EAGER_STEP, *plan.extra,
+              "--resume_from_checkpoint", "--preprocess", "--latent_size", str(k), *EAGER_STEP,
+              "--thought_visibility", plan.thought_visibility, *plan.extra,
               *(["--bf16"] if plan.bf16 else [])]
     jobs: list[Job] = []
 
@@ -172,6 +185,9 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
         chain("pause", ["--latent_grad", grad, "--latent_feed", "pause"], align)
     if "curriculum" in plan.rows:  # the main row's stage2, a curriculum over K in stage3
         chain("curriculum", ["--latent_grad", grad], align, stage3_flags=("--latent_curriculum",))
+    if "forcing" in plan.rows:  # the main row's stage2; stage3 fed the teacher's latents (scheduled sampling)
+        chain("forcing", ["--latent_grad", grad], align, stage3_flags=(
+            "--teacher_forcing", str(plan.teacher_forcing), "--latent_grad", "truncated"))
     if "nolatent" in plan.rows:
         train("nolatent", "stage1", "warmup", plan.stage2_steps + plan.stage3_steps,
               ["--question_images", "--latent_size", "0"], [warm])
@@ -195,7 +211,7 @@ def measure_jobs(plan: Plan, seed: int, run: Path, trained: list[str]) -> list[J
                      *(probe if plan.protocol == "warmup-teacher" else [])]
         elif model.endswith("stage2"):
             flags = ["--ks", str(k), "--thought_images", *(probe if model == "stage2" else [])]
-        elif model in ("stage3", "curriculum"):
+        elif model in RECIPES:
             flags = ["--ks", *map(str, range(1, k + 1)), "--causal", *probe]
         elif model == "nolatent":
             flags = ["--ks", "0"]
@@ -296,7 +312,7 @@ def measure(args) -> dict:
     from lcot.lab.probe import probe_grid
     from lcot.pipeline.data import read_records
     from lcot.pipeline.evaluate import evaluate, majority_rate
-    from lcot.pipeline.generate import trained_feed
+    from lcot.pipeline.generate import trained_feed, trained_visibility
     from lcot.pipeline.load import load
     from lcot.pipeline.runs import read_lcot_config
 
@@ -307,7 +323,7 @@ def measure(args) -> dict:
     feed = trained_feed(args.model)
     test = read_records(args.eval_jsonl, need_thought_images=args.thought_images)[: args.limit or None]
     common = dict(batch_size=args.batch_size, max_new_tokens=8, progress=False, feed=feed,
-                  difficulty=args.difficulty_field)
+                  difficulty=args.difficulty_field, visibility=trained_visibility(args.model))
     out: dict = {"model": args.model, "stage": read_lcot_config(args.model).get("stage"), "feed": feed,
                  "n": len(test), "majority": majority_rate(test), "settings": {}}
     settings = {"without": dict(thought_images=False)}
@@ -329,8 +345,9 @@ def measure(args) -> dict:
     if args.probe_field and kmax:
         train = read_records(args.train_jsonl)[: args.probe_records]
         thought = args.thought_images  # the teacher is probed where its latents come from: with thought images
-        lat_train = latent_outputs(model, processor, train, kmax, thought, args.batch_size, feed)
-        lat_test = latent_outputs(model, processor, test, kmax, thought, args.batch_size, feed)
+        mask = dict(visibility=trained_visibility(args.model), visual_cot=out["stage"] == "vcot")  # the teacher's
+        lat_train = latent_outputs(model, processor, train, kmax, thought, args.batch_size, feed, **mask)
+        lat_test = latent_outputs(model, processor, test, kmax, thought, args.batch_size, feed, **mask)
         grid = probe_grid(lat_train, [r.extra.get(args.probe_field, []) for r in train],
                           lat_test, [r.extra.get(args.probe_field, []) for r in test])
         out["probe"] = {**grid.to_json(), "thought_images": thought}
@@ -369,7 +386,27 @@ def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
     rows += [(f"stage2 of {label}, with thought images", f"{row}_stage2", "with", k)
              for row, label in ablations.items()]
     rows += [(f"recipe: stage3 with a curriculum over K (K={j})", "curriculum", "without", j) for j in range(1, k + 1)]
+    rows += [(f"recipe: teacher-forced stage3 (K={j})", "forcing", "without", j) for j in range(1, k + 1)]
     return rows
+
+
+def protocol_failures(plan: Plan, seeds: dict) -> dict[str, str]:
+    """{seed: why} for the seeds whose teacher does not read its thought images (benefit below the plan's
+    min_teacher_benefit): the warm-up under warmup-teacher, stage2 under stage2-teacher; their downstream rows
+    teach nothing."""
+    teacher = "warmup" if plan.protocol == "warmup-teacher" else "stage2"
+    out = {}
+    for seed, ms in seeds.items():
+        settings = ms.get(teacher, {}).get("settings", {})
+        if "with" not in settings:
+            continue
+        k = next(iter(settings["with"]))
+        with_, without = settings["with"][k]["accuracy"], settings["without"][k]["accuracy"]
+        if with_ - without < plan.min_teacher_benefit:
+            stage = "the warm-up" if teacher == "warmup" else "stage2 (the teacher)"
+            out[str(seed)] = (f"protocol failed at {stage}: {with_:.3f} with thought images, {without:.3f} without "
+                              f"(majority {ms[teacher].get('majority', float('nan')):.3f})")
+    return out
 
 
 def _stats(values: list[float]) -> dict:
@@ -391,6 +428,8 @@ def aggregate(plan: Plan, run: Path) -> dict:
     """Per-seed measurements -> rows with mean ± std, per difficulty, gap recovered, probe and warnings."""
     seeds = {seed: {p.stem: json.loads(p.read_text()) for p in sorted((run / f"s{seed}" / "measure").glob("*.json"))}
              for seed in plan.seeds}
+    failed, every = protocol_failures(plan, seeds), seeds
+    seeds = {seed: ms for seed, ms in seeds.items() if str(seed) not in failed}  # not averaged in
     rows = []
     for label, model, setting, k in _rows(plan):
         per_seed = {}
@@ -408,12 +447,12 @@ def aggregate(plan: Plan, run: Path) -> dict:
                                        for d in diffs},
                      "per_seed": {str(s): r["accuracy"] for s, r in per_seed.items()},
                      "constant": consts, "seeds": len(per_seed)})
-    causal_rows = []  # causal use of the latents at Kmax (stage3, and the curriculum row)
-    for model, cond in ((m, c) for m in ("stage3", "curriculum") for c in CAUSAL):
+    causal_rows = []  # causal use of the latents at Kmax (stage3, and the other recipes)
+    for model, cond in ((m, c) for m in RECIPES for c in CAUSAL):
         per = {seed: ms[model]["causal"][cond] for seed, ms in seeds.items() if "causal" in ms.get(model, {})}
         if per:
             diffs = sorted({d for r in per.values() for d in r["by_difficulty"]}, key=_num)
-            name = "stage3" if model == "stage3" else "curriculum stage3"
+            name = RECIPE_NAMES[model]
             causal_rows.append({"row": f"{name} (K={plan.num_latents}), latents {_CAUSAL_LABEL[cond]}",
                                 "model": model, "condition": cond,
                                 "overall": _stats([r["accuracy"] for r in per.values()]),
@@ -421,13 +460,14 @@ def aggregate(plan: Plan, run: Path) -> dict:
                                 "by_difficulty": {d: _stats([r["by_difficulty"].get(d) for r in per.values()])
                                                   for d in diffs},
                                 "per_seed": {str(s): r["accuracy"] for s, r in per.items()}, "constant": []})
-    majority = [m["majority"] for ms in seeds.values() for m in ms.values() if "majority" in m]
-    curriculum = any("curriculum" in ms for ms in seeds.values())
-    return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds),
-            **({"gap_recovered_curriculum": _gaps(plan, seeds, "curriculum")} if curriculum else {}),
-            "teacher_benefit": _benefits(seeds), "probe": _probes(seeds), "collapse": _collapse(seeds),
+    majority = [m["majority"] for ms in every.values() for m in ms.values() if "majority" in m]
+    recipes = {f"gap_recovered_{m}": _gaps(plan, seeds, m) for m in RECIPES[1:]
+               if any(m in ms for ms in seeds.values())}
+    return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds), **recipes,
+            "failed": failed,
+            "teacher_benefit": _benefits(every), "probe": _probes(seeds), "collapse": _collapse(seeds),
             "majority": max(majority) if majority else float("nan"),
-            "eval_n": max((m.get("n", 0) for ms in seeds.values() for m in ms.values()), default=0)}
+            "eval_n": max((m.get("n", 0) for ms in every.values() for m in ms.values()), default=0)}
 
 
 _CAUSAL_LABEL = {"zero": "zeroed", "shuffle": "shuffled across records", "mean": "replaced by the mean latent",
@@ -481,7 +521,7 @@ def _benefits(seeds: dict) -> dict:
 
 def _probes(seeds: dict) -> dict:
     out = {}
-    for model in ("warmup", "stage2", "stage3", "curriculum"):
+    for model in ("warmup", "stage2", *RECIPES):
         grids = [ms[model]["probe"] for ms in seeds.values() if "probe" in ms.get(model, {})]
         if not grids:
             continue
@@ -494,7 +534,7 @@ def _probes(seeds: dict) -> dict:
 
 def _collapse(seeds: dict) -> dict:
     out = {}
-    for model in ("warmup", "stage2", "stage3", "curriculum"):
+    for model in ("warmup", "stage2", *RECIPES):
         per = {str(s): sum(ms[model]["latent_cos_across"]) / len(ms[model]["latent_cos_across"])
                for s, ms in seeds.items() if "latent_cos_across" in ms.get(model, {})}
         if per:
@@ -535,7 +575,12 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
              f"{'warm-up' if plan.protocol == 'warmup-teacher' else 'stage2'} model). "
              f"Device: {info.get('device', '?')}; wall time {info.get('wall_s', 0) / 60:.1f} min.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    seeds = len(plan.seeds)
+    failures = [f"**Seed {seed}: {why}.** Its rows are not averaged into the table below."
+                for seed, why in agg.get("failed", {}).items()]
+    if len(failures) == len(plan.seeds):
+        failures.insert(0, "**No seed's teacher reads its thought images: this run shows nothing about the latents.**")
+    lines[4:4] = [x for f in failures for x in (f, "")]
+    seeds = len(plan.seeds) - len(agg.get("failed", {}))
     for r in agg["rows"] + agg["causal"]:
         cells = [r["row"], _pm(r["overall"]), *[_pm(r["by_difficulty"].get(d, {})) for d in diffs],
                  _notes(r, seeds, agg["majority"])]
@@ -544,10 +589,11 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     lines += ["", "**Gap recovered** = (stage3 at K=Kmax − no-latent) / (visual CoT − no-latent): "
               + ", ".join(f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}" for key, v in g.items())
               + " (`-`: no gap to recover, the visual CoT is not above the no-latent baseline)."]
-    if "gap_recovered_curriculum" in agg:
-        lines += ["", "Gap recovered by stage3 with the curriculum over K: " + ", ".join(
-            f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}"
-            for key, v in agg["gap_recovered_curriculum"].items()) + "."]
+    for model in RECIPES[1:]:
+        if f"gap_recovered_{model}" in agg:
+            lines += ["", f"Gap recovered by the {RECIPE_NAMES[model]}: " + ", ".join(
+                f"{'overall' if key == 'overall' else f'{dname}={key}'} {_pm(v)}"
+                for key, v in agg[f"gap_recovered_{model}"].items()) + "."]
     teacher = "warmup" if plan.protocol == "warmup-teacher" else "stage2"
     for model, b in sorted(agg["teacher_benefit"].items(), key=lambda kv: kv[0] != teacher):
         line = f"Thought-image benefit of {model}{' (the teacher)' if model == teacher else ''} (with − without): " \
@@ -674,12 +720,19 @@ class ExperimentConfig:
     procs: int = option(0, "jobs at once (0: 2 on a CPU, 6 per GPU)")
     run_dir: str = option("runs/experiments", "checkpoints, teachers, logs (ignored by git)")
     results_dir: str = option("results", "results.json, table.md, figures")
+    thought_visibility: str = option("all", "which thought image each latent slot sees in every training job "
+                                     "(lcot.main --thought_visibility)", choices=("all", "stepwise", "cumulative"))
+    teacher_forcing: float = option(0.5, "the forcing row: stage3's initial probability of feeding slot j the "
+                                    "teacher's latent j-1 (annealed to 0)")
+    min_teacher_benefit: float = option(TEACHER_READS, "a seed whose teacher's thought-image benefit (accuracy with "
+                                        "minus without) is below this failed the protocol: its rows are reported "
+                                        "apart, not averaged")
     extra: str = option("", "more lcot.main flags for every training job, in one quoted string")
     dry_run: bool = option(False, "print the jobs and exit")
     aggregate_only: bool = option(False, "run nothing: read RUN_DIR/NAME (its plan.json and measurements, e.g. "
                                   "copied from a GPU machine) and write the results again")
     verbose: bool = option(False, "the training jobs print everything transformers prints into their logs in "
-                           "RUN_DIR/NAME/logs/ (default: a header, a bar and about ten loss lines a job)",
+                           "RUN_DIR/NAME/logs/ (without it: a header, a bar and about ten loss lines a job)",
                            aliases=("-v",))
 
 
@@ -711,8 +764,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _renamed(saved: dict) -> dict:
-    """A plan.json written before K's one name (latent_size -> num_latents) reads as today's."""
-    return {("num_latents" if k == "latent_size" else k): v for k, v in saved.items()}
+    """A plan.json written before K's one name (latent_size -> num_latents), or before a field existed (its
+    default then), reads as today's."""
+    defaults = {f.name: f.default for f in fields(Plan) if f.default is not MISSING}
+    return {**defaults, **{("num_latents" if k == "latent_size" else k): v for k, v in saved.items()}}
 
 
 def check(args: ExperimentConfig) -> None:
@@ -767,7 +822,9 @@ def _plan(args) -> Plan:
                 stage3_steps=args.stage3_steps, bsz=args.bsz, lr=args.lr, lr_scheduler=args.lr_scheduler,
                 latent_grad=args.latent_grad, rows=list(args.rows), protocol=args.protocol, align=args.align,
                 eval_records=args.eval_records,
-                probe_records=args.probe_records, bf16=args.bf16, extra=args.extra.split())
+                probe_records=args.probe_records, bf16=args.bf16, extra=args.extra.split(),
+                thought_visibility=args.thought_visibility, teacher_forcing=args.teacher_forcing,
+                min_teacher_benefit=args.min_teacher_benefit)
 
 
 def _device() -> str:

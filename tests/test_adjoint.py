@@ -1,5 +1,6 @@
-"""grad="adjoint" (lcot.core.adjoint): the full gradient of the latent chain without a recurrence with gradients,
-checked against grad="full" (the dynamic-cache recurrence with gradients, the reference) in fp32."""
+"""grad="adjoint" (lcot.fast.adjoint, a Runner's): the full gradient of the latent chain without a recurrence with
+gradients, checked against grad="full" (the dynamic-cache recurrence with gradients, the reference) in fp32. The
+reference passes (lcot.core.latent.REFERENCE) have no adjoint: there grad="adjoint" is computed as "full"."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import pytest
 import torch
 
 from lcot.core.collate import Collator
+from lcot.core.latent import REFERENCE, Passes
 from lcot.core.loss import align_loss
 from lcot.core.model import bptt_links, latent_hidden_states
+from lcot.fast import Runner
 
 
-def _grads(model, b, grad: str, fast: str = "off") -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Forward values and parameter gradients of CE on the answer plus an alignment of every latent."""
+def _grads(model, b, grad: str, runner: Passes | str | None = "off") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward values and parameter gradients of CE on the answer plus an alignment of every latent, by `runner`: a
+    Passes, or a new Runner(model, fast=runner) for a string (default: its chain on the dynamic cache), or None for
+    the model's own passes (lcot.core.latent.passes_of)."""
+    runner = Runner(model, fast=runner) if isinstance(runner, str) else runner
     model.zero_grad(set_to_none=True)
     s, k = b["latent_start"], b["num_latents"]
-    hidden, lat = latent_hidden_states(model, b, grad=grad, fast=fast)
+    hidden, lat = latent_hidden_states(model, b, grad=grad, runner=runner)
     target = torch.linspace(-1, 1, lat.shape[-1], device=lat.device).expand_as(lat)
     ce = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, s + k:-1]).flatten(0, 1),
                                            b["input_ids"][:, s + k + 1:].flatten())
@@ -30,6 +36,7 @@ def _largest_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor], atol: float = 2e-5) -> None:
+    assert len(a) == len(b)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=atol, rtol=1e-4)
 
@@ -48,6 +55,23 @@ def _padded_pair(processor, config, k, thought, records) -> list:
               for i, r in enumerate(records[:12])}
     first = min(length, key=length.get)
     return [records[first], records[max(length, key=length.get)]]
+
+
+def _recorded_products(monkeypatch) -> list:
+    """Weak references to every lcot.fast.adjoint.Products made from now on (one per adjoint pass with K > 1)."""
+    import weakref
+
+    from lcot.fast import adjoint
+
+    kept = []
+
+    class Recorded(adjoint.Products):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            kept.append(weakref.ref(self))
+
+    monkeypatch.setattr(adjoint, "Products", Recorded)
+    return kept
 
 
 @pytest.mark.parametrize(("k", "thought", "fast", "padded"), [
@@ -69,29 +93,55 @@ def test_adjoint_gradient_is_the_full_gradient(loaded, records, k, thought, fast
         assert _largest_gap(g_trunc, g_full) > 1e-4
 
 
+def test_the_reference_computes_adjoint_as_full(loaded, tiny_dir, records, monkeypatch):
+    """The reference passes have no adjoint: grad="adjoint" there is grad="full", the very same gradient (no
+    product is ever made); a model loaded with --fast off takes them. A Runner's adjoint gives the reference's full
+    gradient: removing lcot.fast changes no gradient."""
+    from lcot.config import SpeedConfig
+    from lcot.pipeline.load import load
+
+    model, processor = loaded
+    b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
+    kept = _recorded_products(monkeypatch)
+    assert REFERENCE.adjoint is None
+    h_full, g_full = _grads(model, b, "full", REFERENCE)
+    h_ref, g_ref = _grads(model, b, "adjoint", REFERENCE)
+    assert not kept  # computed as "full": no pass over the slots, no products
+    assert torch.equal(h_ref, h_full)
+    _assert_same_gradients(g_ref, g_full, atol=0)
+    _, g_trunc = _grads(model, b, "truncated", REFERENCE)  # what the chain's gradient is worth: the test can fail
+    assert _largest_gap(g_trunc, g_full) > 1e-4
+    for fast in ("off", "static"):
+        h_adj, g_adj = _grads(model, b, "adjoint", fast)
+        torch.testing.assert_close(h_adj, h_full, atol=1e-5, rtol=1e-5)
+        _assert_same_gradients(g_adj, g_full)
+        assert _largest_gap(g_trunc, g_full) > 100 * max(_largest_gap(g_adj, g_full), 1e-6)
+    assert len(kept) == 2  # each Runner's adjoint ran its products
+    off, _ = load(tiny_dir, speed=SpeedConfig(fast="off"))  # the reference passes, transformers' attention
+    assert off.lcot_runner is None
+    off.train(model.training)
+    h_off_full, g_off_full = _grads(off, b, "full", None)
+    h_off, g_off = _grads(off, b, "adjoint", None)
+    assert len(kept) == 2 and torch.equal(h_off, h_off_full)
+    _assert_same_gradients(g_off, g_off_full, atol=0)
+    torch.testing.assert_close(h_off, h_full, atol=1e-5, rtol=1e-5)
+    _assert_same_gradients(g_off, g_full)
+
+
 def test_adjoint_twice_in_a_row_and_without_gradients(loaded, records, monkeypatch):
     """What it keeps for the backward pass is released with it, even while the output lives on: a second step
     gives the same gradients; a second backward of one forward is refused; under no_grad it is the truncated
     forward."""
     import gc
-    import weakref
 
-    from lcot.core import adjoint
-
-    kept = []
-
-    class Recorded(adjoint.Products):
-        def __init__(self, *args) -> None:
-            super().__init__(*args)
-            kept.append(weakref.ref(self))
-
-    monkeypatch.setattr(adjoint, "Products", Recorded)
+    kept = _recorded_products(monkeypatch)
     model, processor = loaded
+    runner = Runner(model, fast="off")
     b = Collator(processor, model.config, 3, thought_images=True)(records[2:4])
-    _, first = _grads(model, b, "adjoint")
-    _, second = _grads(model, b, "adjoint")
+    _, first = _grads(model, b, "adjoint", runner)
+    _, second = _grads(model, b, "adjoint", runner)
     assert _largest_gap(first, second) == 0
-    hidden, _ = latent_hidden_states(model, b, grad="adjoint")
+    hidden, _ = latent_hidden_states(model, b, grad="adjoint", runner=runner)
     loss = hidden.pow(2).mean()
     loss.backward(retain_graph=True)
     gc.collect()
@@ -100,8 +150,8 @@ def test_adjoint_twice_in_a_row_and_without_gradients(loaded, records, monkeypat
         loss.backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        h_adj, lat_adj = latent_hidden_states(model, b, grad="adjoint")
-        h_trunc, lat_trunc = latent_hidden_states(model, b, grad="truncated")
+        h_adj, lat_adj = latent_hidden_states(model, b, grad="adjoint", runner=runner)
+        h_trunc, lat_trunc = latent_hidden_states(model, b, grad="truncated", runner=runner)
     assert torch.equal(h_adj, h_trunc) and torch.equal(lat_adj, lat_trunc)
 
 
@@ -116,7 +166,6 @@ def test_adjoint_with_gradient_checkpointing(tiny_dir, records):
 
 def test_adjoint_pass_is_never_the_compiled_one(loaded, records):
     """--compile's module cannot run a second backward (its buffers are donated): adjoint's pass bypasses it."""
-    from lcot.core import latent
 
     def refuse(*args, **kwargs):
         raise AssertionError("adjoint ran the compiled pass")
@@ -124,13 +173,12 @@ def test_adjoint_pass_is_never_the_compiled_one(loaded, records):
     model, processor = loaded
     b = Collator(processor, model.config, 3, thought_images=True)(records[:2])
     _, g_full = _grads(model, b, "full")
-    latent._COMPILED[model] = refuse
-    try:
-        _, g_adj = _grads(model, b, "adjoint")
-        with pytest.raises(AssertionError, match="compiled pass"):  # the sentinel is live: truncated takes it
-            _grads(model, b, "truncated")
-    finally:
-        latent._COMPILED.pop(model, None)
+    runner = Runner(model, fast="off")
+    runner._compiled_pass = refuse  # what compile_parallel() sets
+    _, g_adj = _grads(model, b, "adjoint", runner)
+    with pytest.raises(AssertionError, match="compiled pass"):  # the sentinel is live: truncated takes it
+        _grads(model, b, "truncated", runner)
+    model.zero_grad(set_to_none=True)
     _assert_same_gradients(g_adj, g_full)
 
 
@@ -152,36 +200,35 @@ def test_adjoint_is_a_grad_mode():
         bptt_links("adjoint:2")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the products need a GPU")
-def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on, monkeypatch):
-    from lcot.core import adjoint
-
+@pytest.mark.gpu
+def test_graphed_products_equal_eager_ones_and_the_full_gradient(tiny_on):
+    """CUDA graphs of the products (adjoint_graphs, on by default) give the eager products' gradient (a runner with
+    adjoint_graphs=False captures none), and step after step the memory held stops growing."""
     model, b = tiny_on(5)
     _, g_full = _grads(model, b, "full")
-    before = adjoint.CAPTURED[5]
-    _, g_graph = _grads(model, b, "adjoint", "graph")
-    assert adjoint.CAPTURED[5] == before + 1 and not adjoint.CAPTURE_ERRORS
-    monkeypatch.setenv(adjoint.GRAPH_ENV, "0")
-    _, g_eager = _grads(model, b, "adjoint", "graph")
-    assert adjoint.CAPTURED[5] == before + 1
+    runner = Runner(model, fast="graph", compile_step="off")
+    state = runner.adjoint_state
+    _, g_graph = _grads(model, b, "adjoint", runner)
+    assert state.captured[5] == 1 and not state.errors and state.graphs
+    eager = Runner(model, fast="graph", compile_step="off", adjoint_graphs=False)
+    _, g_eager = _grads(model, b, "adjoint", eager)
+    assert not eager.adjoint_state.captured and not eager.adjoint_state.streams and state.captured[5] == 1
     for a, c, f in zip(g_graph, g_eager, g_full):
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a, f, atol=2e-5, rtol=1e-4)
-    monkeypatch.delenv(adjoint.GRAPH_ENV)
     reserved = []
     for _ in range(6):  # one capture a step, into one pool, on one stream: the memory held stops growing
-        _, again = _grads(model, b, "adjoint", "graph")  # (a new side stream a step grew it by 73 MB a step)
+        _, again = _grads(model, b, "adjoint", runner)  # (a new side stream a step grew it by 73 MB a step)
         reserved.append(torch.cuda.memory_reserved())
-    assert adjoint.CAPTURED[5] == before + 7, adjoint.CAPTURED
+    assert state.captured[5] == 7, state.captured
+    assert len(state.pools) == len(state.streams) == 1
     assert reserved[-3:] == reserved[-1:] * 3 and reserved[-1] - reserved[0] < 16 * 2**20, reserved
     assert _largest_gap(again, g_graph) < 1e-6
 
 
-def _compile_on_aot_eager(model, monkeypatch) -> list[int]:
-    """Compile the model's step (lcot.core.latent.compile_steps) on AOTAutograd's eager backend; returns the list of
-    the compiled module's calls, each as its number of input columns."""
-    from lcot.core.latent import compile_steps
-
+def _compile_on_aot_eager(monkeypatch) -> list[int]:
+    """torch.compile on AOTAutograd's eager backend from now on; returns the list of the compiled modules' calls,
+    each as its number of input columns."""
     real, calls = torch.compile, []
 
     def spy(module, **kw):
@@ -189,46 +236,45 @@ def _compile_on_aot_eager(model, monkeypatch) -> list[int]:
         return lambda **a: calls.append(a["inputs_embeds"].shape[1]) or compiled(**a)
 
     monkeypatch.setattr(torch, "compile", spy)
-    compile_steps(model)
     return calls
+
+
+def _compiled_step_runner(model, **options) -> Runner:
+    """A Runner whose chain runs on the static cache with its step compiled (compile_step="on": at its first static
+    cache)."""
+    return Runner(model, fast="static", compile_step="on", **options)
 
 
 def test_compiled_pass_over_the_slots_gives_the_full_gradient(loaded, records, monkeypatch):
     """Under a compiled step the pass over the slots runs the compiled language model (here on AOTAutograd's eager
     backend: its backward, run once per product, is the part that must allow it), with full's gradient;
-    LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and so does a chain on the dynamic cache (LCOT_FAST=off), which
-    never runs the compiled step."""
-    from lcot.core import adjoint
-    from lcot.core.latent import compile_steps
-
+    adjoint_compile=False keeps it uncompiled, and so does a chain on the dynamic cache (fast="off"), which never
+    runs the compiled step."""
     model, processor = loaded
     b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
     _, g_full = _grads(model, b, "full")
-    calls = _compile_on_aot_eager(model, monkeypatch)
-    try:
-        # the chain's steps on the static cache run the compiled model first, so that the pass over the slots is a
-        # recompile with dynamic shapes, whose backward AOTAutograd compiles at once, not at the first product
-        _, g_comp = _grads(model, b, "adjoint", "static")
-        assert calls == [1, 1, 1, 1, 3]  # the K steps, then the pass over the K-1 slots
-        _assert_same_gradients(g_comp, g_full)
-        monkeypatch.setenv(adjoint.COMPILE_ENV, "0")
-        _grads(model, b, "adjoint", "static")
-        assert calls == [1, 1, 1, 1, 3] + [1] * 4  # the steps only
-        monkeypatch.delenv(adjoint.COMPILE_ENV)
-        _grads(model, b, "adjoint", "off")
-        assert calls == [1, 1, 1, 1, 3] + [1] * 4
-
-    finally:
-        compile_steps(model, enable=False)
-        adjoint._COMPILE_FAILED.discard(model)
+    calls = _compile_on_aot_eager(monkeypatch)
+    runner = _compiled_step_runner(model)
+    # the chain's steps on the static cache run the compiled model first, so that the pass over the slots is a
+    # recompile with dynamic shapes, whose backward AOTAutograd compiles at once, not at the first product
+    _, g_comp = _grads(model, b, "adjoint", runner)
+    assert calls == [1, 1, 1, 1, 3]  # the K steps, then the pass over the K-1 slots
+    assert not runner.adjoint_state.errors and not runner.adjoint_state.compile_failed
+    _assert_same_gradients(g_comp, g_full)
+    uncompiled = _compiled_step_runner(model, adjoint_compile=False)
+    _, g_plain = _grads(model, b, "adjoint", uncompiled)
+    assert uncompiled._compiled_step is not None and calls == [1, 1, 1, 1, 3] + [1] * 4  # the steps only
+    _assert_same_gradients(g_plain, g_full)
+    runner.fast = "off"  # the compiled step is there, but the chain runs on the dynamic cache
+    _grads(model, b, "adjoint", runner)
+    assert runner._compiled_step is not None and calls == [1, 1, 1, 1, 3] + [1] * 4
 
 
 def test_compiled_pass_over_a_single_slot_keeps_sdpa(loaded, records, monkeypatch):
     """K=2: the compiled pass over the slots is one token, as a step is, but with gradients; it neither fails nor
     falls back, and gives full's gradient. (On an H100 it used to take the steps' FlexAttention, which has no
     backward, and failed; tests/test_attention.py checks the condition itself.)"""
-    from lcot.core import adjoint, attention
-    from lcot.core.latent import compile_steps
+    from lcot.fast import attention
 
     model, processor = loaded
     b = Collator(processor, model.config, 2, thought_images=True)(records[:2])
@@ -237,16 +283,13 @@ def test_compiled_pass_over_a_single_slot_keeps_sdpa(loaded, records, monkeypatc
     real = attention.flex_rows
     monkeypatch.setattr(attention, "flex_rows", lambda *a: flex.append(torch.is_grad_enabled()) or real(*a))
     torch._dynamo.reset()
-    calls, errors = _compile_on_aot_eager(model, monkeypatch), len(adjoint.COMPILE_ERRORS)
-    try:
-        _, g_comp = _grads(model, b, "adjoint", "static")
-        assert calls == [1, 1, 1]  # the 2 steps, then the pass over the 1 slot
-        assert flex and not any(flex)  # the steps' attention in FlexAttention, never with gradients
-        assert len(adjoint.COMPILE_ERRORS) == errors and model not in adjoint._COMPILE_FAILED
-        _assert_same_gradients(g_comp, g_full)
-    finally:
-        compile_steps(model, enable=False)
-        adjoint._COMPILE_FAILED.discard(model)
+    calls = _compile_on_aot_eager(monkeypatch)
+    runner = _compiled_step_runner(model)
+    _, g_comp = _grads(model, b, "adjoint", runner)
+    assert calls == [1, 1, 1]  # the 2 steps, then the pass over the 1 slot
+    assert flex and not any(flex)  # the steps' attention in FlexAttention, never with gradients
+    assert not runner.adjoint_state.errors and not runner.adjoint_state.compile_failed
+    _assert_same_gradients(g_comp, g_full)
 
 
 class _FailsBackward(torch.autograd.Function):
@@ -262,13 +305,10 @@ class _FailsBackward(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("where", ["forward", "backward"])
-def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, monkeypatch, where):
+def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, where):
     """A compiled pass that fails when it runs (after writing into the cache) or in its backward (at the first
     product, inside the backward pass): a warning, the uncompiled pass on the prefix as it came, full's gradient;
-    not tried again for that model. Running out of memory is no compile failure: it propagates."""
-    from lcot.core import adjoint
-    from lcot.core.latent import _COMPILED_STEP
-
+    not tried again by that runner. Running out of memory is no compile failure: it propagates."""
     model, processor = loaded
     b = Collator(processor, model.config, 4, thought_images=True)(records[:2])
     _, g_full = _grads(model, b, "full")
@@ -286,69 +326,61 @@ def test_a_failing_compiled_pass_over_the_slots_falls_back(loaded, records, monk
         out.last_hidden_state = _FailsBackward.apply(out.last_hidden_state)
         return out
 
-    monkeypatch.setitem(_COMPILED_STEP, model, broken)
-    n = len(adjoint.COMPILE_ERRORS)
+    runner = Runner(model, fast="static")
+    runner._compiled_step = broken  # the step "compiled": the chain (on the static cache) and the slots' pass run it
+    state = runner.adjoint_state
     try:
         with pytest.warns(RuntimeWarning, match="compiled pass over the slots failed"):
-            _, g_fallback = _grads(model, b, "adjoint", "static")
-        _, g_again = _grads(model, b, "adjoint", "static")  # not tried again (no warning, no error)
-        assert len(adjoint.COMPILE_ERRORS) == n + 1 and model in adjoint._COMPILE_FAILED
+            _, g_fallback = _grads(model, b, "adjoint", runner)
+        _, g_again = _grads(model, b, "adjoint", runner)  # not tried again (no warning, no error)
+        assert len(state.errors) == 1 and state.compile_failed
         _assert_same_gradients(g_fallback, g_full)
         _assert_same_gradients(g_again, g_full)
-        adjoint._COMPILE_FAILED.discard(model)
+        state.compile_failed = False
 
         def oom(**kw):
             if kw["inputs_embeds"].shape[1] == 1:
                 return lm(**kw)
             raise torch.OutOfMemoryError("CUDA out of memory")
 
-        monkeypatch.setitem(_COMPILED_STEP, model, oom)
+        runner._compiled_step = oom
         with pytest.raises(torch.OutOfMemoryError):
-            _grads(model, b, "adjoint", "static")
-        assert model not in adjoint._COMPILE_FAILED
+            _grads(model, b, "adjoint", runner)
+        assert not state.compile_failed and len(state.errors) == 1
     finally:
-        adjoint._COMPILE_FAILED.discard(model)
         model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the products need a GPU")
+@pytest.mark.gpu
 def test_compiled_products_are_graphed_and_give_the_full_gradient(tiny_on):
     """With inductor (Triton kernels) the products of the compiled pass are captured and replayed as CUDA graphs
     like the uncompiled ones, and give full's gradient."""
-    from lcot.core import adjoint
-    from lcot.core.latent import _COMPILED_STEP, compile_steps
-
     model, b = tiny_on(5)
     _, g_full = _grads(model, b, "full")
-    compile_steps(model)
-    compiled, passes = _COMPILED_STEP[model], []
-    _COMPILED_STEP[model] = lambda **kw: passes.append(kw["inputs_embeds"].shape[1]) or compiled(**kw)
-    try:
-        before, errors = adjoint.CAPTURED[5], len(adjoint.COMPILE_ERRORS)
-        for _ in range(2):
-            _, g = _grads(model, b, "adjoint", "graph")
-        assert [n for n in passes if n > 1] == [4, 4]  # the compiled pass over the K-1 slots, once a step
-        assert adjoint.CAPTURED[5] == before + 2 and len(adjoint.COMPILE_ERRORS) == errors
-        assert model not in adjoint._COMPILE_FAILED
-        _assert_same_gradients(g, g_full)
-    finally:
-        compile_steps(model, enable=False)
+    runner = Runner(model, fast="graph", compile_step="on")
+    runner._compile_step()
+    compiled, passes = runner._compiled_step, []
+    runner._compiled_step = lambda **kw: passes.append(kw["inputs_embeds"].shape[1]) or compiled(**kw)
+    state = runner.adjoint_state
+    for _ in range(2):
+        _, g = _grads(model, b, "adjoint", runner)
+    assert [n for n in passes if n > 1] == [4, 4]  # the compiled pass over the K-1 slots, once a step
+    assert state.captured[5] == 2 and not state.errors and not state.compile_failed
+    assert not runner.compile_failed
+    _assert_same_gradients(g, g_full)
 
 
 def test_compiled_pass_over_the_slots_with_lora(tiny_dir, records, monkeypatch):
     """The same with peft's LoRA layers in the compiled pass (only the adapters train): full's gradient."""
     from conftest import lora_tiny
 
-    from lcot.core.latent import compile_steps
-
     model, b = lora_tiny(tiny_dir, records, torch.float32)
     model.train()
     _, g_full = _grads(model, b, "full")
-    calls = _compile_on_aot_eager(model, monkeypatch)
-    try:
-        _, g_comp = _grads(model, b, "adjoint", "static")
-    finally:
-        compile_steps(model, enable=False)
+    calls = _compile_on_aot_eager(monkeypatch)
+    runner = _compiled_step_runner(model)
+    _, g_comp = _grads(model, b, "adjoint", runner)
     assert calls == [1, 1, 1, 2]
+    assert not runner.adjoint_state.errors
     assert any(g.abs().max() > 0 for g in g_full)
     _assert_same_gradients(g_comp, g_full)

@@ -89,7 +89,7 @@ def test_bench_autocast_lora_rows_run_and_need_bf16(tmp_path, one_thread):
 def test_bench_vision_attention_is_the_same_in_every_row(tmp_path, one_thread, flag):
     """The plain SFT step and the latent rows alike use lcot's packed vision attention (the default, as lcot
     trains), or all transformers' sdpa path."""
-    from lcot.core.vision import PACKED
+    from lcot.fast.vision import PACKED
 
     out = tmp_path / "bench.json"
     seen = []
@@ -107,6 +107,55 @@ def test_bench_vision_attention_is_the_same_in_every_row(tmp_path, one_thread, f
     packed = flag == "--packed_vision"
     assert seen == [PACKED if packed else "sdpa"] and json.loads(out.read_text())["env"]["packed_vision"] == packed
     assert all(math.isfinite(r["time_s"]) for r in rows)
+
+
+def test_runner_switches_map_to_the_runner_keywords():
+    """bench.py's runner switches give lcot.fast.Runner's keywords; the defaults are lcot's, but for the eager step
+    (--compile_step off)."""
+    defaults = bench.runner_options(bench.parser().parse_args([]))
+    assert defaults == {"compile_step": "off", "kernels": True, "step_attention": "flex", "vision": True,
+                        "cast_adapters": True, "adjoint_graphs": True, "adjoint_compile": True}
+    args = bench.parser().parse_args(["--compile_step", "on", "--kernels", "off", "--step_attention", "sdpa",
+                                      "--no-packed_vision", "--no_cast_adapters", "--adjoint_graphs", "off",
+                                      "--adjoint_compile", "off"])
+    assert bench.runner_options(args) == {"compile_step": "on", "kernels": False, "step_attention": "sdpa",
+                                          "vision": False, "cast_adapters": False, "adjoint_graphs": False,
+                                          "adjoint_compile": False}
+    assert bench.runner_options(bench.parser().parse_args(["--kernels", "interpret"]))["kernels"] == "interpret"
+    with pytest.raises(SystemExit):
+        bench.parser().parse_args(["--step_attention", "eager"])
+
+
+@pytest.mark.parametrize("switches,attention", [([], "lcot_sdpa_steps"),
+                                                (["--kernels", "off", "--step_attention", "stock",
+                                                  "--no_cast_adapters", "--adjoint_graphs", "off",
+                                                  "--adjoint_compile", "off"], "sdpa")])
+def test_bench_rows_share_one_runner_built_by_the_switches(tmp_path, one_thread, monkeypatch, switches, attention):
+    """Every row runs on the one lcot.fast.Runner setup attaches (its path switched per row), built with the
+    switches' keywords; the table records them."""
+    from lcot.fast import Runner
+
+    seen = []
+    real = bench.Bench.setup
+
+    def setup(self):
+        real(self)
+        seen.append(self.runner)
+
+    monkeypatch.setattr(bench.Bench, "setup", setup)
+    out = tmp_path / "bench.json"
+    rows = bench.main([*SMALL, *switches, "--rows", "sft,latent_truncated,latent_adjoint,teacher_graph",
+                       "--out", str(out)])
+    assert [r["name"] for r in rows] == ["sft", "latent_truncated", "latent_adjoint", "teacher_graph"]
+    assert all(math.isfinite(r["time_s"]) and not r["note"].startswith("error") for r in rows), rows
+    runner, = seen
+    assert isinstance(runner, Runner) and runner.model.lcot_runner is runner
+    assert runner.model.config.text_config._attn_implementation == attention
+    assert runner.fast == "graph" and not runner.step_compiled(runner.model)  # the last row's path; eager step
+    env = json.loads(out.read_text())["env"]
+    assert env["runner"] == bench.runner_options(bench.parser().parse_args(switches))
+    assert (runner.kernels, runner.casts is None, runner.adjoint_state.graphs, runner.adjoint_state.compile) == (
+        (False, True, False, False) if switches else (True, False, True, True))
 
 
 def test_shapes_match_published_sizes():
@@ -208,7 +257,8 @@ def test_bench_paired_notes_the_alternating_ratio(tmp_path, one_thread):
 
 
 def test_a_given_commit_wins_over_git(monkeypatch):
-    """A lent GPU machine may carry a stale .git: the commit given with LCOT_COMMIT is the one a table names."""
+    """A GPU machine that got a copy of the tree may carry a stale .git: the commit given with LCOT_COMMIT (metadata
+    only) is the one a table names."""
     monkeypatch.setenv("LCOT_COMMIT", "abc1234")
     assert bench.source_commit() == "abc1234"
     monkeypatch.delenv("LCOT_COMMIT")

@@ -38,7 +38,7 @@ from lcot.toy.synthetic import main as synthetic_main
 from lcot.toy.tiny import main as tiny_main
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--seed", "0", "--warmup_ratio", "0"]
+FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--seed", "0", "--warmup_steps", "0"]
 
 
 # -- the corpus --------------------------------------------------------------------------------------------

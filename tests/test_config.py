@@ -1,10 +1,12 @@
-"""One dataclass per command: argparse, lcot.json and the resume check all come from it."""
+"""One dataclass per command: argparse, lcot.json and the resume check all come from it (training's is a
+transformers.TrainingArguments)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
 import pytest
+from transformers import TrainingArguments
 
 from lcot import config
 from lcot.config import option
@@ -45,13 +47,31 @@ def test_train_config_is_the_cli_lcot_json_and_resume_check():
 
     p = train.parser()
     flags = {a.dest: a.option_strings for a in p._actions if a.dest != "help"}
-    assert set(flags) == {f.name for f in fields(TrainConfig)}
-    assert flags["num_latents"] == ["--latent_size"]  # the seed's spelling, one name in the code
-    assert all(a.help for a in p._actions)
-    assert set(config.saved(TrainConfig(stage="stage2", model_name_or_path="m", train_jsonl="t", output_dir="o"))) \
-        >= {"stage", "num_latents", "align", "latent_grad", "latent_feed", "seed", "lora", "latent_curriculum"}
-    assert {f.name for f in config.resume_keys(TrainConfig)} == {
+    assert set(flags) == {f.name for f in fields(TrainConfig)}  # one field, one flag: nothing re-declared by hand
+    ta = {f.name for f in fields(TrainingArguments)}
+    assert {"learning_rate", "warmup_steps", "report_to", "bf16", "seed", "max_steps"} <= ta & set(flags)
+    for name, seed in (("num_latents", "--latent_size"), ("num_train_epochs", "--epochs"),
+                       ("per_device_train_batch_size", "--bsz"), ("gradient_accumulation_steps", "--grad_accum_steps")):
+        assert seed in flags[name], name  # the seed's spelling
+    cfg = train.parse(["--stage", "stage2", "--model_name_or_path", "m", "--train_jsonl", "t", "--output_dir", "o",
+                       "--latent_size", "4", "--epochs", "2", "--bsz", "3", "--grad_accum_steps", "5",
+                       "--resume_from_checkpoint"])
+    assert (cfg.num_latents, cfg.num_train_epochs, cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps, cfg.resume_from_checkpoint) == (4, 2.0, 3, 5, "last")
+    assert isinstance(cfg, TrainingArguments) and cfg.train_batch_size == 3  # the Trainer's args themselves
+    defaults = train.parse(["--stage", "stage1", "--model_name_or_path", "m", "--train_jsonl", "t",
+                            "--output_dir", "o"])
+    assert (defaults.num_latents, defaults.learning_rate, defaults.gradient_accumulation_steps,
+            defaults.remove_unused_columns, defaults.data_seed) == (32, 1e-5, 8, False, 42)
+    lcot_flags = [a for a in p._actions if a.dest in flags and a.dest not in ta]
+    assert lcot_flags and all(a.help and not a.help.startswith("(") for a in lcot_flags)
+    with pytest.raises(SystemExit):
+        train.parse(["--stage", "stage1", "--model_name_or_path", "m", "--train_jsonl", "t"])  # --output_dir
+    assert set(TrainConfig.SAVED) >= {"stage", "num_latents", "align", "latent_grad", "latent_feed", "seed", "lora",
+                                      "latent_curriculum"}
+    assert set(TrainConfig.RESUME) == {
         "stage", "num_latents", "latent_feed", "align", "latent_grad", "latent_curriculum", "seed", "lora"}
+    assert set(TrainConfig.SAVED) | set(TrainConfig.RESUME) <= set(flags)
 
 
 def test_latent_grad_values_are_checked_before_loading(tmp_path):
@@ -77,11 +97,11 @@ def test_adjoint_is_checked_against_fsdp_and_notes_compile_flags(tmp_path, monke
     assert "--compile has no effect on the pass with gradients of --latent_grad adjoint" in capsys.readouterr().err
     train.check(TrainConfig(**base, compile_step="on"))
     assert "--compile_step" not in capsys.readouterr().err  # adjoint's chain runs without gradients: it applies
-    train.check(TrainConfig(**{**base, "latent_grad": "full"}, compile_step=True))
+    train.check(TrainConfig(**{**base, "latent_grad": "full"}, compile_step="on"))
     assert "--compile_step has no effect here (--latent_grad full" in capsys.readouterr().err
-    train.check(TrainConfig(**base, compile_step=True, latent_feed="pause"))
+    train.check(TrainConfig(**base, compile_step="on", latent_feed="pause"))
     assert "--compile_step has no effect here (--latent_feed pause" in capsys.readouterr().err
-    train.check(TrainConfig(**{**base, "stage": "stage1", "latent_grad": "truncated"}, compile_step=True,
+    train.check(TrainConfig(**{**base, "stage": "stage1", "latent_grad": "truncated"}, compile_step="on",
                             num_latents=0))
     assert "--compile_step has no effect here (--latent_size 0" in capsys.readouterr().err
     train.check(TrainConfig(**{**base, "latent_grad": "full"}))  # the default (auto) says nothing

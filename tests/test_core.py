@@ -145,25 +145,24 @@ def test_latents_without_the_answer_pass(loaded, records, fast, feed, grad, monk
     """answer=False (the teacher precompute): the same latents and hidden states up to the last slot, bit for bit;
     the recurrence runs no pass over the answer (a parallel pass still covers every column); refused with
     gradients, whose loss needs the answer."""
-    from lcot.core import graph
-    from lcot.core import model as model_module
+    from lcot.fast import Runner
 
     model, _ = loaded
     b = collate(loaded, records[:2], k=4, thought=True)
     end = b["latent_start"] + 4
-    passes, real_runner = [], model_module.runner
+    passes, runner = [], Runner(model, fast=fast)
+    real_recurrence = runner.recurrence
 
     def counting(*args):  # the cache and steps, recording the columns of each multi-token pass they run
-        steps = real_runner(*args)
+        steps = real_recurrence(*args)
         real = steps.forward
         monkeypatch.setattr(steps, "forward", lambda x, m, pos, cols: passes.append(cols) or real(x, m, pos, cols))
         return steps
 
-    graph.clear(model)
     with torch.no_grad():
-        hidden, latents = latent_hidden_states(model, b, grad, fast, feed)
-        monkeypatch.setattr(model_module, "runner", counting)
-        short, short_latents = latent_hidden_states(model, b, grad, fast, feed, answer=False)
+        hidden, latents = latent_hidden_states(model, b, grad, feed, runner=runner)
+        monkeypatch.setattr(runner, "recurrence", counting)
+        short, short_latents = latent_hidden_states(model, b, grad, feed, answer=False, runner=runner)
     assert torch.equal(short_latents, latents) and torch.equal(short, hidden[:, :end])
     assert hidden.shape[1] > end and passes == ([] if feed == "pause" else [slice(0, b["latent_start"])])
     with pytest.raises(ValueError, match="without gradients"):

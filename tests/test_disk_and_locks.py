@@ -30,7 +30,7 @@ from lcot.pipeline.teacher import read_teacher, teacher_file
 from lcot.precompute_teacher_latents import main as precompute_main
 from lcot.toy import synthetic
 
-FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--warmup_ratio", "0", "--seed", "0"]
+FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--warmup_steps", "0", "--seed", "0"]
 NO_SPACE = "No space left on device"
 
 

@@ -14,14 +14,14 @@ def _setting(acc: float, by: dict, const: str | None = None) -> dict:
     return {"accuracy": acc, "constant": const, "by_difficulty": by}
 
 
-def _plan(tmp_path: Path, seeds=(0, 1)) -> E.Plan:
+def _plan(tmp_path: Path, seeds=(0, 1), protocol: str = "warmup-teacher") -> E.Plan:
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"question": "q", "answer": f"#### {a}", "question_image_paths": [],
                                         "thought_image_paths": []}) + "\n" for a in "aab"))
     return E.Plan(name="t", train_jsonl=str(data), eval_jsonl=str(data), difficulty_field="hops", state_field=None,
                   model="tiny", seeds=list(seeds), num_latents=2, warmup_steps=1, stage2_steps=1, stage3_steps=1,
                   bsz=1, lr=1e-3, lr_scheduler="constant", latent_grad="truncated", rows=list(E.ROWS),
-                  protocol="stage2-teacher", align="centered", eval_records=0, probe_records=0)
+                  protocol=protocol, align="centered", eval_records=0, probe_records=0)
 
 
 def _write(run: Path, seed: int, model: str, obj: dict) -> None:
@@ -65,16 +65,39 @@ def test_aggregate_means_gap_recovered_and_warnings(tmp_path):
     assert "pause control" not in text  # rows without measurements are left out, not printed as zeros
 
 
+def test_a_seed_whose_teacher_reads_no_thought_image_is_a_failed_protocol(tmp_path):
+    """stage2-teacher: seed 1's stage2 gains 0.02 from its thought images, so its rows are left out of the means and
+    the table says why; when no seed's teacher reads them, the table says the run shows nothing."""
+    plan, run = _plan(tmp_path, protocol="stage2-teacher"), tmp_path / "run"
+    for seed, (benefit, s3) in enumerate([(0.6, 0.7), (0.02, 0.3)]):
+        _write(run, seed, "stage2", {"settings": {"with": {"2": _setting(0.3 + benefit, {})},
+                                                  "without": {"2": _setting(0.3, {})}}, "majority": 0.4})
+        _write(run, seed, "stage3", {"settings": {"without": {"2": _setting(s3, {})}}})
+    agg = E.aggregate(plan, run)
+    assert set(agg["failed"]) == {"1"} and "protocol failed at stage2 (the teacher): 0.320 with" in agg["failed"]["1"]
+    stage3 = next(r for r in agg["rows"] if r["model"] == "stage3")
+    assert stage3["overall"]["mean"] == pytest.approx(0.7) and stage3["seeds"] == 1
+    assert agg["teacher_benefit"]["stage2"]["per_seed"] == {"0": pytest.approx(0.6), "1": pytest.approx(0.02)}
+    text = E.table_md(plan, agg, {"device": "test", "wall_s": 60})
+    assert "**Seed 1: protocol failed at stage2 (the teacher)" in text and "not averaged" in text
+    assert "shows nothing" not in text
+    _write(run, 0, "stage2", {"settings": {"with": {"2": _setting(0.35, {})}, "without": {"2": _setting(0.3, {})}}})
+    agg = E.aggregate(plan, run)
+    assert set(agg["failed"]) == {"0", "1"} and not agg["rows"]
+    assert "No seed's teacher reads its thought images: this run shows nothing" in E.table_md(plan, agg, {})
+
+
 def test_gap_is_undefined_without_a_gap():
     assert E._gap(0.31, 0.30, 0.5) is None
     assert E._gap(0.8, 0.4, 0.6) == pytest.approx(0.5)
     assert E._gap(None, 0.4, 0.6) is None
 
 
+@pytest.mark.slow  # about 80 s on 2 CPU cores
 def test_experiment_cli_end_to_end_and_resume(tmp_path):
     argv = ["--name", "e2e", "--task", "hops", "--n", "30", "--seeds", "2", "--latent_size", "2",
             "--warmup_steps", "2", "--stage2_steps", "2", "--stage3_steps", "2", "--bsz", "4", "--probe_records", "12",
-            "--rows", "pause", "nolatent", "--run_dir", str(tmp_path / "runs"),
+            "--rows", "pause", "nolatent", "--min_teacher_benefit", "-1", "--run_dir", str(tmp_path / "runs"),
             "--results_dir", str(tmp_path / "results"), "--procs", "2"]
     first = E.run_experiment(E.config.parse(E.ExperimentConfig, argv, "x"))
     assert all(v == "done" for v in first["state"].values()), first["state"]

@@ -1,4 +1,5 @@
-"""The fast latent path (lcot.core.graph) against the reference dynamic-cache path, in fp32 on CPU.
+"""The fast latent path (lcot.fast.graph, run by lcot.fast.Runner) against the reference dynamic-cache path, in
+fp32 on CPU.
 
 CUDA graphs cannot run here: `FakeGraph` stands in for capture/replay with the same contract (the
 capture leaves the cache position where it was, a replay re-runs the captured step on whatever the
@@ -10,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcot.core import graph as fast
 from lcot.core.collate import Collator
-from lcot.core.latent import EagerLatents, embed_inputs
+from lcot.core.latent import REFERENCE, EagerLatents, embed_inputs
 from lcot.core.loss import align_loss
 from lcot.core.model import latent_hidden_states
+from lcot.fast import graph as fast
+from lcot.fast.runner import KEEP, Runner, resolve
 from lcot.pipeline.generate import generate_batch
 
 TOL = {"atol": 5e-6, "rtol": 1e-5}  # the static cache attends over more (masked) slots: summation order only
@@ -48,19 +50,29 @@ def fake_capture(step, rewind, device):
     return graph, graph.out
 
 
-@pytest.fixture
-def graphed(monkeypatch):
-    """FastLatents objects with graph=True that 'capture' FakeGraphs on the CPU."""
-    monkeypatch.setattr(fast, "capture_graph", fake_capture)
-    cls = fast.FastLatents  # before any test swaps it for `make`
+def fake_runner(model, **kwargs) -> Runner:
+    """A runner whose static caches 'capture' FakeGraphs on the CPU (fast="graph" gives eager static steps there)."""
+    runner = Runner(model, fast="static", capture=fake_capture, **kwargs)
+    make = runner.fast_latents
 
-    def make(model, max_len, batch_size, graph=None):
-        fl = cls(model, max_len, batch_size, graph=False)
+    def graphed(model, batch_size, length, graph=False):
+        fl = make(model, batch_size, length, graph)
         fl.graph = fl.prefix_graphs = True
         return fl
 
-    yield make
-    fast.clear()
+    runner.fast_latents = graphed
+    return runner
+
+
+@pytest.fixture
+def graphed():
+    """make(model, max_len, batch_size) -> a FastLatents with graph=True that 'captures' FakeGraphs on the CPU."""
+    def make(model, max_len, batch_size, runner=None):
+        fl = fast.FastLatents(runner or Runner(model, capture=fake_capture), model, max_len, batch_size)
+        fl.graph = fl.prefix_graphs = True
+        return fl
+
+    return make
 
 
 def recurrence(steps, model, b):
@@ -82,7 +94,7 @@ def test_static_cache_recurrence_equals_latent_loop(loaded, records, graphed, us
     length = b["input_ids"].shape[1]
     with torch.no_grad():
         ref = recurrence(EagerLatents(model), model, b)
-        fl = graphed(model, length + 7, 3) if use_graph else fast.FastLatents(model, length + 7, 3)
+        fl = graphed(model, length + 7, 3) if use_graph else fast.FastLatents(Runner(model), model, length + 7, 3)
         got = recurrence(fl, model, b)
         again = recurrence(fl, model, b)  # a second sequence on the same cache (and graph)
     m = b["attention_mask"].bool()
@@ -115,10 +127,11 @@ def test_fast_latents_reused_across_batches_of_other_lengths(loaded, records, gr
 def test_latent_hidden_states_fast_modes_equal_reference(loaded, records, mode):
     model, _ = loaded
     b = collate(loaded, records[:3], k=4)
+    runner = Runner(model, fast=mode)  # "graph" on CPU runs eager static steps
     with torch.no_grad():
-        h_ref, lat_ref = latent_hidden_states(model, b, fast="off")
-        h, lat = latent_hidden_states(model, b, fast=mode)  # "graph" on CPU runs eager static steps
-        h_t, lat_t = latent_hidden_states(model, b, grad="truncated", fast=mode)
+        h_ref, lat_ref = latent_hidden_states(model, b, runner=REFERENCE)
+        h, lat = latent_hidden_states(model, b, runner=runner)
+        h_t, lat_t = latent_hidden_states(model, b, grad="truncated", runner=runner)
     m = b["attention_mask"].bool()
     torch.testing.assert_close(h[m], h_ref[m], **TOL)
     torch.testing.assert_close(lat, lat_ref, **TOL)
@@ -134,8 +147,8 @@ def test_eager_attention_static_cache(tiny_dir, records, loaded):
     eager.eval()
     b = collate(loaded, records[:2], k=3)
     with torch.no_grad():
-        h_ref, lat_ref = latent_hidden_states(eager, b, fast="off")
-        h, lat = latent_hidden_states(eager, b, fast="static")
+        h_ref, lat_ref = latent_hidden_states(eager, b, runner=Runner(eager, fast="off"))
+        h, lat = latent_hidden_states(eager, b, runner=Runner(eager, fast="static"))
     assert torch.isfinite(h).all()
     torch.testing.assert_close(lat, lat_ref, **TOL)
     m = b["attention_mask"].bool()
@@ -143,31 +156,30 @@ def test_eager_attention_static_cache(tiny_dir, records, loaded):
 
 
 # -- 2. a truncated training step through the fast path == the eager one ----------------------------------------
-def test_truncated_training_step_through_fast_path(loaded, records, graphed, monkeypatch):
+def test_truncated_training_step_through_fast_path(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:2], k=4)
     teacher = torch.randn(2, 4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]
-    made = []
-    monkeypatch.setattr(fast, "FastLatents", lambda *a, **kw: made.append(graphed(*a, **kw)) or made[-1])
+    runners = {"off": Runner(model, fast="off"), "graph": fake_runner(model)}
 
     def step(mode):
         model.zero_grad()
         out = model(input_ids=b["input_ids"], attention_mask_4d=b["attention_mask_4d"],
                     position_ids=b["position_ids"], pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
                     labels=b["labels"], latent_mode=True, latent_start=b["latent_start"],
-                    num_latents=b["num_latents"], grad="truncated", fast=mode, return_logits=False)
+                    num_latents=b["num_latents"], grad="truncated", runner=runners[mode], return_logits=False)
         loss = out.loss + align_loss(out.latent_hidden, teacher)[0]
         loss.backward()
         return loss.detach(), [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
     try:
         loss_ref, g_ref = step("off")
-        loss_fast, g_fast = step("graph")  # FastLatents -> a fake-graphed one (see the monkeypatch)
+        loss_fast, g_fast = step("graph")  # a fake-graphed FastLatents
     finally:
         model.zero_grad()
-        fast.clear(model)
-    assert made and made[0].captures == 1
+    made = list(runners["graph"]._kept.values())
+    assert len(made) == 1 and made[0].captures == 1
     torch.testing.assert_close(loss_fast, loss_ref, **TOL)
     assert sum(g.abs().sum() for g in g_ref) > 0
     for gf, gr in zip(g_fast, g_ref):
@@ -197,7 +209,7 @@ def test_prefix_pass_is_graphed_from_its_second_length_on(loaded, records, graph
                     torch.testing.assert_close(g if keep is None else g[keep], r if keep is None else r[keep], **TOL)
     lengths = [b["latent_start"] for b in batches]
     assert sorted(fl._prefix) == sorted(lengths[:2])  # the third length found no room: eager
-    assert [fl._prefix[n][0].replays for n in lengths[:2]] == [2, 2]  # captured in round 2, replayed in 2 and 3
+    assert [fl._prefix[n][0].replays for n in lengths[:2]] == [2, 2]  # captured in pass 2, replayed in 2 and 3
     assert fl.valid()
     w = model.model.language_model.norm.weight
     old = w.data
@@ -217,8 +229,7 @@ def test_failed_prefix_capture_falls_back_to_eager(loaded, records, monkeypatch)
         calls.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(fast, "capture_graph", broken)
-    fl = fast.FastLatents(model, 256, 2)
+    fl = fast.FastLatents(Runner(model, capture=broken), model, 256, 2)
     fl.prefix_graphs = True
     with torch.no_grad():
         ref = recurrence(EagerLatents(model), model, b)
@@ -239,24 +250,21 @@ def test_failed_capture_falls_back_to_eager_steps(loaded, records, monkeypatch):
         step()  # e.g. a capture that fails after the warm-up wrote the cache and moved its position
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(fast, "capture_graph", broken)
-    fl = fast.FastLatents(model, 256, 2)
+    runner = Runner(model, capture=broken)
+    fl = fast.FastLatents(runner, model, 256, 2)
     fl.graph = True
-    n = len(fast.CAPTURE_ERRORS)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="capture failed"):
         got = recurrence(fl, model, b)
     with torch.no_grad():
         ref = recurrence(EagerLatents(model), model, b)
-    assert not fl.graph and fl._graph is None and len(fast.CAPTURE_ERRORS) == n + 1
+    assert not fl.graph and fl._graph is None and len(runner.capture_errors) == 1
     torch.testing.assert_close(got[2], ref[2], **TOL)
 
 
-@pytest.mark.parametrize("env", [False, True])
-def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, records, graphed, monkeypatch, env):
+@pytest.mark.parametrize("setting", ["auto", "on"])
+def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, records, graphed, setting):
     """A compiled step that fails at the warm-up (a broken inductor): the capture retries with the eager step,
-    which the graph then replays; $LCOT_COMPILE_STEP does not compile that model again."""
-    from lcot.core.latent import _COMPILED_STEP
-
+    which the graph then replays; the runner does not compile that model's step again."""
     model, _ = loaded
     b = collate(loaded, records[:2], k=3)
     calls = []
@@ -265,98 +273,87 @@ def test_a_failing_compiled_step_is_dropped_and_the_eager_step_graphed(loaded, r
         calls.append(1)
         raise RuntimeError("inductor: compilation failed")
 
-    monkeypatch.setitem(_COMPILED_STEP, model, broken)
-    if env:
-        monkeypatch.setenv(fast.COMPILE_ENV, "1")
-    n, c = len(fast.CAPTURE_ERRORS), len(fast.COMPILE_ERRORS)
-    fl = graphed(model, 256, 2)
-    try:
-        with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
-            got = recurrence(fl, model, b)
-        with torch.no_grad():
-            ref = recurrence(EagerLatents(model), model, b)
-            again = recurrence(graphed(model, 512, 2), model, b)  # a new FastLatents: no compile under the env
-        assert calls == [1] and model not in _COMPILED_STEP  # tried once, then dropped
-        assert len(fast.COMPILE_ERRORS) == c + 1 and len(fast.CAPTURE_ERRORS) == n  # the graph itself was captured
-        assert fl.graph and fl._graph is not None and fl._graph.replays == 3  # all K=3 steps replay it
-        for g in (got, again):
-            torch.testing.assert_close(g[2], ref[2], **TOL)
-    finally:
-        fast._COMPILE_FAILED.discard(model)
+    runner = Runner(model, compile_step=setting, capture=fake_capture)
+    runner._compiled_step = broken
+    fl = graphed(model, 256, 2, runner)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
+        got = recurrence(fl, model, b)
+    with torch.no_grad():
+        ref = recurrence(EagerLatents(model), model, b)
+        again = recurrence(runner.fast_latents(model, 2, 512), model, b)  # a new static cache: no compile
+    assert calls == [1] and runner._compiled_step is None and runner.compile_failed  # tried once, then dropped
+    assert len(runner.compile_errors) == 1 and not runner.capture_errors  # the graph itself was captured
+    assert fl.graph and fl._graph is not None and fl._graph.replays == 3  # all K=3 steps replay it
+    for g in (got, again):
+        torch.testing.assert_close(g[2], ref[2], **TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA graph capture needs a GPU")
-def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(tiny_on, monkeypatch):
-    from lcot.core.latent import _COMPILED_STEP
-
+@pytest.mark.gpu
+def test_a_failing_compiled_step_falls_back_to_a_real_graph_of_the_eager_step(tiny_on):
     model, b = tiny_on(3)
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor: compilation failed")
 
-    monkeypatch.setitem(_COMPILED_STEP, model, broken)
-    fl = fast.FastLatents(model, 256, 2)
-    try:
-        with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
-            got = recurrence(fl, model, b)
-        with torch.no_grad():
-            ref = recurrence(EagerLatents(model), model, b)
-        assert model not in _COMPILED_STEP and isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1
-        torch.testing.assert_close(got[2], ref[2], **TOL)
-    finally:
-        fast._COMPILE_FAILED.discard(model)
+    runner = Runner(model)
+    runner._compiled_step = broken
+    fl = fast.FastLatents(runner, model, 256, 2, graph=True)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="compiled latent step failed"):
+        got = recurrence(fl, model, b)
+    with torch.no_grad():
+        ref = recurrence(EagerLatents(model), model, b)
+    assert runner._compiled_step is None and isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1
+    torch.testing.assert_close(got[2], ref[2], **TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a real CUDA graph capture needs a GPU")
-def test_auto_compiled_step_is_compiled_at_the_first_graph(tiny_on, monkeypatch):
+@pytest.mark.gpu
+def test_auto_compiled_step_is_compiled_at_the_first_graph(tiny_on):
     """--compile_step auto (the default): the first graphed FastLatents compiles the step, and the graph replays the
     compiled step, within a few fp32 ulps of the eager recurrence (tests/test_compile.py's bound)."""
-    from lcot.core.latent import _COMPILED_STEP
-
     model, b = tiny_on(3)
-    monkeypatch.delenv(fast.COMPILE_ENV, raising=False)
-    fast.step_compile(model, "auto")
-    try:
-        with torch.no_grad():
-            ref = recurrence(EagerLatents(model), model, b)
-            assert model not in _COMPILED_STEP
-            fl = fast.FastLatents(model, 256, 2)
-            assert model in _COMPILED_STEP
-            got = recurrence(fl, model, b)
-        assert isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1 and not fast._COMPILE_FAILED
-        torch.testing.assert_close(got[2], ref[2], atol=5e-6, rtol=1e-5)
-    finally:
-        fast.step_compile(model, "off")
-        _COMPILED_STEP.pop(model, None)
+    runner = Runner(model, compile_step="auto")
+    with torch.no_grad():
+        ref = recurrence(EagerLatents(model), model, b)
+        assert runner._compiled_step is None
+        fl = runner.fast_latents(model, 2, 256, graph=True)
+        assert runner._compiled_step is not None
+        got = recurrence(fl, model, b)
+    assert isinstance(fl._graph, torch.cuda.CUDAGraph) and fl.captures == 1 and not runner.compile_failed
+    torch.testing.assert_close(got[2], ref[2], atol=5e-6, rtol=1e-5)
 
 
 def test_fast_path_refuses_gradients(loaded, records):
     model, _ = loaded
     b = collate(loaded, records[:1], k=2)
-    fl = fast.FastLatents(model, 256, 1)
+    runner = Runner(model, fast="static")
+    fl = fast.FastLatents(runner, model, 256, 1)
     embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
     with pytest.raises(RuntimeError, match="without gradients"):
         fl.forward(embeds[:, :4], b["attention_mask_4d"], b["position_ids"], slice(0, 4))
-    assert isinstance(fast.runner(model, 1, 100, "static"), EagerLatents)  # grad enabled: the reference
+    assert isinstance(runner.recurrence(model, 1, 100), EagerLatents)  # grad enabled: the reference
+    with torch.no_grad():
+        assert isinstance(runner.recurrence(model, 1, 100), fast.FastLatents)
 
 
 # -- 3. generation: same latents, same answers -------------------------------------------------------------------
-def test_generation_equal_through_fast_path(loaded, records, graphed, monkeypatch):
+def test_generation_equal_through_fast_path(loaded, records):
     model, processor = loaded
     recs = records[:3]
-    ref = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, fast="off")
-    monkeypatch.setattr(fast, "FastLatents", graphed)
+    ref = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, runner=REFERENCE)
+    runner = fake_runner(model)
     timings = {}
-    got = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, fast="graph", timings=timings)
+    got = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=6, runner=runner, timings=timings)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.latents, r.latents, **TOL)
         assert g.answer == r.answer
+    [fl] = runner._kept.values()
+    assert fl.captures == 1 and fl._graph.replays == 4 + timings["decode_steps"]  # latent and decoding steps
     assert timings["latents_steps"] == 4 and timings["decode_steps"] >= 1
-    assert all(timings[f"{p}_s"] >= 0 for p in ("prefix", "latents", "decode"))
     # fixed latent inputs (causal-use checks) go through the static cache in one pass
     fixed = torch.randn(3, 4, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1))
-    a = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed, fast="off")
-    c = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed, fast="static")
+    a = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed, runner=REFERENCE)
+    c = generate_batch(model, processor, recs, num_latents=4, max_new_tokens=4, latent_inputs=fixed,
+                       runner=Runner(model, fast="static"))
     for x, y in zip(a, c):
         torch.testing.assert_close(y.latents, x.latents, **TOL)
         assert x.answer == y.answer
@@ -378,42 +375,35 @@ def test_step_rows_are_the_dynamic_rows_padded(loaded, records):
         fast.pad_rows(mask, slice(0, width + 1), width)
 
 
-def test_resolve_modes(loaded, monkeypatch):
-    model, _ = loaded
-    monkeypatch.delenv(fast.ENV, raising=False)
-    assert fast.resolve(model) == "off"  # CPU: the default path is unchanged
-    assert fast.resolve(model, "graph") == "static" and fast.resolve(model, True) == "static"
-    assert fast.resolve(model, False) == "off" and fast.resolve(model, "static") == "static"
-    monkeypatch.setenv(fast.ENV, "static")
-    assert fast.resolve(model) == "static"
-    monkeypatch.delenv(fast.ENV)
-    assert fast.resolve(model) == "off"
-    monkeypatch.setenv(fast.ENV, "fastest")
-    with pytest.raises(ValueError, match="LCOT_FAST"):
-        fast.resolve(model)
+def test_resolve_modes():
+    assert resolve("auto", "cpu") == "off"  # CPU: the dynamic cache
+    assert resolve("auto", "cuda") == "graph" and resolve("auto", "cuda", is_sharded=True) == "off"
+    assert resolve("graph", "cpu") == "static" and resolve("graph", "cuda") == "graph"
+    assert resolve("off", "cuda") == "off" and resolve("static", "cuda") == "static"
+    with pytest.raises(ValueError, match="fast must be one of"):
+        resolve("fastest", "cpu")
 
 
-def test_registry_reuses_and_replaces(loaded, records, graphed, monkeypatch):
+def test_registry_reuses_and_replaces(loaded, records):
     model, _ = loaded
-    fast.clear(model)
-    a = fast.fast_latents(model, 2, 100, graph=False)
-    assert fast.fast_latents(model, 2, 200, graph=False) is a  # same bucket
-    assert fast.fast_latents(model, 2, 300, graph=False) is not a and a.max_len == fast.BUCKET
-    for n in range(3, 3 + fast.KEEP):
-        fast.fast_latents(model, n, 100, graph=False)
-    assert fast.fast_latents(model, 2, 100, graph=False) is not a  # evicted (least recently used)
+    runner = Runner(model, fast="static")
+    a = runner.fast_latents(model, 2, 100)
+    assert runner.fast_latents(model, 2, 200) is a  # same bucket
+    assert runner.fast_latents(model, 2, 300) is not a and a.max_len == fast.BUCKET
+    for n in range(3, 3 + KEEP):
+        runner.fast_latents(model, n, 100)
+    assert runner.fast_latents(model, 2, 100) is not a  # evicted (least recently used)
     # a captured graph is replaced once the parameters it read change
     b = collate(loaded, records[:2], k=2)
-    monkeypatch.setattr(fast, "FastLatents", graphed)
-    g = fast.fast_latents(model, 2, 100, graph=True)
+    runner = fake_runner(model)
+    g = runner.fast_latents(model, 2, 100)
     with torch.no_grad():
         recurrence(g, model, b)
-    assert g.captures == 1 and g.valid() and fast.fast_latents(model, 2, 100, graph=True) is g
+    assert g.captures == 1 and g.valid() and runner.fast_latents(model, 2, 100) is g
     w = model.model.language_model.norm.weight
     old = w.data
     try:
         w.data = old.clone()
-        assert not g.valid() and fast.fast_latents(model, 2, 100, graph=True) is not g
+        assert not g.valid() and runner.fast_latents(model, 2, 100) is not g
     finally:
         w.data = old
-        fast.clear(model)

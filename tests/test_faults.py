@@ -31,7 +31,8 @@ from lcot.precompute_teacher_latents import main as precompute_main
 REPO = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("LCOT_FAULT_SEED", random.randrange(1 << 30)))
 CKPT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "lcot.json"}
-FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--warmup_ratio", "0", "--lr", "3e-3"]
+FAST = ["--bsz", "2", "--grad_accum_steps", "1", "--logging_steps", "1", "--warmup_steps", "0",
+        "--learning_rate", "3e-3"]
 
 
 def env() -> dict[str, str]:
@@ -205,7 +206,7 @@ def test_non_finite_loss_stops_naming_step_and_records_keeping_the_last_good_che
         lr, what, tiny_dir, small, tmp_path, capsys, monkeypatch):
     """A huge learning rate: with 1e2 the weights stay finite but the step-2 gradient is NaN (stopped before
     the optimizer would write NaN into the weights); with 1e8 the step-2 loss itself is NaN."""
-    argv = ["--max_steps", "6", "--save_steps", "1", "--seed", "0", "--lr", lr]
+    argv = ["--max_steps", "6", "--save_steps", "1", "--seed", "0", "--learning_rate", lr]
     seen: list[list[int]] = []  # record idx of each batch, in training order
     real = trainer_mod.LatentTrainer.compute_loss
 
@@ -240,6 +241,7 @@ def _log_history(ckpt: Path) -> list[dict]:
     return [e for e in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in e]
 
 
+@pytest.mark.slow  # about 30 s on 2 CPU cores
 def test_soak_five_sigkills_across_precompute_and_stage3_end_identical_to_an_uninterrupted_run(tiny_dir, small,
                                                                                                 tmp_path, capsys):
     """Precompute (killed twice: after a few teacher files), then stage3 (killed mid-save of a checkpoint, then

@@ -1,6 +1,6 @@
 """Two training processes (torch.distributed, gloo on CPU): a NaN loss on one rank stops every rank at that step.
 
-The same script runs on two GPUs (NCCL): benchmarks/nan_one_rank.py (issue 12).
+The same script runs on two GPUs (NCCL): benchmarks/nan_one_rank.py.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_nan_on_one_rank_stops_every_rank_at_that_step_with_exit_3(data_dir, tin
                              tiny_dir, "--train_jsonl", data_dir / "train.jsonl", "--output_dir", out,
                              "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
                              "--grad_accum_steps", 1, "--max_steps", 5, "--save_steps", 1, "--logging_steps", 1,
-                             "--warmup_ratio", 0]]
+                             "--warmup_steps", 0]]
     codes, logs, spread = run_ranks(argv, 2, tmp_path)
     assert codes == [3, 3], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
     assert spread < 10  # they stopped together: no rank waited in a collective for its timeout (30 min)
@@ -93,7 +93,7 @@ def test_one_process_keeps_the_message_without_ranks(data_dir, tiny_dir, teacher
     argv = [str(a) for a in ["--bad_rank", 0, "--bad_step", 2, "--", "--stage", "stage2", "--model_name_or_path",
                              tiny_dir, "--train_jsonl", data_dir / "train.jsonl", "--output_dir", out,
                              "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
-                             "--grad_accum_steps", 1, "--max_steps", 3, "--save_steps", 1, "--warmup_ratio", 0]]
+                             "--grad_accum_steps", 1, "--max_steps", 3, "--save_steps", 1, "--warmup_steps", 0]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nan_one_rank.py"), *argv], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=240)
@@ -124,7 +124,7 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_exit_4(data_dir, tiny_dir
     argv = [str(a) for a in ["--fault", "disk", "--bad_rank", 1, "--bad_step", 2, "--", "--stage", "stage2",
                              "--model_name_or_path", tiny_dir, "--train_jsonl", data_dir / "train.jsonl",
                              "--output_dir", out, "--latent_size", 3, "--teacher_latent_dir", teacher, "--bsz", 2,
-                             "--grad_accum_steps", 1, "--max_steps", 4, "--save_steps", 1, "--warmup_ratio", 0]]
+                             "--grad_accum_steps", 1, "--max_steps", 4, "--save_steps", 1, "--warmup_steps", 0]]
     codes, logs, spread = run_ranks(argv, 2, tmp_path)
     assert codes == [4, 4], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
     assert spread < 10
@@ -136,7 +136,7 @@ def test_a_full_disk_on_one_rank_stops_every_rank_with_exit_4(data_dir, tiny_dir
 
 
 def test_adjoint_gradient_under_ddp_trains_the_model_full_does(data_dir, tiny_dir, teacher, tmp_path):
-    """--latent_grad adjoint runs a second backward inside the first (lcot.core.adjoint): under DDP it must
+    """--latent_grad adjoint runs a second backward inside the first (lcot.fast.adjoint): under DDP it must
     still reduce each gradient once, so 3 steps on 2 processes give the weights --latent_grad full gives."""
     weights = {}
     for grad in ("full", "adjoint"):
@@ -144,14 +144,24 @@ def test_adjoint_gradient_under_ddp_trains_the_model_full_does(data_dir, tiny_di
         argv = [str(a) for a in ["--bad_step", 99, "--", "--stage", "stage2", "--model_name_or_path", tiny_dir,
                                  "--train_jsonl", data_dir / "train.jsonl", "--output_dir", out, "--latent_size", 3,
                                  "--teacher_latent_dir", teacher, "--bsz", 2, "--grad_accum_steps", 1,
-                                 "--max_steps", 3, "--warmup_ratio", 0, "--lr", 1e-3, "--latent_grad", grad]]
+                                 "--max_steps", 3, "--warmup_steps", 0, "--learning_rate", 1e-3, "--latent_grad", grad]]
         (tmp_path / f"logs_{grad}").mkdir()
         codes, logs, _ = run_ranks(argv, 2, tmp_path / f"logs_{grad}")
         assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(log[-2000:] for log in logs)
         weights[grad] = dict(load(out)[0].named_parameters())
     base, _ = load(tiny_dir)
-    moved = 0.0
-    for name, p in base.named_parameters():
-        torch.testing.assert_close(weights["adjoint"][name], weights["full"][name], atol=2e-5, rtol=1e-4)
-        moved = max(moved, (weights["full"][name] - p).abs().max().item())
-    assert moved > 1e-3  # they trained
+    steps = {grad: {name: (w[name] - p).detach() for name, p in base.named_parameters()} for grad, w in weights.items()}
+    moved = max(d.abs().max().item() for d in steps["full"].values())
+    assert moved > 1e-3  # they trained: the largest change is the sum of the 3 steps' learning rates, 2e-3
+    # The two runs differ in the last bits of their gradients (another order of the same sums), and Adam divides
+    # each element's step by the root of its running squared gradient: where a gradient is near zero, the last
+    # bits become a visible share of that element's step (measured: 2.2e-5 on 4 elements of 65,536, 1.1% of the
+    # largest change). So each element's change may differ by 2.5% of the largest change (5e-5 here), and the
+    # changes as a whole by 0.1% of their norm (measured 2.2e-5). A gradient without the chain's term
+    # (--latent_grad truncated) is far outside both: up to 4e-3 an element, 32% of the norm.
+    for name, full in steps["full"].items():
+        torch.testing.assert_close(steps["adjoint"][name], full, atol=0.025 * moved, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    diff = torch.cat([(steps["adjoint"][n] - full).flatten() for n, full in steps["full"].items()])
+    norm = torch.cat([full.flatten() for full in steps["full"].values()]).norm()
+    assert diff.norm() < 1e-3 * norm, (diff.norm() / norm).item()

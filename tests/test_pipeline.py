@@ -25,8 +25,9 @@ from lcot.pipeline.trainer import LatentTrainer, TrainCollate, TrainConfig, samp
 from lcot.precompute_teacher_latents import main as precompute_main
 
 K, KMAX = 3, 4
-FAST = ["--bsz", "8", "--grad_accum_steps", "1", "--lr", "3e-3", "--logging_steps", "1", "--save_steps", "1000",
-        "--seed", "0", "--warmup_ratio", "0"]
+FAST = ["--bsz", "8", "--grad_accum_steps", "1", "--learning_rate", "3e-3", "--logging_steps", "1",
+        "--save_steps", "1000",
+        "--seed", "0", "--warmup_steps", "0"]
 FORMAT = re.compile(r"^<abs_vis_token>(<abs_vis_token_pad>)+</abs_vis_token>\n.+", re.S)
 
 
@@ -198,11 +199,81 @@ def test_resume_continues_with_the_same_steps_and_optimizer_state(tiny_dir, data
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=1e-5)
 
 
-def test_every_cli_flag_is_explained():
-    for parser in (cli.parser(),):
-        for action in parser._actions:
-            if action.dest != "help":
-                assert action.help, action.dest
+def flag_problems(cls, parser) -> dict[str, str]:
+    """The fields of the config dataclass `cls` that its command's parser leaves unexplained or misstated, by
+    name: no help; a default written into the help by hand (it goes stale: lcot.config appends the real one); a
+    --help that does not end with the dataclass's default; or a parsed default other than the dataclass's
+    (argparse runs a str default through the flag's type: a float field defaulting to "1e-3" parses to 0.001
+    while a Python caller gets the string)."""
+    import dataclasses
+
+    actions = {a.dest: a for a in parser._actions}
+    formatter = parser._get_formatter()
+    argv = []  # a value for each required flag, so that the parser can run
+    for a in parser._actions:
+        if a.required:
+            argv += [a.option_strings[0], str(a.choices[0]) if a.choices else "1" if a.type in (int, float) else "x"]
+    parsed = vars(parser.parse_args(argv))
+    problems = {}
+    for f in dataclasses.fields(cls):
+        action = actions.get(f.name)
+        if action is None:
+            problems[f.name] = "no flag"
+            continue
+        own = f.metadata.get("help", "")
+        if not own.strip():
+            problems[f.name] = "no help"
+        elif "(default" in own:
+            problems[f.name] = f"a default written by hand: {own!r}"
+        if action.required:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = (" ".join(map(str, default)) or "none") if isinstance(default, list) else default
+        shown = '""' if shown == "" else str(shown)
+        helped = formatter._expand_help(action)  # what --help prints for it (% unescaped)
+        if not helped.endswith(f"(default: {shown})"):
+            problems[f.name] = f"--help says {helped!r}, the dataclass {default!r}"
+        if parsed[f.name] != default:
+            problems[f.name] = f"parses to {parsed[f.name]!r} by default, the dataclass gives {default!r}"
+    return problems
+
+
+def test_every_cli_flag_is_explained_with_its_real_default():
+    import dataclasses
+
+    import transformers
+
+    from lcot import config, demo, experiment, precompute_teacher_latents
+    from lcot.config import option
+    from lcot.pipeline import evaluate, generate
+    from lcot.toy import synthetic, tiny
+
+    commands = [(precompute_teacher_latents.PrecomputeConfig, precompute_teacher_latents.parser()),
+                (evaluate.EvaluateConfig, evaluate.parser()), (experiment.ExperimentConfig, experiment.parser())]
+    commands += [(cls, config.parser(cls, "prog")) for cls in (generate.GenerateConfig, experiment.MeasureConfig,
+                                                             demo.DemoConfig, synthetic.SyntheticConfig,
+                                                             tiny.TinyConfig)]
+    for cls, parser in commands:
+        assert flag_problems(cls, parser) == {}, cls.__name__
+    # lcot.main: the flags lcot defines (those of transformers.TrainingArguments explain themselves)
+    hf = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    ours = [a for a in cli.parser()._actions if a.dest != "help" and a.dest not in hf]
+    assert len(ours) > 20
+    assert [a.dest for a in ours if not (a.help or "").strip()] == []
+
+    @dataclasses.dataclass
+    class Planted:  # the check catches each way a flag can go wrong
+        path: str = option(help="required, so no default is shown")
+        fine: int = option(3, "an explained flag")
+        percent: str = option("10%", "a share of the records")
+        items: list[int] = option([1, 2], "several values")
+        bare: int = option(4)
+        stale: int = option(5, "a batch size (default: 6)")
+        rate: float = option("1e-3", "a learning rate given as a string")
+
+    problems = flag_problems(Planted, config.parser(Planted, "prog"))
+    assert set(problems) == {"bare", "stale", "rate"}, problems
+    assert problems["bare"] == "no help" and "by hand" in problems["stale"] and "0.001" in problems["rate"]
 
 
 def test_precompute_keeps_valid_files_and_recomputes_for_new_weights(loaded, records, tmp_path):
@@ -224,11 +295,13 @@ def test_precompute_keeps_valid_files_and_recomputes_for_new_weights(loaded, rec
     assert not torch.allclose(second["latents"], first["latents"])
 
 
-def test_warmup_ratio_reaches_transformers_as_a_ratio():
-    """training_args passes --warmup_ratio as warmup_steps: transformers 5 reads a float below 1 as a ratio."""
-    cfg = TrainConfig(stage="stage1", model_name_or_path="m", train_jsonl="t", output_dir="o", warmup_ratio=0.1)
-    args = cli.training_args(cfg, freeze_vision=False)
-    assert args.get_warmup_steps(200) == 20
+def test_warmup_steps_below_one_is_a_ratio_and_the_default_is_lcots():
+    """--warmup_steps below 1 is a fraction of the steps (transformers 5); lcot's default is 0.03 (the Trainer's:
+    0)."""
+    cfg = TrainConfig(stage="stage1", model_name_or_path="m", train_jsonl="t", output_dir="o", warmup_steps=0.1)
+    assert cfg.get_warmup_steps(200) == 20
+    cfg = cli.parse(["--stage", "stage1", "--model_name_or_path", "m", "--train_jsonl", "t", "--output_dir", "o"])
+    assert cfg.warmup_steps == 0.03 and cfg.get_warmup_steps(1000) == 30 and cfg.learning_rate == 1e-5
 
 
 def test_precompute_batches_records_of_one_shape_with_the_same_files(loaded, records, tmp_path):

@@ -179,3 +179,54 @@ def test_mask_rule_on_arbitrary_segment_sequences(segments):
     for i, r in enumerate(rows):
         assert mask[i, 0].tolist() == reference_mask([int(x) for x in r])
         assert mask[i, 0].any(dim=1).all()  # no empty row (eager attention would give NaN)
+
+
+def reference_visibility(segments: list[int], steps: list[int], visibility: str, visual_cot: bool) -> list[list[bool]]:
+    """Which thought image each latent slot (and thought image) sees, one element at a time."""
+    n, last = len(segments), max([s for s, g in zip(steps, segments) if g == Seg.THOUGHT_IMAGE], default=0)
+    out = [[False] * n for _ in range(n)]
+    for q in range(n):
+        for k in range(n):
+            if q == k:
+                out[q][k] = True
+            elif k < q and segments[k] != Seg.PAD:
+                if segments[k] != Seg.THOUGHT_IMAGE:
+                    out[q][k] = True
+                elif segments[q] in (Seg.LATENT, Seg.THOUGHT_IMAGE):
+                    want = {"all": True, "stepwise": steps[k] == min(steps[q], last),
+                            "cumulative": steps[k] <= steps[q]}[visibility]
+                    out[q][k] = want
+                else:
+                    out[q][k] = visual_cot
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(images=st.lists(st.integers(1, 3), min_size=0, max_size=4), k=st.integers(0, 5),
+       visibility=st.sampled_from(["all", "stepwise", "cumulative"]), visual_cot=st.booleans())
+def test_thought_visibility_equals_the_per_element_rule(images, k, visibility, visual_cot):
+    """A prompt, thought images of random sizes, K slots and an answer: build_mask with the collator's steps equals
+    the rule; under "stepwise" slot j reads image min(j, T) and nothing of any other."""
+    from lcot.core.collate import step_indices
+
+    segs, ids = [Seg.PROMPT] * 2, [7, 7]
+    for size in images:  # <|vision_start|> (id 1), pads, <|vision_end|>
+        segs += [Seg.THOUGHT_IMAGE] * (size + 2)
+        ids += [1] + [2] * size + [3]
+    segs += [Seg.ANSWER] + [Seg.LATENT] * k + [Seg.ANSWER] * 2
+    ids += [4] + [5] * k + [6, 6]
+    seg_t, ids_t = torch.tensor([[int(s) for s in segs]]), torch.tensor([ids])
+    steps = step_indices(ids_t, seg_t, vision_start=1)
+    image_of = [i for i, size in enumerate(images, 1) for _ in range(size + 2)]
+    assert steps[0, 2:2 + len(image_of)].tolist() == image_of
+    assert steps[0, seg_t[0] == Seg.LATENT].tolist() == list(range(1, k + 1))
+    mask = build_mask(seg_t, visual_cot, steps, visibility)[0, 0]
+    assert mask.tolist() == reference_visibility([int(s) for s in segs], steps[0].tolist(), visibility, visual_cot)
+    if visibility == "all":
+        assert torch.equal(mask, build_mask(seg_t, visual_cot)[0, 0])
+    if visibility == "stepwise" and images and k:
+        latent_rows = (seg_t[0] == Seg.LATENT).nonzero()[:, 0]
+        thought = seg_t[0] == Seg.THOUGHT_IMAGE
+        for j, row in enumerate(latent_rows.tolist(), 1):
+            seen = set(steps[0, thought & mask[row]].tolist())
+            assert seen == {min(j, len(images))}

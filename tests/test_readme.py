@@ -28,10 +28,15 @@ PARSED_ONLY = ("lcot.experiment", "lcot.demo")  # GPU-sized, or minutes of CPU (
 BUDGET_CAPS = {"--epochs": 1, "--max_steps": 20, "--n": 200}  # the one rewrite (see the module docstring)
 
 
+def bash_bodies() -> list[str]:
+    """Each ```bash block's text, as written."""
+    return re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+
+
 def bash_blocks() -> list[list[str]]:
     """Each ```bash block as its commands (continuation lines joined, comments dropped)."""
     blocks = []
-    for body in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+    for body in bash_bodies():
         joined = body.replace("\\\n", " ")
         blocks.append([" ".join(line.split("  #")[0].split()) for line in joined.splitlines()
                        if line.strip() and not line.strip().startswith("#")])
@@ -79,19 +84,37 @@ def _run(cmd: str, cwd: Path) -> str:
     return done.stdout
 
 
+RUN_BLOCKS = ("python -m lcot.toy.tiny --output_dir runs/tiny",  # the embedded default
+              "--task hops --output_dir runs/hops")  # the hops tour
+PARSED_BLOCKS = ("python -m lcot.experiment", "M=/path/to/Qwen2.5-VL-7B-Instruct")  # the matrix, the real 7B
+
+
 def test_the_readme_shows_the_commands_this_test_runs():
     blocks = bash_blocks()
     assert ["make demo", "make test"] == [c.split()[0] + " " + c.split()[1] for c in blocks[0]]
-    assert len(blocks) == 5  # two commands, the embedded default, the hops tour, the experiment, the real 7B
+    # the blocks this test runs or parses are found by their content, each in exactly one block
+    for marker in RUN_BLOCKS + PARSED_BLOCKS:
+        _block(marker)
+    # a line of a run block that is not an lcot command would be skipped silently: there is none
+    for marker in RUN_BLOCKS:
+        stray = [c for c in _block(marker) if not c.startswith("python -m lcot.")]
+        assert not stray, f"not run by this test: {stray}"
+    # every block is valid bash, and every command splits into shell words (quotes balanced)
+    for body in bash_bodies():
+        done = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True)
+        assert done.returncode == 0, f"{done.stderr}\n{body}"
+    for cmd in (c for b in blocks for c in b):
+        shlex.split(cmd)
     commands = lcot_commands()
     assert len(commands) >= 25 and all(c.startswith("python -m lcot.") for c in commands)
 
 
 def test_the_budget_cap_touches_only_the_budget_flags(monkeypatch):
     monkeypatch.delenv("LCOT_README_AS_WRITTEN", raising=False)
-    argv = shlex.split("python -m lcot.main --epochs 6 --max_steps 300 --lr 2e-3 --output_dir runs/n --n 400 --bsz 8")
-    assert capped(argv) == shlex.split("python -m lcot.main --epochs 1 --max_steps 20 --lr 2e-3 --output_dir runs/n "
-                                       "--n 200 --bsz 8")
+    argv = shlex.split("python -m lcot.main --epochs 6 --max_steps 300 --learning_rate 2e-3 --output_dir runs/n "
+                       "--n 400 --bsz 8")
+    assert capped(argv) == shlex.split("python -m lcot.main --epochs 1 --max_steps 20 --learning_rate 2e-3 "
+                                       "--output_dir runs/n --n 200 --bsz 8")
     assert capped(["python", "-m", "x", "--max_steps", "5"])[-1] == "5"  # below the cap: as written
 
 

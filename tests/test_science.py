@@ -1,4 +1,4 @@
-"""The testbed of issue 9: the hops task, the visual-CoT and pause controls, K=0, the fast collator cache,
+"""The testbed: the hops task, the visual-CoT and pause controls, K=0, the fast collator cache,
 causal-use checks, the probe, and the gradient modes; each against an independent computation."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_cached_collator_gives_identical_batches(loaded, hops_records, thought):
     cached = Collator(processor, model.config, 3, thought_images=thought, cache=True)
     cached.prepare(hops_records[:6], progress=False)
     assert all(e.pixels.dtype == torch.uint8 for e in cached.cache.values())  # exact codes, a quarter of fp32
-    from lcot.core.vision import decode_pixels
+    from lcot.core.collate import decode_pixels
 
     for recs in (hops_records[:5], hops_records[2:6]):
         a, b = plain(recs), cached(recs)
@@ -104,7 +104,8 @@ def test_cached_collator_gives_identical_batches(loaded, hops_records, thought):
 
 
 def test_per_record_positions_equal_transformers_rope_on_the_padded_batch(loaded, hops_records, records):
-    """Oracle: transformers' get_rope_index over the whole left/right-padded batch, as the first round did."""
+    """Oracle: transformers' get_rope_index over the whole left/right-padded batch (what
+    the collator computed before it cached positions per record)."""
     model, processor = loaded
     for recs in (hops_records[:4], records[:3]):
         c = Collator(processor, model.config, 2, thought_images=True)
@@ -256,7 +257,7 @@ def test_probe_recovers_a_planted_linear_signal_and_not_noise():
 def test_precomputed_vision_tensors_equal_transformers_on_mixed_grids(loaded):
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-    from lcot.core.vision import vision_kwargs
+    from lcot.fast.vision import vision_kwargs
 
     vc = loaded[0].config.vision_config
     grids = torch.tensor([[1, 4, 8], [1, 8, 8], [1, 4, 8], [1, 2, 4], [2, 8, 4], [1, 12, 6]])
@@ -270,7 +271,7 @@ def test_precomputed_vision_tensors_equal_transformers_on_mixed_grids(loaded):
 
 @pytest.mark.parametrize("lengths", [[16, 16, 16], [16, 64, 16, 4, 64]])
 def test_packed_attention_equals_attention_per_segment(lengths):
-    from lcot.core.vision import packed_sdpa
+    from lcot.fast.vision import packed_sdpa
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, sum(lengths), 8, generator=gen) for _ in range(3))
@@ -336,3 +337,26 @@ def test_bptt_mode_is_checked():
     for bad in ("bptt", "bptt:-1", "bptt:x", "last:2"):
         with pytest.raises(ValueError, match="bptt:M"):
             bptt_links(bad)
+
+
+# -- step-wise thought visibility ------------------------------------------------------------------------------
+@pytest.mark.parametrize("visibility", ["all", "stepwise", "cumulative"])
+def test_a_latent_reads_no_thought_image_of_a_later_step(loaded, hops_records, visibility):
+    """Noise in the last of four thought images: under "stepwise" and "cumulative" latents 1..3 stay as they were
+    (they cannot read step 4) and latent 4 moves; under "all" latent 1 already moves."""
+    model, processor = loaded
+    rec = next(r for r in hops_records if len(r.thought_images) == 4)
+    b = Collator(processor, model.config, 4, thought_images=True, visibility=visibility)([rec])
+    last = int(b["image_grid_thw"][-1].prod())  # the last image's rows come last in pixel_values
+    noisy = dict(b, pixel_values=b["pixel_values"].clone())
+    noisy["pixel_values"][-last:] = torch.randn(last, b["pixel_values"].shape[1], generator=torch.Generator()
+                                                .manual_seed(0))
+    with torch.no_grad():
+        _, clean = latent_hidden_states(model, b)
+        _, moved = latent_hidden_states(model, noisy)
+    change = (moved - clean).abs().amax(-1)[0]  # per latent slot
+    assert change[3] > 1e-3
+    if visibility == "all":
+        assert change[0] > 1e-3
+    else:
+        assert change[:3].max() < 1e-6, change

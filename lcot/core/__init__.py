@@ -1,2 +1,3 @@
-"""The method: mask, collator, forward primitives, the latent recurrence (eager and CUDA graph), the model
-class and the losses. Imports nothing from lcot but the leaves (errors, io)."""
+"""The method: tokens, mask, record, collate, the latent recurrence (an eager loop and the reference passes), the
+model class and the losses. Imports nothing from lcot but the leaves (errors, io); lcot.fast runs the same passes
+faster behind one object the model is given."""

@@ -29,10 +29,16 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 from lcot.console import progress as bar
-from lcot.core.mask import Seg, build_mask
+from lcot.core.mask import VISIBILITY, Seg, build_mask
 from lcot.core.record import Record, load_image
 from lcot.core.tokens import IGNORE, TokenIds
-from lcot.core.vision import decode_pixels
+
+
+def decode_pixels(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """pixel_values from the collator's exact uint8 codes (rows, 3, p) and its table (3, 256): one gather,
+    done where the codes are (on the GPU, after a copy of a quarter of the bytes)."""
+    lut = lut.to(codes.device)
+    return lut[torch.arange(3, device=codes.device)[:, None], codes.long()].reshape(codes.shape[0], -1)
 
 
 class RopeIndex:
@@ -93,20 +99,24 @@ class Encoded:
 class Collator:
     """Build batches for one setting: K latent slots, with or without question/thought images.
 
-    visual_cot=True shows the thought images to the answer too (see lcot.core.mask).
+    visual_cot=True shows the thought images to the answer too; `visibility` says which thought image each
+    latent slot sees ("all", "stepwise", "cumulative"; see lcot.core.mask).
     with_answer=False builds a generation prompt instead: the prefix, K slots, </abs_vis_token> and
     `reserve` answer columns to be filled by decoding (their mask rows and positions are ready).
     cache=True keeps every record's encoding (tokens, positions, exact pixel codes) in memory, so images
     are read and processed once per run (`prepare` fills it up front). Its batches carry pixel_values as the
-    uint8 codes plus their table `pixel_lut`; the model decodes them (lcot.core.vision.decode_pixels) to exactly
+    uint8 codes plus their table `pixel_lut`; the model decodes them (decode_pixels) to exactly
     the pixel values of an uncached batch.
     """
 
     def __init__(self, processor, config, num_latents: int, thought_images: bool,
                  question_images: bool = True, with_answer: bool = True, reserve: int = 0,
-                 visual_cot: bool = False, cache: bool = False) -> None:
+                 visual_cot: bool = False, cache: bool = False, visibility: str = "all") -> None:
         if num_latents < 0:
             raise ValueError(f"num_latents must be >= 0, got {num_latents}")
+        if visibility not in VISIBILITY:
+            raise ValueError(f"visibility must be one of {VISIBILITY}, got {visibility!r}")
+        self.visibility = visibility
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.ids = TokenIds.from_tokenizer(self.tokenizer)
         self.num_latents, self.thought_images, self.question_images = num_latents, thought_images, question_images
@@ -209,9 +219,11 @@ class Collator:
             pixel_values = torch.cat(pixels if coded else [self.codec.decode(p) for p in pixels])
             grid_thw = torch.cat([e.grids for e in enc if e.grids is not None])
         labels = torch.where((segments == Seg.ANSWER) & self.with_answer, input_ids, IGNORE)
+        steps = step_indices(input_ids, segments, self.ids.vision_start)
         return {
             "input_ids": input_ids, "attention_mask": (segments != Seg.PAD).long(), "segments": segments,
-            "attention_mask_4d": build_mask(segments, self.visual_cot), "position_ids": position_ids,
+            "steps": steps, "attention_mask_4d": build_mask(segments, self.visual_cot, steps, self.visibility),
+            "position_ids": position_ids,
             "mm_token_type_ids": (input_ids == self.ids.image_pad).int(), "pixel_values": pixel_values,
             "image_grid_thw": grid_thw, "labels": labels, "latent_start": n_pre, "num_latents": self.num_latents,
             "idx": [r.idx for r in records],  # a list: stays on the host (the trainer reads it every step)
@@ -232,6 +244,13 @@ class Collator:
         return pos
 
 
+def step_indices(input_ids: torch.Tensor, segments: torch.Tensor, vision_start: int) -> torch.Tensor:
+    """(B, L): thought image t's tokens carry t, latent slot j carries j (both from 1), every other token 0."""
+    thought, latent = segments == Seg.THOUGHT_IMAGE, segments == Seg.LATENT
+    image = (thought & (input_ids == vision_start)).long().cumsum(1)
+    return torch.where(thought, image, 0) + torch.where(latent, latent.long().cumsum(1), 0)
+
+
 def drop_latents(batch: dict, num_latents: int) -> dict:
     """Keep the first k latent slots of a batch built with more (stage3 samples K per step).
 
@@ -247,8 +266,9 @@ def drop_latents(batch: dict, num_latents: int) -> dict:
     length = batch["input_ids"].shape[1]
     keep = torch.cat([torch.arange(s + num_latents, device=dev), torch.arange(s + k_old, length, device=dev)])
     out = dict(batch, num_latents=num_latents)
-    for key in ("input_ids", "attention_mask", "segments", "mm_token_type_ids", "labels"):
-        out[key] = batch[key][:, keep]
+    for key in ("input_ids", "attention_mask", "segments", "steps", "mm_token_type_ids", "labels"):
+        if key in batch:
+            out[key] = batch[key][:, keep]
     out["attention_mask_4d"] = batch["attention_mask_4d"][:, :, keep][:, :, :, keep]
     pos = batch["position_ids"][:, :, keep].clone()
     moved = out["segments"][:, s + num_latents:] != Seg.PAD  # padding keeps the position the collator gives it

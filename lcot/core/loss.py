@@ -34,6 +34,19 @@ def per_position_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
     return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
 
 
+def centred_cosines(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cosine (K,) after subtracting `center` (K', H) from both, against the record's own teacher and
+    against another record's (the batch's teachers rolled by one row; NaN for a batch of one record). Own minus
+    shuffled is what the latents hold of their own record: near 0 when they hold nothing record-specific."""
+    k = student.shape[1]
+    c = center[:k].to(student.device).float()
+    s, t = student.detach().float() - c, teacher[:, :k].to(student.device).float() - c
+    own = per_position_cosine(s, t).mean(0)
+    other = per_position_cosine(s, t.roll(1, 0)).mean(0) if len(t) > 1 else torch.full_like(own, float("nan"))
+    return own, other
+
+
 def align_loss(student: torch.Tensor, teacher: torch.Tensor, kind: AlignKind = "cosine",
                center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Alignment of student latents to teacher[:, :K]; returns (loss, per-position cosine (K,), detached).

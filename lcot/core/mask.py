@@ -4,6 +4,11 @@ Rule: causal; thought-image tokens are visible only to latent slots (and, causal
 padding is invisible; everything else is plain causal. The visual-CoT rule (`visual_cot=True`, the
 from-scratch warm-up and the upper bound) lets every later token see the thought images, the answer too.
 A padding query row attends to itself only, so no row is empty (an empty row gives NaN with eager attention).
+
+Which thought image a latent slot sees (`visibility`, from the collator's `steps`: image t's tokens carry t,
+latent slot j carries j, counted from 1): "all" (every one), "stepwise" (slot j sees image j only, slots past
+the last image the last one) or "cumulative" (images 1..j). A thought image's own tokens follow the same rule
+(under "stepwise" image t does not read images before it), so slot j's view holds nothing of a later step.
 """
 
 from __future__ import annotations
@@ -27,13 +32,32 @@ class Seg(IntEnum):
 SEGMENT_NAMES = {s: s.name.lower().replace("_", " ") for s in Seg}
 
 
-def build_mask(segments: torch.Tensor, visual_cot: bool = False) -> torch.Tensor:
-    """(B, L) segment labels -> (B, 1, L, L) bool mask, True = query (row) may attend key (column)."""
+VISIBILITY = ("all", "stepwise", "cumulative")
+
+
+def build_mask(segments: torch.Tensor, visual_cot: bool = False, steps: torch.Tensor | None = None,
+               visibility: str = "all") -> torch.Tensor:
+    """(B, L) segment labels -> (B, 1, L, L) bool mask, True = query (row) may attend key (column).
+    `steps` (B, L): the step of each thought-image token and latent slot (see the module docstring); needed
+    unless visibility is "all"."""
+    if visibility not in VISIBILITY:
+        raise ValueError(f"visibility must be one of {VISIBILITY}, got {visibility!r}")
     _, length = segments.shape
     idx = torch.arange(length, device=segments.device)
     causal = idx[None, :] <= idx[:, None]  # (L, L)
     q, k = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
-    readers = (q == Seg.LATENT) | (q == Seg.THOUGHT_IMAGE) | visual_cot
+    stepped = (q == Seg.LATENT) | (q == Seg.THOUGHT_IMAGE)
+    readers = stepped | visual_cot
+    if visibility != "all":
+        if steps is None:
+            raise ValueError(f"visibility {visibility!r} needs the collator's steps")
+        qs, ks = steps[:, :, None], steps[:, None, :]
+        if visibility == "stepwise":
+            last = torch.where(segments == Seg.THOUGHT_IMAGE, steps, 0).amax(1)[:, None, None]  # images per row
+            seen = ks == torch.minimum(qs, last)
+        else:
+            seen = ks <= qs
+        readers = (stepped & seen) | (visual_cot & ~stepped)
     key_ok = (k != Seg.PAD) & ((k != Seg.THOUGHT_IMAGE) | readers)
     allowed = (causal & key_ok) | torch.eye(length, dtype=torch.bool, device=segments.device)
     return allowed[:, None]

@@ -2,14 +2,13 @@
 
 Latent mode: the input at latent slot j is the last-layer, final-norm hidden state of position j-1
 (the continuous thought is fed back). It runs with a KV cache: the prefix through <abs_vis_token>
-once (images included), then K single-token steps (lcot.core.latent, eager; lcot.core.graph, a CUDA graph),
-then the rest of the sequence in one pass.
+once (images included), then K single-token steps (lcot.core.latent), then the rest of the sequence in one pass.
+How the passes run (eager, or lcot.fast's static cache and CUDA graphs) is the model's runner's business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,26 +18,22 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.utils import ModelOutput
 
-from lcot.core.adapters import autocast_adapters
-from lcot.core.adjoint import adjoint_pass, prefix_cache
-from lcot.core.graph import runner
+from lcot.core.collate import decode_pixels
 from lcot.core.latent import (
-    EagerLatents,
+    Passes,
     attn_mask,
     checkpointing_on,
     embed_inputs,
-    no_checkpointing,
-    text_forward,
+    passes_of,
     with_latents,
 )
 from lcot.core.loss import ce_loss
-from lcot.core.vision import decode_pixels
 
 GradMode = str  # "full", "adjoint", "truncated" or "bptt:m" (see latent_hidden_states)
 FeedMode = Literal["continuous", "pause"]
 FEEDS = ("continuous", "pause")
 BATCH_KEYS = ("input_ids", "attention_mask_4d", "position_ids", "latent_start", "num_latents", "pixel_values",
-              "image_grid_thw", "pixel_lut")  # what latent mode reads from a collator batch
+              "image_grid_thw", "pixel_lut", "forced_inputs", "forced")  # what latent mode reads from a batch
 
 
 @dataclass
@@ -60,16 +55,8 @@ def bptt_links(grad: GradMode) -> int | None:
     return int(m)
 
 
-@contextmanager
-def chain_mode(model) -> Iterator[None]:
-    """What a recurrence without gradients runs under: no gradients, no checkpointing (it would drop the KV cache)
-    and LoRA's adapters cast once for the whole chain under autocast (lcot.core.adapters)."""
-    with torch.no_grad(), no_checkpointing(model), autocast_adapters(model):
-        yield
-
-
-def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: str | bool | None = None,
-                         feed: FeedMode = "continuous", answer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", feed: FeedMode = "continuous",
+                         answer: bool = True, runner: Passes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-mode forward of a collator batch (lcot.core.collate; on the model's device, except that
     `image_grid_thw` may stay on the CPU). Returns (hidden (B, L, H), latent outputs (B, K, H)).
 
@@ -86,52 +73,64 @@ def latent_hidden_states(model, batch: Mapping, grad: GradMode = "full", fast: s
     feedback links (truncated backprop through time): bptt:0 is "truncated", bptt:K equals "full" exactly
     (K passes rebuild the whole chain), at the cost of m + 1 parallel passes and no sequential step with
     gradients. Works with gradient checkpointing.
-    grad="adjoint": the full gradient (equal to "full"), computed without a recurrence with gradients: the
-    truncated pass, plus K-1 vector-Jacobian products on a pass over the slots alone, solved in its backward
-    (lcot.core.adjoint). Without gradients it is "truncated".
-    fast: how a recurrence without gradients runs (grad="truncated", or any call under torch.no_grad):
-    None = $LCOT_FAST, else "auto" (a static cache and a CUDA graph of `latent_step` on a CUDA model, the
-    dynamic cache otherwise), or "off", "static", "graph" (see lcot.core.graph). With gradients: always the
-    dynamic cache.
+    grad="adjoint": the full gradient (equal to "full"), computed by the runner without a recurrence with
+    gradients (lcot.fast.adjoint); a runner without it (the reference) computes it as "full". Without gradients it
+    is "truncated".
     answer=False: without gradients, stop after the latent slots (the teacher precompute needs only their outputs):
     hidden then holds columns :s+K, the same values. The recurrence skips its pass over the answer; a parallel pass
     (feed="pause", K=0, "truncated" and "bptt:m" without gradients) still runs over every column, so that its
     values stay bit for bit those of the whole pass.
+    runner: how the passes run (default: the model's, `passes_of`).
+    batch["forced_inputs"] (B, K, H) and batch["forced"] (B, K) bool, if given: teacher forcing; slot j's input is
+    forced_inputs[:, j] where forced (else the fed-back output). The parallel passes read the inputs, so it needs
+    grad="truncated" (unforced slots keep the inputs of the unforced chain) or "bptt:m" (each of the m links feeds
+    back the forced chain's outputs).
     """
     if not answer and torch.is_grad_enabled():
         raise ValueError("answer=False stops before the answer, whose loss needs it: use it without gradients")
     links = bptt_links(grad)
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
+    passes = runner or passes_of(model)
     ids, mask, pos = batch["input_ids"], batch["attention_mask_4d"], batch["position_ids"]
     s, k = batch["latent_start"], batch["num_latents"]
-    embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"))
+    embeds = embed_inputs(model, ids, batch.get("pixel_values"), batch.get("image_grid_thw"), batch.get("pixel_lut"),
+                          passes.vision(model))
     rows, length = ids.shape
     stop = length if answer else s + k  # causal: no column before s+k reads the answer
     if feed == "pause" or not k:  # nothing fed back: one parallel pass computes everything
-        hidden = text_forward(model, embeds, mask, pos, slice(0, length))[:, :stop]
+        hidden = passes.parallel(model, embeds, mask, pos)[:, :stop]
         return hidden, hidden[:, s:s + k]
+    forced = batch.get("forced")
+    if forced is not None and (grad not in ("truncated",) and links is None or feed == "pause"):
+        raise ValueError("teacher forcing (forced latent inputs) needs feed='continuous' and grad='truncated' or "
+                         f"'bptt:m', got grad={grad!r}, feed={feed!r}")
+
+    def force(inputs: torch.Tensor) -> torch.Tensor:
+        if forced is None:
+            return inputs
+        return torch.where(forced[..., None].to(inputs.device), batch["forced_inputs"].to(inputs), inputs)
+
+    if grad == "adjoint" and passes.adjoint is None:
+        grad = "full"  # the same gradient, by the recurrence with gradients
     adjoint = grad == "adjoint" and torch.is_grad_enabled()
     if grad in ("truncated", "adjoint") or links is not None:
-        with chain_mode(model):
-            steps = runner(model, rows, length, fast)
+        with passes.chain(model):
+            steps = passes.recurrence(model, rows, length)
             h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
             latent_in, _ = steps.run(h[:, -1:], mask, pos, s, k)
-            prefix = prefix_cache(model, steps.cache, s) if adjoint else None
         if adjoint:
-            # compiled like the step, where the chain ran it (on a static cache)
-            hidden = adjoint_pass(model, embeds, latent_in, prefix, mask, pos, s,
-                                  compiled=not isinstance(steps, EagerLatents))
+            hidden = passes.adjoint(model, embeds, latent_in, steps, mask, pos, s)
             return hidden, hidden[:, s:s + k]
-        hidden = text_forward(model, with_latents(embeds, latent_in, s), mask, pos, slice(0, length))
+        hidden = passes.parallel(model, with_latents(embeds, force(latent_in), s), mask, pos)
         for _ in range(links or 0):  # each pass adds one feedback link to the gradient
-            hidden = text_forward(model, with_latents(embeds, hidden[:, s - 1:s + k - 1], s), mask, pos,
-                                  slice(0, length))
+            hidden = passes.parallel(model, with_latents(embeds, force(hidden[:, s - 1:s + k - 1]), s), mask, pos)
         return hidden[:, :stop], hidden[:, s:s + k]
     if model.training and torch.is_grad_enabled() and checkpointing_on(model):
         raise ValueError("gradient checkpointing drops the KV cache the full-gradient recurrence needs: "
-                         "use grad='adjoint' (the same gradient) or 'truncated' with gradient checkpointing")
-    steps = runner(model, rows, length, fast)  # the dynamic cache whenever gradients are on
+                         "use grad='adjoint' (the same gradient, with lcot.fast) or 'truncated' with gradient "
+                         "checkpointing")
+    steps = passes.recurrence(model, rows, length)  # the dynamic cache whenever gradients are on
     pre = steps.forward(embeds[:, :s], mask, pos, slice(0, s))
     _, latents = steps.run(pre[:, -1:], mask, pos, s, k)
     if stop == s + k:
@@ -144,16 +143,20 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL that also takes `attention_mask_4d` (B, 1, L, L) and `latent_mode`.
 
     Loads any Qwen2.5-VL checkpoint with from_pretrained; saved checkpoints load in the stock class.
+    `lcot_runner` (None: the reference passes) is the runner lcot.fast.Runner.attach gives it.
     """
+
+    lcot_runner: Passes | None = None
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *, attention_mask_4d: torch.Tensor | None = None,
                 latent_mode: bool = False, latent_start: int | None = None, num_latents: int = 0,
-                grad: GradMode = "full", fast: str | bool | None = None,
-                feed: FeedMode = "continuous", pixel_lut: torch.Tensor | None = None,
+                grad: GradMode = "full", feed: FeedMode = "continuous",
+                runner: Passes | None = None, pixel_lut: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool = True, **kwargs):
+                return_logits: bool = True, forced_inputs: torch.Tensor | None = None,
+                forced: torch.Tensor | None = None, **kwargs):
         if not latent_mode:
             if pixel_values is not None and pixel_values.dtype == torch.uint8:
                 pixel_values = decode_pixels(pixel_values, pixel_lut)
@@ -168,8 +171,9 @@ class LatentQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             raise ValueError("latent_mode needs attention_mask_4d, position_ids and latent_start (from the collator)")
         batch = {"input_ids": input_ids, "attention_mask_4d": attention_mask_4d, "position_ids": position_ids,
                  "latent_start": latent_start, "num_latents": num_latents, "pixel_values": pixel_values,
-                 "image_grid_thw": image_grid_thw, "pixel_lut": pixel_lut}
-        hidden, latents = latent_hidden_states(self, batch, grad, fast, feed)
+                 "image_grid_thw": image_grid_thw, "pixel_lut": pixel_lut,
+                 **({"forced_inputs": forced_inputs, "forced": forced} if forced is not None else {})}
+        hidden, latents = latent_hidden_states(self, batch, grad, feed, runner=runner)
         loss = ce_loss(self.lm_head, hidden, labels, latent_start - 2) if labels is not None else None
         logits = self.lm_head(hidden) if return_logits else None
         return LatentOutput(loss=loss, logits=logits, hidden_states=hidden, latent_hidden=latents)

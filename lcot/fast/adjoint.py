@@ -16,39 +16,25 @@ masks). CPU test: equal to grad="full" (tests/test_adjoint.py). Needs non-reentr
 any (lcot's default): a reentrant checkpoint refuses torch.autograd.grad.
 
 On a CUDA model the products after the first replay a CUDA graph captured at the second (each is launch-bound: one
-token per slot through every layer); LCOT_ADJOINT_GRAPH=0 runs them all eagerly (the same kernels). Where the
-one-token step is compiled (--compile_step, lcot.core.latent.compile_steps) and the chain ran it (on the static
-cache of lcot.core.graph, not with LCOT_FAST=off), the pass over the slots runs that compiled language model too,
-so that each product is AOTAutograd's fused backward (fewer, fused kernels; rounding differs by fp32 ulps);
-LCOT_ADJOINT_COMPILE=0 keeps it uncompiled, and a compile that fails is dropped with a warning.
+token per slot through every layer). Where the one-token step is compiled (--compile_step) and the chain ran it (on
+the static cache of lcot.fast.graph), the pass over the slots runs that compiled language model too, so that each
+product is AOTAutograd's fused backward (fewer, fused kernels; rounding differs by fp32 ulps); a compile that fails
+is dropped with a warning. `Adjoint` holds what this needs across steps (graph pools, streams, failures); the
+runner (lcot.fast.runner) owns one.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-import weakref
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from transformers import Cache, DynamicCache
 
-from lcot.core.graph import CAPTURE_ERRORS
-from lcot.core.latent import _COMPILED_STEP, new_cache, no_checkpointing, text_forward, with_latents
+from lcot.core.latent import new_cache, no_checkpointing, text_forward, with_latents
 
-GRAPH_ENV = "LCOT_ADJOINT_GRAPH"
-COMPILE_ENV = "LCOT_ADJOINT_COMPILE"  # "0": the pass over the slots stays uncompiled under a compiled step
-COMPILE_ERRORS: list[str] = []  # compiled passes over the slots that failed (each rerun uncompiled, with a warning)
-_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled pass failed: not tried again
 GRAPH_FROM_K = 4  # fewer slots: too few products to pay for a capture
-CAPTURED: Counter[int] = Counter()  # K -> product graphs captured (tests read it)
-_GRAPHS = {"on": True}  # off for the rest of the process after a failed capture (it would fail every step)
-# device -> (memory pool, the last graph captured into it). One pool for all product graphs: each step's graph
-# reuses the memory of the one before (they run one after another; an old one is never replayed again). The last
-# graph is kept so that the pool stays alive between steps (the allocator drops a pool no graph holds).
-_POOLS: dict[torch.device, tuple] = {}
-_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def prefix_cache(model, cache: Cache, start: int) -> DynamicCache:
@@ -71,9 +57,9 @@ class Products:
     pass must have run on `stream` (not the current one), so that its backward does too and can be captured
     there."""
 
-    def __init__(self, x: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None,
+    def __init__(self, state: Adjoint, x: torch.Tensor, out: torch.Tensor, stream: torch.cuda.Stream | None,
                  rebuild: Callable[[Exception], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self.x, self.out, self.stream = x, out, stream
+        self.state, self.x, self.out, self.stream = state, x, out, stream
         self.rebuild = rebuild  # a compiled pass: (x, out) of the pass run again uncompiled, if its first product fails
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -106,7 +92,7 @@ class Products:
         here = torch.cuda.current_stream(v.device)
         self.stream.wait_stream(here)
         graph = torch.cuda.CUDAGraph()
-        pool, _ = _POOLS.get(v.device) or (torch.cuda.graph_pool_handle(), None)
+        pool, _ = self.state.pools.get(v.device) or (torch.cuda.graph_pool_handle(), None)
         with torch.cuda.stream(self.stream):
             self.v = v.clone()
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
@@ -116,8 +102,8 @@ class Products:
                 try:
                     graph.capture_end()
                 except RuntimeError as err:  # the capture failed: the products stay eager, from now on
-                    CAPTURE_ERRORS.append(f"adjoint products: {err}")
-                    _GRAPHS["on"] = False
+                    self.state.errors.append(f"adjoint products: {err}")
+                    self.state.graphs = False
                     warnings.warn(f"lcot: the adjoint products could not be captured as a CUDA graph ({err}); "
                                   "they run eagerly for the rest of this process", stacklevel=2)
                     self.v = self.result = None
@@ -125,19 +111,8 @@ class Products:
                     return
         here.wait_stream(self.stream)
         self.graph = graph
-        _POOLS[v.device] = (pool, graph)
-        CAPTURED[self.x.shape[1]] += 1
-
-
-def _graph_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """The side stream for the pass over the slots when its products will be graphed, else None. One per device
-    for the whole process: the allocator reuses a freed block only on the stream it was allocated on."""
-    if x.device.type != "cuda" or x.shape[1] < GRAPH_FROM_K or not _GRAPHS["on"] or \
-            os.environ.get(GRAPH_ENV, "1") == "0":
-        return None
-    if x.device not in _STREAMS:
-        _STREAMS[x.device] = torch.cuda.Stream(x.device)
-    return _STREAMS[x.device]
+        self.state.pools[v.device] = (pool, graph)
+        self.state.captured[self.x.shape[1]] += 1
 
 
 class _AddAdjoint(torch.autograd.Function):
@@ -157,86 +132,102 @@ class _AddAdjoint(torch.autograd.Function):
         return solve(grad), None
 
 
-def _compiled_module(model):
-    """The compiled language model for the pass over the slots, or None (see the module's doc)."""
-    if model in _COMPILE_FAILED or os.environ.get(COMPILE_ENV, "1") == "0":
-        return None
-    return _COMPILED_STEP.get(model)
+class Adjoint:
+    """grad="adjoint" for one model: the pass and what it keeps between steps. One memory pool per device for all
+    product graphs (each step's graph reuses the memory of the one before: they run one after another, and an old
+    one is never replayed; the last is kept so that the pool stays alive), one side stream per device (the
+    allocator reuses a freed block only on the stream it was allocated on), and what failed: a capture turns the
+    graphs off (`graphs`), a compile turns the compiled pass off (`compile_failed`); `errors` lists them."""
 
+    def __init__(self, graphs: bool = True, compile: bool = True) -> None:
+        self.graphs, self.compile = graphs, compile
+        self.compile_failed = False
+        self.errors: list[str] = []
+        self.captured: Counter[int] = Counter()  # K -> product graphs captured
+        self.pools: dict[torch.device, tuple] = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
-def _compile_failed(model, err: Exception) -> None:
-    """A compiled pass over the slots failed (building it, or its backward): drop it for the model, loudly. Running
-    out of memory is not a compile failure: that propagates."""
-    if isinstance(err, torch.OutOfMemoryError):
-        raise err
-    msg = f"{type(err).__name__}: {err}"
-    _COMPILE_FAILED.add(model)
-    COMPILE_ERRORS.append(msg)
-    warnings.warn(f"lcot.core.adjoint: the compiled pass over the slots failed ({msg}); running it uncompiled "
-                  f"(set {COMPILE_ENV}=0 to skip the compile)", RuntimeWarning, stacklevel=4)
+    def _stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
+        """The side stream for the pass over the slots when its products will be graphed, else None."""
+        if x.device.type != "cuda" or x.shape[1] < GRAPH_FROM_K or not self.graphs:
+            return None
+        if x.device not in self.streams:
+            self.streams[x.device] = torch.cuda.Stream(x.device)
+        return self.streams[x.device]
 
+    def _compile_failed(self, err: Exception) -> None:
+        """A compiled pass over the slots failed (building it, or its backward): drop it, loudly. Running out of
+        memory is not a compile failure: that propagates."""
+        if isinstance(err, torch.OutOfMemoryError):
+            raise err
+        msg = f"{type(err).__name__}: {err}"
+        self.compile_failed = True
+        self.errors.append(f"compiled pass over the slots: {msg}")
+        warnings.warn(f"lcot.fast.adjoint: the compiled pass over the slots failed ({msg}); running it uncompiled",
+                      RuntimeWarning, stacklevel=4)
 
-def _slots_pass(model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor, start: int,
-                prefix: DynamicCache, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, object, object]:
-    """The slots 0..K-2 once more, fed `latent_in`, with gradients to their inputs only: (x, out, module run, the
-    products' stream it ran on). Compiled where `compiled` and the model's step is; a compiled forward that fails runs
-    again uncompiled. The pass appends its columns to `prefix` (a new tensor per layer: its first `start` columns
-    keep the prefix, see `prefix_cache`)."""
-    x = latent_in.detach().requires_grad_()
-    k, stream = x.shape[1], _graph_stream(x)
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-    module = _compiled_module(model) if compiled else None
-    cols = slice(start, start + k - 1)
-    with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
-        out = None
-        if module is not None:
-            try:
-                with _not_donated():
-                    out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, module=module)
-            except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
-                _compile_failed(model, err)
-                module, prefix = None, prefix_cache(model, prefix, start)  # as it came, whatever the failure left
-        if out is None:
-            out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, plain=True)
-    if stream is not None:
-        torch.cuda.current_stream(x.device).wait_stream(stream)
-    return x, out, module, stream
+    def _slots_pass(self, model, latent_in: torch.Tensor, mask4d: torch.Tensor, position_ids: torch.Tensor,
+                    start: int, prefix: DynamicCache, module: Callable | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, Callable | None, torch.cuda.Stream | None]:
+        """The slots 0..K-2 once more, fed `latent_in`, with gradients to their inputs only: (x, out, module run, the
+        products' stream it ran on). `module`: a compiled language model to run it with; a compiled forward that
+        fails runs again uncompiled. The pass appends its columns to `prefix` (a new tensor per layer: its first
+        `start` columns keep the prefix, see `prefix_cache`)."""
+        x = latent_in.detach().requires_grad_()
+        k, stream = x.shape[1], self._stream(x)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+        cols = slice(start, start + k - 1)
+        with no_checkpointing(model), torch.cuda.stream(stream):  # (called with gradients on)
+            out = None
+            if module is not None:
+                try:
+                    with _not_donated():
+                        out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix, module)
+                except Exception as err:  # noqa: BLE001 - a failed compile falls back to the uncompiled pass, loudly
+                    self._compile_failed(err)
+                    module, prefix = None, prefix_cache(model, prefix, start)  # as it came, whatever it left
+            if out is None:
+                out = text_forward(model, x[:, :-1], mask4d, position_ids, cols, prefix)
+        if stream is not None:
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+        return x, out, module, stream
 
+    def __call__(self, model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache,
+                 mask4d: torch.Tensor, position_ids: torch.Tensor, start: int, module: Callable | None = None
+                 ) -> torch.Tensor:
+        """The parallel pass with gradients (hidden states (B, L, H)) of `embeds` with the K slots from `start` fed
+        the chain's `latent_in` (B, K, H), whose backward pass carries the gradient through the whole latent chain.
+        `prefix`: the chain's cache of the columns before `start` (prefix_cache). module: the compiled language model
+        for the pass over the slots (None: uncompiled), unless a compile failed before."""
+        module = None if self.compile_failed or not self.compile else module
+        latent_in = latent_in.detach().to(embeds.dtype).requires_grad_()
+        hidden = text_forward(model, with_latents(embeds, latent_in, start), mask4d, position_ids,
+                              slice(0, embeds.shape[1]))
+        k = latent_in.shape[1]
+        products = None
+        if k > 1:  # J's vector products, on a pass over the slots
+            x, out, module, stream = self._slots_pass(model, latent_in, mask4d, position_ids, start, prefix, module)
+            rebuild = None
+            if module is not None:  # its backward is compiled (or checked) at the first product: may fail there
 
-def adjoint_pass(model, embeds: torch.Tensor, latent_in: torch.Tensor, prefix: DynamicCache, mask4d: torch.Tensor,
-                 position_ids: torch.Tensor, start: int, compiled: bool = True) -> torch.Tensor:
-    """The parallel pass with gradients (hidden states (B, L, H)) of `embeds` with the K slots from `start` fed
-    the chain's `latent_in` (B, K, H), whose backward pass carries the gradient through the whole latent chain.
-    `prefix`: the chain's cache of the columns before `start` (prefix_cache). compiled=False: the pass over the
-    slots uncompiled even under a compiled step (whose chain ran on the dynamic cache, where the step is not run)."""
-    latent_in = latent_in.detach().to(embeds.dtype).requires_grad_()
-    hidden = text_forward(model, with_latents(embeds, latent_in, start), mask4d, position_ids,
-                          slice(0, embeds.shape[1]), plain=True)
-    k = latent_in.shape[1]
-    products = None
-    if k > 1:  # J's vector products, on a pass over the slots
-        x, out, module, stream = _slots_pass(model, latent_in, mask4d, position_ids, start, prefix, compiled)
-        rebuild = None
-        if module is not None:  # its backward is compiled (or checked) at the first product: may fail there
+                def rebuild(err: Exception) -> tuple[torch.Tensor, torch.Tensor]:
+                    self._compile_failed(err)
+                    again = prefix_cache(model, prefix, start)  # the compiled pass appended its columns to prefix
+                    with torch.enable_grad():  # (inside the backward pass)
+                        return self._slots_pass(model, latent_in, mask4d, position_ids, start, again, None)[:2]
 
-            def rebuild(err: Exception) -> tuple[torch.Tensor, torch.Tensor]:
-                _compile_failed(model, err)
-                again = prefix_cache(model, prefix, start)  # the compiled pass appended its columns to prefix
-                with torch.enable_grad():  # (inside the backward pass)
-                    return _slots_pass(model, latent_in, mask4d, position_ids, start, again, compiled=False)[:2]
+            products = Products(self, x, out, stream, rebuild)
 
-        products = Products(x, out, stream, rebuild)
+        def solve(grad: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                b, = torch.autograd.grad(hidden, latent_in, grad, retain_graph=True, allow_unused=True)
+            b = torch.zeros_like(latent_in, dtype=torch.float32) if b is None else b.float()
+            a = b
+            for _ in range(k - 1 if products else 0):  # a_j is exact after K-j products: the chain's last slot first
+                a = b + products(a[:, 1:]).float()
+            grad = grad.clone()
+            grad[:, start - 1:start + k - 1] += a.to(grad.dtype)
+            return grad
 
-    def solve(grad: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            b, = torch.autograd.grad(hidden, latent_in, grad, retain_graph=True, allow_unused=True)
-        b = torch.zeros_like(latent_in, dtype=torch.float32) if b is None else b.float()
-        a = b
-        for _ in range(k - 1 if products else 0):  # a_j is exact after K-j products: the chain's last slot first
-            a = b + products(a[:, 1:]).float()
-        grad = grad.clone()
-        grad[:, start - 1:start + k - 1] += a.to(grad.dtype)
-        return grad
-
-    return _AddAdjoint.apply(hidden, solve)
+        return _AddAdjoint.apply(hidden, solve)

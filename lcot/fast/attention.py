@@ -2,25 +2,23 @@
 
 A latent step (and a decoding step) is one query row per record against the whole KV cache, under a mask row.
 Given a mask, transformers' sdpa path cannot use sdpa's own grouped-query support, so it first copies every
-key-value head once per query head it serves (`repeat_kv`): at 3B, 0.47 ms of a 4.7 ms compiled step, the
-cache copied 8 times in every layer (benchmarks/RESULTS.md, `step_anatomy.py`). `step_sdpa` instead lets the
+key-value head once per query head it serves (`repeat_kv`): the cache copied once per query head in every layer
+(benchmarks/RESULTS.md, `step_anatomy.py`). `step_sdpa` instead lets the
 query heads of one key-value head be the query rows of one attention over that head, under the same mask row:
 the same attention, without the copies. Every other call goes to transformers' sdpa unchanged.
 
 Inside a compiled step without gradients (--compile_step) those query rows go to FlexAttention instead of sdpa:
-torch.compile makes it a decoding kernel that splits the keys over the GPU's multiprocessors. sdpa's kernel gives
-one program to each key-value head of each record (4 programs at 3B, batch 2): 0.84 ms of a 4.5 ms step
-(benchmarks/RESULTS.md).
+torch.compile makes it a decoding kernel that splits the keys over the GPU's multiprocessors (sdpa's kernel gives
+one program to each key-value head of each record; benchmarks/RESULTS.md).
 
-It is registered through transformers' AttentionInterface (and its mask interface, so 2D masks are built as for
-sdpa) under STEPS, and `use_step_attention` selects it for a model's language model where that uses sdpa.
-LCOT_STEP_ATTENTION (read when a model loads, and when its step compiles): "steps" (the default) as above;
-"sdpa": sdpa's kernel in compiled steps too; "stock": transformers' path.
+Both are registered through transformers' AttentionInterface (and its mask interface, so 2D masks are built as for
+sdpa): STEPS (FlexAttention in compiled steps) and STEPS_SDPA (sdpa's kernel there too);
+`use_step_attention(model, flex)` selects one for a model's language model where that uses sdpa.
 """
 
 from __future__ import annotations
 
-import os
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +27,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 STEPS = "lcot_sdpa_steps"
-ENV = "LCOT_STEP_ATTENTION"  # "steps" (default), "sdpa" (no FlexAttention), "stock" (transformers' sdpa throughout)
-MODES = ("steps", "sdpa", "stock")
+STEPS_SDPA = "lcot_sdpa_steps_no_flex"
 FLEX_BLOCK = 128  # keys per block of the FlexAttention mask (its default block size)
-
-
-def mode() -> str:
-    value = os.environ.get(ENV, "steps")
-    if value not in MODES:
-        raise ValueError(f"${ENV} must be one of {MODES}, got {value!r}")
-    return value
 
 
 def flex_rows(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
@@ -64,11 +54,11 @@ def flex_rows(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: 
 
 def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None = None, scaling: float | None = None, dropout: float = 0.0,
-              **kwargs) -> tuple[torch.Tensor, None]:
+              flex: bool = True, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function interface: q (B, H, Q, D), k and v (B, Hkv, S, D) -> (B, Q, H, D).
     For Q == 1, Hkv < H and a mask row shared by the heads (B, 1, 1, S): the H/Hkv query heads of each key-value
-    head as query rows of one attention (FlexAttention in a compiled step without gradients under a bool mask, see
-    the module's docstring; sdpa otherwise); every other call: transformers' sdpa."""
+    head as query rows of one attention (with `flex`, FlexAttention in a compiled step without gradients under a bool
+    mask, see the module's docstring; sdpa otherwise); every other call: transformers' sdpa."""
     b, heads, q, d = query.shape
     groups = key.shape[1]
     if (q != 1 or groups == heads or attention_mask is None or attention_mask.shape[1:3] != (1, 1)
@@ -79,7 +69,7 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # FlexAttention's block mask here has no query blocks, so no backward: passes with gradients (the adjoint's pass
     # over a single slot, K=2) keep sdpa
     if (torch.compiler.is_compiling() and not torch.is_grad_enabled() and attention_mask.dtype == torch.bool
-            and mode() == "steps" and query.dtype == key.dtype == value.dtype):
+            and flex and query.dtype == key.dtype == value.dtype):
         out = flex_rows(rows, key, value, attention_mask[:, 0, 0], scaling)
     else:
         out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
@@ -87,11 +77,9 @@ def step_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 AttentionInterface.register(STEPS, step_sdpa)
+AttentionInterface.register(STEPS_SDPA, partial(step_sdpa, flex=False))
 AttentionMaskInterface.register(STEPS, sdpa_mask)
-
-
-def enabled() -> bool:
-    return mode() != "stock"
+AttentionMaskInterface.register(STEPS_SDPA, sdpa_mask)
 
 
 def set_text_attention(model, name: str) -> str:
@@ -104,9 +92,10 @@ def set_text_attention(model, name: str) -> str:
     return old
 
 
-def use_step_attention(model) -> bool:
-    """Select step_sdpa for the language model of `model` where it uses sdpa (not eager, not flash); True if so."""
-    if not enabled() or model.config.text_config._attn_implementation != "sdpa":
+def use_step_attention(model, flex: bool = True) -> bool:
+    """Select step_sdpa (STEPS, or STEPS_SDPA without FlexAttention) for the language model of `model` where it uses
+    sdpa (not eager, not flash); True if so."""
+    if model.config.text_config._attn_implementation not in ("sdpa", STEPS, STEPS_SDPA):
         return False
-    set_text_attention(model, STEPS)
+    set_text_attention(model, STEPS if flex else STEPS_SDPA)
     return True

@@ -1,151 +1,63 @@
 """CUDA graphs: the latent recurrence on a static KV cache, and training's pass with gradients.
 
-The K latent steps are single-token passes, launch-bound on a GPU (tens of kernels per layer for one
-token). `FastLatents` keeps the KV cache in a `transformers.StaticCache` of a fixed number of slots,
-so that one call of `lcot.core.latent.latent_step` (the one implementation of a step, not a copy of it)
-can be captured as a `torch.cuda.CUDAGraph` and replayed for every later step. The prefix pass (from
-column 0, through `text_forward` on the same cache) is captured too, once per prefix length, the second
-time that length comes (a length seen once, as in generation over varied prompts, costs no capture):
+The K latent steps are single-token passes, launch-bound on a GPU (tens of kernels per layer for one token).
+`FastLatents` keeps the KV cache in a `transformers.StaticCache` of a fixed number of slots, so that one call of
+`lcot.core.latent.latent_step` (the one implementation of a step, not a copy of it) can be captured as a
+`torch.cuda.CUDAGraph` and replayed for every later step. The prefix pass (from column 0, through `text_forward` on
+the same cache) is captured too, once per prefix length, the second time that length comes (a length seen once, as
+in generation over varied prompts, costs no capture):
 
-- the step reads its input, its mask row (over all slots of the cache, slots not written yet masked)
-  and its M-RoPE position from three buffers that are refilled in place between replays;
-- each static cache layer keeps its write position in a device tensor (`cumulative_length`) that the
-  step advances in place, so replays write the next slot without any host-side change; `_seek` sets
-  it (in place) to the column a pass starts at.
+- the step reads its input, its mask row (over all slots of the cache, slots not written yet masked) and its M-RoPE
+  position from three buffers that are refilled in place between replays;
+- each static cache layer keeps its write position in a device tensor (`cumulative_length`) that the step advances
+  in place, so replays write the next slot without any host-side change; `_seek` sets it (in place) to the column a
+  pass starts at.
 
-Mask rows are cut from the batch's own 4D mask (the collator's, built by `lcot.core.mask.build_mask`):
-the row of column c is `mask4d[:, :, c, :c+1]`, exactly what the dynamic-cache path uses, padded with
-False up to the cache size. No second mask builder.
+Mask rows are cut from the batch's own 4D mask (the collator's, built by `lcot.core.mask.build_mask`): the row of
+column c is `mask4d[:, :, c, :c+1]`, exactly what the dynamic-cache path uses, padded with False up to the cache
+size. No second mask builder. On a CPU (or with graphs off) the same buffers feed eager calls of `latent_step` on
+the static cache: that is what the CPU tests compare with the dynamic-cache `EagerLatents`. The fast path only ever
+runs without gradients (teacher precompute, generation, and the no-gradient recurrence of grad="truncated").
 
-On a CPU (or with graphs off) the same buffers feed eager calls of `latent_step` on the static
-cache: that is what the CPU tests compare with the dynamic-cache `EagerLatents`.
+`GraphedPass` (--graph_pass) runs training's pass with gradients and without a cache as two graphs, its forward and
+its backward (torch.cuda.make_graphed_callables), one pair per batch shape: for small models, whose training step is
+bound by launching kernels, not by arithmetic.
 
-Which path runs (`fast=` of `lcot.core.model.latent_hidden_states` and `lcot.pipeline.generate.generate_batch`;
-None means the environment variable LCOT_FAST, else "auto"):
-- "auto": the CUDA-graph path on a CUDA model (not sharded by FSDP), the dynamic-cache path otherwise;
-- "off": the dynamic-cache path (the reference); "static": static cache, eager steps;
-- "graph": static cache with a CUDA graph (eager static steps on a CPU).
-The fast path only ever runs without gradients (teacher precompute, generation, and the no-gradient
-recurrence of grad="truncated").
-
-`GraphedPass` (--graph_pass) runs training's pass with gradients and without a cache as two graphs, its
-forward and its backward (torch.cuda.make_graphed_callables), one pair per batch shape: for small models,
-whose training step is bound by launching kernels, not by arithmetic.
-
-A captured graph bakes in addresses and Python control flow. `FastLatents` therefore remembers the
-tensors it captured (and keeps them alive) and is replaced when they change (new tensors, `.to()`,
-merged or disabled LoRA adapters); graphs are also keyed by batch size, cache size, train/eval mode,
-dtype, autocast and inference mode. Call `clear(model)` after anything else that changes the forward.
+Both belong to a `lcot.fast.runner.Runner`, which owns them, decides which language model each captured pass runs
+(compiled or not, with lcot.fast.skinny's kernels or not) and records failures. A captured graph bakes in addresses
+and Python control flow: `FastLatents` remembers the tensors it captured (and keeps them alive) and is replaced when
+they change (new tensors, `.to()`, merged or disabled LoRA adapters).
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StaticCache
 
-from lcot.core import skinny
-from lcot.core.adapters import tuner_layers
-from lcot.core.latent import (
-    _COMPILED_STEP,
-    _GRAPHED_PASS,
-    EagerLatents,
-    checkpointing_on,
-    compile_steps,
-    latent_loop,
-    latent_step,
-    text_forward,
-)
+from lcot.core.latent import checkpointing_on, latent_loop, latent_step, text_forward
 
-FastMode = Literal["auto", "off", "static", "graph"]
-MODES = ("auto", "off", "static", "graph")
-ENV = "LCOT_FAST"
-COMPILE_ENV = "LCOT_COMPILE_STEP"  # "1": compile every FastLatents' step; "0": --compile_step auto compiles none
-COMPILE_SETTINGS = ("auto", "on", "off")  # --compile_step
-COMPILE_NOTE = ("lcot: note: the one-token latent step is compiled (torch.compile) when the first batch reaches it, "
-                "and once more at the first new sequence length: about a minute each for a 3B or 7B model (the "
-                "progress bar waits meanwhile); --compile_step off skips it.")
+if TYPE_CHECKING:
+    from lcot.fast.runner import Runner
+
 BUCKET = 256  # cache sizes are rounded up to a multiple of this, so nearby lengths share one graph
-KEEP = 4  # FastLatents (graph + static cache) kept per model, least recently used dropped first
-KEEP_PASSES = 8  # graphed passes with gradients (one per input shape) kept per model
+KEEP_PASSES = 8  # graphed passes with gradients (one per input shape) kept
 KEEP_PREFIXES = 4  # graphed prefix passes (one per prefix length) per FastLatents
 PREFIX_CAPTURE_AT = 2  # a prefix length is captured the 2nd time it comes (lengths seen once cost no capture)
 WARMUP = 2  # eager steps on a side stream before a capture (cuBLAS workspaces, lazy inits)
-CAPTURE_ERRORS: list[str] = []  # failed captures (each falls back to eager steps with a warning)
-COMPILE_ERRORS: list[str] = []  # compiled steps that failed (each dropped for the eager step, with a warning)
-_COMPILE_FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose compiled step failed: $LCOT_COMPILE_STEP skips them
-_AUTO_COMPILE: weakref.WeakSet = weakref.WeakSet()  # models with --compile_step auto: compiled at their first graph
+Capture = Callable[[Callable[[], torch.Tensor], Callable[[], None], torch.device],
+                   tuple[torch.cuda.CUDAGraph, torch.Tensor]]
 
 
-# -- which path ----------------------------------------------------------------------------------------------
-def _sharded(model) -> bool:
-    """FSDP gathers parameters in hooks around each module: nothing a graph could replay."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
-
-
-def resolve(model, fast: FastMode | bool | None = None) -> Literal["off", "static", "graph"]:
-    """The path to run: `fast` (None: $LCOT_FAST, else "auto"), given the model's device."""
-    mode = os.environ.get(ENV, "auto") if fast is None else fast
-    if mode is True:
-        mode = "graph"
-    elif mode is False:
-        mode = "off"
-    if mode not in MODES:
-        where = f" (from ${ENV})" if fast is None else ""
-        raise ValueError(f"fast must be one of {MODES} or a bool, got {mode!r}{where}")
-    cuda = model.device.type == "cuda"
-    if mode == "auto":
-        return "graph" if cuda and not _sharded(model) else "off"
-    if mode == "graph" and not cuda:
-        return "static"
-    return mode
-
-
-def step_compile(model, setting: str | bool) -> None:
-    """--compile_step: "on"/True compiles the model's one-token step now (lcot.core.latent.compile_steps);
-    "off"/False drops a compiled one and compiles none (unless $LCOT_COMPILE_STEP is "1"); "auto" (the default)
-    compiles it when its steps first run as CUDA graphs (a FastLatents on a CUDA model; see `resolve`), unless
-    $LCOT_COMPILE_STEP is "0"."""
-    if setting not in (True, False, *COMPILE_SETTINGS):
-        raise ValueError(f"compile_step must be one of {COMPILE_SETTINGS} or a bool, got {setting!r}")
-    _AUTO_COMPILE.discard(model)
-    if setting in (True, "on"):
-        compile_steps(model)
-    elif setting == "auto":
-        _AUTO_COMPILE.add(model)
-    else:
-        compile_steps(model, False)
-
-
-def step_compiles(setting: str | bool, device: torch.device | str) -> bool:
-    """Will --compile_step `setting` compile the one-token step of a model on `device` (given $LCOT_FAST and
-    $LCOT_COMPILE_STEP)? What the commands say before a run; `_compile_due` decides at the first FastLatents."""
-    mode = os.environ.get(ENV, "auto")
-    cuda = torch.device(device).type == "cuda"
-    static = mode in ("static", "graph") or mode == "auto" and cuda  # the compiled step runs on the static cache
-    env = os.environ.get(COMPILE_ENV)
-    if setting in (True, "on") or env == "1":
-        return static
-    return setting == "auto" and cuda and mode in ("auto", "graph") and env != "0"
-
-
-def _compile_due(model, graphed: bool) -> bool:
-    """Should a new FastLatents (its steps CUDA graphs or not) compile the step of `model` now?"""
-    if model in _COMPILED_STEP or model in _COMPILE_FAILED:
-        return False
-    env = os.environ.get(COMPILE_ENV)
-    return env == "1" or graphed and model in _AUTO_COMPILE and env != "0"
+def bucket(length: int) -> int:
+    """Cache size for sequences of `length` columns."""
+    return -(-length // BUCKET) * BUCKET
 
 
 # -- mask rows -----------------------------------------------------------------------------------------------
@@ -169,19 +81,8 @@ def step_rows(mask4d: torch.Tensor, start: int, k: int, width: int) -> torch.Ten
     return rows & (keys[None, :] <= cols[:, None])
 
 
-# -- the fast path ------------------------------------------------------------------------------------------
-def _forward_state(model) -> tuple:
-    """What a captured graph depends on besides its buffers: tensor addresses, LoRA switches, and whether its
-    products are lcot.core.skinny's kernels ($LCOT_SKINNY)."""
-    lm = model.model.language_model
-    ptrs = tuple(t.data_ptr() for t in (*lm.parameters(), *lm.buffers()))
-    lora = tuple((tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
-                  str(getattr(m, "active_adapters", "")))
-                 for m in tuner_layers(lm))
-    return ptrs, lora, skinny.enabled(model)
-
-
-def _autocast() -> torch.autocast | nullcontext:
+# -- capture -------------------------------------------------------------------------------------------------
+def autocast_context() -> torch.autocast | nullcontext:
     """The caller's CUDA autocast, without its weight-cast cache (cached casts would escape the graph)."""
     if torch.is_autocast_enabled("cuda"):
         return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
@@ -190,7 +91,7 @@ def _autocast() -> torch.autocast | nullcontext:
 
 def capture_graph(step: Callable[[], torch.Tensor], rewind: Callable[[], None], device: torch.device
                   ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Capture `step()` (one latent step reading the buffers) as a CUDA graph; returns (graph, output buffer).
+    """Capture `step()` (one pass reading the buffers) as a CUDA graph; returns (graph, output buffer).
 
     `rewind()` sets the cache's write position back to the step's column. Warm-up steps run eagerly on a
     side stream first (each rewound: they write this very step's keys and values, harmlessly); the capture
@@ -198,7 +99,7 @@ def capture_graph(step: Callable[[], torch.Tensor], rewind: Callable[[], None], 
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), _autocast():
+    with torch.cuda.stream(side), autocast_context():
         for _ in range(WARMUP):
             rewind()
             step()
@@ -207,7 +108,7 @@ def capture_graph(step: Callable[[], torch.Tensor], rewind: Callable[[], None], 
     graph = torch.cuda.CUDAGraph()
     # Other threads (NCCL's watchdog under DDP, data-loading helpers) may make CUDA calls meanwhile: only
     # this thread's calls must be capturable.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"), _autocast():
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast_context():
         out = step()
     return graph, out
 
@@ -219,19 +120,18 @@ class FastLatents:
     run(h, mask4d, position_ids, start, k) -> (inputs, outputs): K latent steps, `latent_loop`'s contract;
     step(x, mask4d, position_ids, col): one single-token step with any input (a decoded token's embedding).
     Every pass writes the cache at its own columns; the columns before it must have been written (by this
-    sequence). Steps replay a CUDA graph when `graph` (default: on a CUDA model), else run `latent_step`
-    eagerly on the same buffers. No gradients: call it under torch.no_grad().
+    sequence). Steps replay a CUDA graph when `graph` (only on a CUDA model), else run `latent_step` eagerly on
+    the same buffers. No gradients: call it under torch.no_grad(). `runner` says which language model a step runs,
+    captures the graphs (`runner.capture`) and records what failed.
     """
 
-    def __init__(self, model, max_len: int, batch_size: int, graph: bool | None = None) -> None:
+    def __init__(self, runner: Runner, model, max_len: int, batch_size: int, graph: bool = False) -> None:
+        self.runner = runner
         self._model = weakref.ref(model)
         self.max_len, self.batch_size = max_len, batch_size
         self.device = model.device
-        cuda = self.device.type == "cuda"
-        self.graph = cuda if graph is None else bool(graph) and cuda
+        self.graph = bool(graph) and self.device.type == "cuda"
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=max_len)
-        if _compile_due(model, self.graph):
-            compile_steps(model)
         self.x: torch.Tensor | None = None  # step input (B, 1, H), allocated at the first step
         self.row = torch.zeros(batch_size, 1, 1, max_len, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(3, batch_size, 1, dtype=torch.long, device=self.device)
@@ -255,7 +155,7 @@ class FastLatents:
 
     def valid(self) -> bool:
         """Do the captured graphs (if any) still compute what `latent_step` and `text_forward` would?"""
-        return (self._graph is None and not self._prefix) or _forward_state(self.model) == self._state
+        return (self._graph is None and not self._prefix) or self.runner.forward_state(self.model) == self._state
 
     # -- the cache's write position ------------------------------------------------------------------------
     def _seek(self, col: int) -> None:
@@ -288,7 +188,8 @@ class FastLatents:
                 return out
         self._seek(cols.start or 0)
         self._col = None
-        out = text_forward(self.model, x, rows, pos, slice(0, rows.shape[2]), self.cache)
+        lm = self.runner.eager_step_lm(self.model) if x.shape[1] == 1 else None
+        out = text_forward(self.model, x, rows, pos, slice(0, rows.shape[2]), self.cache, lm)
         self._col = cols.stop
         return out
 
@@ -321,12 +222,12 @@ class FastLatents:
             self._seek(0)
 
         try:
-            graph, out = capture_graph(step, rewind, self.device)
+            graph, out = self.runner.capture(step, rewind, self.device)
         except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager passes, loudly
             self.prefix_graphs = False
             msg = f"{type(err).__name__}: {err}"
-            CAPTURE_ERRORS.append(msg)
-            warnings.warn(f"lcot.core.graph: CUDA graph capture of the prefix failed ({msg}); running it eagerly",
+            self.runner.capture_errors.append(msg)
+            warnings.warn(f"lcot.fast: CUDA graph capture of the prefix failed ({msg}); running it eagerly",
                           RuntimeWarning, stacklevel=4)
             rewind()
             return False
@@ -338,7 +239,7 @@ class FastLatents:
         """Remember what the graphs read (and keep it alive, so its addresses are not reused)."""
         lm = self.model.model.language_model
         self._tensors = [*lm.parameters(), *lm.buffers()]
-        self._state = _forward_state(self.model)
+        self._state = self.runner.forward_state(self.model)
 
     def _step(self, x: torch.Tensor, row: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One step at the current write position, from the buffers. Returns the graph's output buffer
@@ -356,48 +257,48 @@ class FastLatents:
             self._graph.replay()
             out = self._out
         else:
-            out = latent_step(self.model, self.x, self.cache, self.row, self.pos, 0)
+            out = latent_step(self.model, self.x, self.cache, self.row, self.pos, 0,
+                              self.runner.eager_step_lm(self.model))
         self._col = col + 1
         return out
 
     def _capture(self, col: int) -> None:
-        model = self.model
-        kernels = skinny.enabled(model)
+        """Capture the step at column `col`; on failure, try again without what may have caused it (lcot.fast.skinny's
+        kernels, then the compiled step), and in the end keep eager steps; each fallback warns and is recorded."""
+        model, runner = self.model, self.runner
+        kernels, compiled = runner.kernels_active(model), runner.step_compiled(model)
+        lm = runner.graph_step_lm(model)
 
         def step() -> torch.Tensor:
-            with skinny.products(model):  # the layers' kernels for few rows (lcot.core.skinny), in the graph only
-                return latent_step(model, self.x, self.cache, self.row, self.pos, 0)
+            return latent_step(model, self.x, self.cache, self.row, self.pos, 0, lm)
 
         def rewind() -> None:
             self._col = None
             self._seek(col)
 
         try:
-            self._graph, self._out = capture_graph(step, rewind, self.device)
-        except Exception as err:  # noqa: BLE001 - a failed capture falls back to eager steps, loudly
+            self._graph, self._out = runner.capture(step, rewind, self.device)
+        except Exception as err:  # noqa: BLE001 - a failed capture falls back, loudly
             msg = f"{type(err).__name__}: {err}"
             rewind()
             if kernels:  # try once with cuBLAS's products: the kernels are to blame only if that capture works
-                compiled = model in _COMPILED_STEP
-                skinny.FAILED.add(model)
+                runner.kernels_failed = True
                 self._capture(col)
-                if self._graph is None or compiled != (model in _COMPILED_STEP):
-                    skinny.FAILED.discard(model)  # it failed without them too, or the compiled step did (reported)
+                if self._graph is None or compiled != runner.step_compiled(model):
+                    runner.kernels_failed = False  # it failed without them too, or the compiled step did (reported)
                     return
-                skinny.ERRORS.append(msg)
-                warnings.warn(f"lcot.core.graph: the latent step with lcot.core.skinny's kernels failed ({msg}); "
+                runner.kernel_errors.append(msg)
+                warnings.warn(f"lcot.fast: the latent step with lcot.fast.skinny's kernels failed ({msg}); "
                               "captured it with cuBLAS's products instead", RuntimeWarning, stacklevel=3)
                 return
-            if model in _COMPILED_STEP:  # compiling (at the warm-up) or capturing the compiled step failed
-                compile_steps(model, False)
-                _COMPILE_FAILED.add(model)
-                COMPILE_ERRORS.append(msg)
-                warnings.warn(f"lcot.core.graph: the compiled latent step failed to run or to be captured ({msg}); "
+            if compiled:  # compiling (at the warm-up) or capturing the compiled step failed
+                runner.drop_compiled_step(msg)
+                warnings.warn(f"lcot.fast: the compiled latent step failed to run or to be captured ({msg}); "
                               "capturing the eager step instead", RuntimeWarning, stacklevel=3)
                 return self._capture(col)  # once: the compiled step is gone now
-            CAPTURE_ERRORS.append(msg)
+            runner.capture_errors.append(msg)
             self.graph, self._graph, self._out = False, None, None
-            warnings.warn(f"lcot.core.graph: CUDA graph capture failed ({msg}); running eager static-cache steps",
+            warnings.warn(f"lcot.fast: CUDA graph capture failed ({msg}); running eager static-cache steps",
                           RuntimeWarning, stacklevel=3)
             return
         self._keep_state()
@@ -423,49 +324,6 @@ class FastLatents:
         return self._step(x, row, position_ids[:, :, col:col + 1]).clone()
 
 
-# -- one FastLatents per (model, shape, mode), reused across batches -------------------------------------------
-_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def bucket(length: int) -> int:
-    """Cache size for sequences of `length` columns."""
-    return -(-length // BUCKET) * BUCKET
-
-
-def fast_latents(model, batch_size: int, length: int, graph: bool | None = None) -> FastLatents:
-    """A FastLatents for `batch_size` rows and at least `length` columns, reused (its graph too) while the
-    model's forward is unchanged; at most KEEP per model."""
-    graph = model.device.type == "cuda" if graph is None else graph
-    key = (batch_size, bucket(length), bool(graph), model.training, model.dtype, model.device,
-           torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    kept = _REGISTRY.setdefault(model, OrderedDict())
-    fl = kept.pop(key, None)
-    if fl is None or not fl.valid():
-        fl = FastLatents(model, bucket(length), batch_size, graph)
-    kept[key] = fl
-    while len(kept) > KEEP:
-        kept.popitem(last=False)
-    return fl
-
-
-def clear(model=None) -> None:
-    """Drop the kept FastLatents (graphs and static caches) of one model, or of all."""
-    if model is None:
-        _REGISTRY.clear()
-    else:
-        _REGISTRY.pop(model, None)
-
-
-def runner(model, batch_size: int, length: int, fast: FastMode | bool | None = None
-           ) -> EagerLatents | FastLatents:
-    """The cache and steps of a recurrence over `length` columns (see `resolve`); with gradients enabled,
-    always the dynamic cache."""
-    mode = resolve(model, fast)
-    if mode == "off" or torch.is_grad_enabled():
-        return EagerLatents(model)
-    return fast_latents(model, batch_size, length, graph=mode == "graph")
-
-
 # -- training's pass with gradients as CUDA graphs (--graph_pass) ---------------------------------------------------
 class _Pass(torch.nn.Module):
     """The language model over whole sequences without a cache, with tensors as its only arguments (what
@@ -482,7 +340,7 @@ class _Pass(torch.nn.Module):
 
 class GraphedPass:
     """Training's pass with gradients and without a KV cache, as a CUDA graph of its forward and one of its
-    backward (torch.cuda.make_graphed_callables), one pair per input shape, the KEEP_PASSES newest kept.
+    backward (torch.cuda.make_graphed_callables), one pair per input shape, the `keep` newest kept.
 
     A small model's training step is bound by launching kernels (a pass of the 8M model is ~500 ops forward and
     ~1,000 backward); a replay launches them at once. The replays run the eager pass's kernels. Called with
@@ -492,7 +350,9 @@ class GraphedPass:
     `make` stands in for make_graphed_callables in CPU tests.
     """
 
-    def __init__(self, model, make: Callable | None = None, cuda_only: bool = True, keep: int = KEEP_PASSES) -> None:
+    def __init__(self, runner: Runner, model, make: Callable | None = None, cuda_only: bool = True,
+                 keep: int = KEEP_PASSES) -> None:
+        self.runner = runner
         self._model = weakref.ref(model)
         self.make = make or torch.cuda.make_graphed_callables
         self.cuda_only, self.keep = cuda_only, keep
@@ -512,7 +372,7 @@ class GraphedPass:
         if not self._applies(embeds):
             return None
         model = self._model()
-        state = _forward_state(model)
+        state = self.runner.forward_state(model)
         if state != self._state:  # new weights or adapters: every graph holds stale addresses
             self.graphs.clear()
             self._state = state
@@ -537,23 +397,14 @@ class GraphedPass:
     def _capture(self, model, embeds: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor):
         sample = (embeds.detach().clone().requires_grad_(embeds.requires_grad), mask.clone(), position_ids.clone())
         try:
-            with _autocast():
+            with autocast_context():
                 # the LM's own token embedding is unused (the pass takes embeddings): allow_unused_input
                 fn = self.make(_Pass(model.model.language_model).train(), sample, allow_unused_input=True)
         except Exception as err:  # noqa: BLE001 - a failed capture falls back to the eager pass, loudly
             self.failed = f"{type(err).__name__}: {err}"
-            CAPTURE_ERRORS.append(self.failed)
-            warnings.warn(f"lcot.core.graph: capturing the pass with gradients failed ({self.failed}); "
+            self.runner.capture_errors.append(self.failed)
+            warnings.warn(f"lcot.fast: capturing the pass with gradients failed ({self.failed}); "
                           "running it eagerly", RuntimeWarning, stacklevel=4)
             return None
         self.captures += 1
         return fn
-
-
-def graph_parallel_pass(model, enable: bool = True) -> None:
-    """Run training's pass with gradients (no KV cache: grad="truncated", bptt:m's first pass, the pause feed)
-    as CUDA graphs on a CUDA model (GraphedPass); eager elsewhere. Kept outside the module tree."""
-    if enable:
-        _GRAPHED_PASS[model] = GraphedPass(model)
-    else:
-        _GRAPHED_PASS.pop(model, None)

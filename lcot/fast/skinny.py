@@ -3,39 +3,32 @@
 A latent step (and a decoding step) multiplies a few rows, one per record, by every weight of the language model:
 it is bound by reading the weights. cuBLAS's kernels for two rows read them at about 61% (3B) to 79% (7B) of the
 card's copy bandwidth, and peft's LoRA adds three kernels per adapted projection (two small products, an add)
-to the base product: at 7B 588 more kernels, 2.3 ms of a 9.35 ms compiled step (benchmarks/RESULTS.md).
-`skinny_linear` computes y = x W^T + bias + scale * (dropout(x) A^T) B^T for up to MAX_ROWS rows in two kernels
-(lcot.core.skinny_kernel): LoRA's shrink product over slices of K, and one that streams W once and adds the
-adapter's expand product to the same accumulator.
+to the base product (benchmarks/RESULTS.md). `skinny_linear` computes y = x W^T + bias + scale * (dropout(x) A^T) B^T
+for up to MAX_ROWS rows in two kernels (lcot.fast.skinny_kernel): LoRA's shrink product over slices of K, and one that
+streams W once and adds the adapter's expand product to the same accumulator.
 
-`products(model)` makes the language model's linear layers (and peft's LoRA layers around them) call it for
-inputs of at most MAX_ROWS rows without gradients; every other call runs the layer's own forward. lcot.core.graph
-enters it around the capture of a step, so the kernels run inside the step's CUDA graph (eager or compiled);
-eager steps outside a graph keep cuBLAS (a Triton launch from Python costs more than the kernel). Where Triton
-cannot run (no CUDA device, no Triton), nothing changes. LCOT_SKINNY=0 turns it off.
+`step_copy(lm)` is a copy of the language model's module tree that shares every parameter, buffer and hook with it,
+whose linear layers (and peft's LoRA layers) call the kernel for inputs of at most MAX_ROWS rows without gradients;
+every other call runs the layer's own forward. The runner (lcot.fast.runner) captures the steps' CUDA graphs from
+that copy, so the kernels run inside graphs only; eager steps keep the model's own layers and cuBLAS (a Triton
+launch from Python costs more than the kernel). Nothing of the model itself is changed.
 
-On a CPU, Triton's interpreter (TRITON_INTERPRET=1, LCOT_SKINNY=cpu) runs the same kernel: the tests compare it
-there, in fp32, with transformers' and peft's layers.
+On a CPU, Triton's interpreter (TRITON_INTERPRET=1 before triton is first imported, and a runner built with
+kernels="interpret") runs the same kernel: the tests compare it there, in fp32, with transformers' and peft's layers.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 
 import torch
 
-from lcot.core.adapters import lora_layers
+from lcot.fast.adapters import lora_layers
 
-ENV = "LCOT_SKINNY"
 MAX_ROWS = 16  # rows of one kernel call (its tile height, skinny_kernel.BM); larger batches go to cuBLAS
 PLAIN_MIN_OUTPUTS = 3072  # a weight without LoRA goes to the kernel from this many outputs (see `worth`)
-FAILED: weakref.WeakSet = weakref.WeakSet()  # models whose step failed with these kernels: left to cuBLAS
-ERRORS: list[str] = []
-_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(module, its step forward)]
 
 
 @cache
@@ -51,25 +44,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def mode() -> str:
-    """$LCOT_SKINNY: "1" (the default) on CUDA devices, "0" off, "cpu" on CUDA devices and on the CPU through Triton's
-    interpreter (the tests; it needs TRITON_INTERPRET=1 before triton is first imported)."""
-    value = os.environ.get(ENV, "1")
-    if value not in ("0", "1", "cpu"):
-        raise ValueError(f"${ENV} must be 0, 1 or cpu, got {value!r}")
-    return value
-
-
-def runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and mode() == "cpu" and interpreting())
-
-
-def enabled(model=None) -> bool:
-    """On ($LCOT_SKINNY), Triton importable, and for `model`: on a device the kernel runs on, and its step has not
-    failed with the kernels."""
-    if mode() == "0" or not available():
-        return False
-    return model is None or (model not in FAILED and runs_on(next(model.parameters()).device))
+def runs_on(device: torch.device, interpret: bool = False) -> bool:
+    """Can the kernel run on `device`: a CUDA device, or (interpret) the CPU under Triton's interpreter."""
+    return device.type == "cuda" or (interpret and device.type == "cpu" and interpreting())
 
 
 def config(n: int, k: int, itemsize: int = 2) -> tuple[int, int, int, int]:
@@ -98,7 +75,7 @@ def worth(n: int, lora: bool) -> bool:
 @torch.library.custom_op("lcot::skinny_linear", mutates_args=(), device_types=("cuda", "cpu"))
 def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, xa: torch.Tensor | None,
             a: torch.Tensor | None, u: torch.Tensor | None, scale: float) -> torch.Tensor:
-    from lcot.core import skinny_kernel
+    from lcot.fast import skinny_kernel
 
     # the kernels read rows with a stride and columns (and the bias) densely
     x, weight, bias, xa, a, u = (t.contiguous() if t is not None else None for t in (x, weight, bias, xa, a, u))
@@ -133,22 +110,23 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Can this call go to the kernel: few rows, no gradients, a device Triton runs on, one dtype (autocast's, if
-    on: the products autocast would have cast run as F.linear does)."""
+    """Can this call go to the kernel: few rows, no gradients, a device Triton runs on (CUDA, or the CPU where the
+    interpreter is on), one dtype (autocast's, if on: the products autocast would have cast run as F.linear does)."""
     kind = x.device.type
     return (not torch.is_grad_enabled() and x.shape[:-1].numel() <= MAX_ROWS and x.dtype == weight.dtype
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and runs_on(x.device)
+            and runs_on(x.device, interpret=True)
             and (not torch.is_autocast_enabled(kind) or x.dtype == torch.get_autocast_dtype(kind)))
 
 
 # -- the layers -----------------------------------------------------------------------------------------------------
-def _linear_forward(m: torch.nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if worth(m.out_features, False) and applies(x, m.weight):
-            return skinny_linear(x, m.weight, m.bias)
-        return torch.nn.Linear.forward(m, x)
-    return forward
+class SkinnyLinear(torch.nn.Linear):
+    """A linear layer's copy (sharing its weight, bias and hooks) whose few-row calls run `skinny_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if worth(self.out_features, False) and applies(x, self.weight):
+            return skinny_linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 def _lora_adapter(m) -> str | None:
@@ -170,51 +148,54 @@ def _adapter_dtype_ok(shrink: torch.Tensor, x: torch.Tensor) -> bool:
     return shrink.dtype == x.dtype or torch.is_autocast_enabled(x.device.type)
 
 
-def _lora_forward(m):
-    peft_forward = type(m).forward
+class SkinnyLoRA:
+    """Mixed into a copy of a peft LoRA layer: few-row calls of its one plain adapter run `skinny_linear`, the base
+    product and the adapter's in one accumulator; every other call runs peft's forward."""
 
-    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = m.base_layer
-        a = None if args or kwargs else _lora_adapter(m)
-        if a is None or not applies(x, base.weight) or not _adapter_dtype_ok(m.lora_A[a].weight, x):
-            return peft_forward(m, x, *args, **kwargs)
-        shrink = m.lora_A[a].weight
-        xa = m.lora_dropout[a](m._cast_input_dtype(x, shrink.dtype))
-        return skinny_linear(x, base.weight, base.bias, xa, shrink, m.lora_B[a].weight, m.scaling[a])
-    return forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer
+        a = None if args or kwargs else _lora_adapter(self)
+        if a is None or not applies(x, base.weight) or not _adapter_dtype_ok(self.lora_A[a].weight, x):
+            return super().forward(x, *args, **kwargs)
+        shrink = self.lora_A[a].weight
+        xa = self.lora_dropout[a](self._cast_input_dtype(x, shrink.dtype))
+        return skinny_linear(x, base.weight, base.bias, xa, shrink, self.lora_B[a].weight, self.scaling[a])
 
 
-def step_forwards(model) -> list[tuple[torch.nn.Module, object]]:
-    """The language model's linear layers (exactly nn.Linear: subclasses such as quantized layers keep their own
-    forward) and peft's LoRA layers (not their lora_A and lora_B products, which the LoRA layer's kernel replaces),
-    each with its forward for steps, made once per model and kept, so that a compiled step sees the same functions
-    every time."""
-    kept = _FORWARDS.get(model)
-    lm = model.model.language_model
+@cache
+def _skinny_class(cls: type) -> type:
+    """`cls` (a peft LoRA layer class) with SkinnyLoRA's forward; made once per class."""
+    return type(f"Skinny{cls.__name__}", (SkinnyLoRA, cls), {})
+
+
+def _swap(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A shallow copy of `module` of class `cls`: the same parameter, buffer, child and hook dicts (one set of
+    tensors); only the class, and so `forward`, differs."""
+    clone = copy.copy(module)
+    clone.__class__ = cls
+    return clone
+
+
+def step_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers `step_copy` replaces: exactly nn.Linear (subclasses such as quantized layers keep their own
+    forward), except those inside a LoRA layer, and peft's LoRA layers."""
     lora = [m for _, m in lora_layers(lm)]
-    inside = {id(sub) for m in lora for d in (m.lora_A, m.lora_B) for sub in d.values()}
-    plain = [m for m in lm.modules() if type(m) is torch.nn.Linear and id(m) not in inside]
-    if kept is None or [m for m, _ in kept] != plain + lora:
-        kept = _FORWARDS[model] = [(m, _linear_forward(m)) for m in plain] + [(m, _lora_forward(m)) for m in lora]
-    return kept
+    inside = {id(sub) for m in lora for sub in m.modules() if sub is not m}
+    return [m for m in lm.modules() if type(m) is torch.nn.Linear and id(m) not in inside] + lora
 
 
-@contextmanager
-def products(model) -> Iterator[bool]:
-    """Within the block, the language model's linear layers run `skinny_linear` for calls it applies to (see
-    `applies`); yields whether it is on."""
-    if not enabled(model):
-        yield False
-        return
-    swapped = step_forwards(model)
-    before = [m.__dict__.get("forward") for m, _ in swapped]  # a forward set on the instance (hooks), or None
-    for m, fn in swapped:
-        m.forward = fn
-    try:
-        yield True
-    finally:
-        for (m, _), old in zip(swapped, before, strict=True):
-            if old is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = old
+def step_copy(lm: torch.nn.Module) -> torch.nn.Module:
+    """The language model's module tree again, sharing every tensor and hook with it, its step layers
+    (`step_layers`) replaced by their kernel copies. Rebuild it when the layers change (LoRA added or merged)."""
+    swapped = {id(m): m for m in step_layers(lm)}
+
+    def mirror(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) in swapped:
+            cls = SkinnyLinear if type(module) is torch.nn.Linear else _skinny_class(type(module))
+            return _swap(module, cls)
+        clone = copy.copy(module)
+        clone.__dict__["_modules"] = {name: mirror(child) if child is not None else None
+                                      for name, child in module._modules.items()}
+        return clone
+
+    return mirror(lm)

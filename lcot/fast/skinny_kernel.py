@@ -1,4 +1,4 @@
-"""The Triton kernels of lcot.core.skinny (imported only where Triton runs: a CUDA device, or its CPU interpreter).
+"""The Triton kernels of lcot.fast.skinny (imported only where Triton runs: a CUDA device, or its CPU interpreter).
 
 `skinny_kernel`: one program computes BN outputs of y = x W^T (+ bias) (+ scale * t U^T) for all M <= BM rows
 of x: it streams its BN rows of W once, in BK-wide tiles, and folds LoRA's expand product into the same
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-BM = 16  # rows of a tile (tl.dot's smallest): lcot.core.skinny.MAX_ROWS
+BM = 16  # rows of a tile (tl.dot's smallest): lcot.fast.skinny.MAX_ROWS
 
 
 @triton.jit

@@ -12,13 +12,11 @@ starves a GPU when the model is small. Two of transformers' own extension points
   transformers hands `cu_seqlens` only to implementations whose name contains "flash" (the varlen
   path), hence the name. Segments of one length (every window, and every image of one size) go through
   one batched SDPA; segments of other lengths are grouped by length, so the result equals per-chunk SDPA.
-
-LCOT_VISION=stock turns both off (transformers' own path, for reference and timing).
+The runner uses both unless built with vision=False (transformers' own path, for reference and timing).
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
@@ -27,14 +25,6 @@ from transformers import AttentionInterface
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 PACKED = "lcot_packed_flash_sdpa"
-ENV = "LCOT_VISION"  # "stock": transformers' own per-image path (the reference, and the first round's speed)
-
-
-def enabled() -> bool:
-    mode = os.environ.get(ENV, "packed")
-    if mode not in ("packed", "stock"):
-        raise ValueError(f"${ENV} must be 'packed' or 'stock', got {mode!r}")
-    return mode == "packed"
 
 
 def _segments(x: torch.Tensor, cols: torch.Tensor | None, n: int, length: int) -> torch.Tensor:
@@ -111,17 +101,7 @@ def _batch_kwargs(grids: tuple[tuple[int, int, int], ...], merge: int, window: i
             "max_window_seqlen": int((cu_window[1:] - cu_window[:-1]).max())}
 
 
-def decode_pixels(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """pixel_values from the collator's exact uint8 codes (rows, 3, p) and its table (3, 256): one gather,
-    done where the codes are (on the GPU, after a copy of a quarter of the bytes)."""
-    lut = lut.to(codes.device)
-    return lut[torch.arange(3, device=codes.device)[:, None], codes.long()].reshape(codes.shape[0], -1)
-
-
 def use_packed_attention(model) -> None:
-    """Select the packed attention for the vision tower of `model` (the language model keeps its own);
-    nothing with LCOT_VISION=stock."""
-    if not enabled():
-        return
+    """Select the packed attention for the vision tower of `model` (the language model keeps its own)."""
     model.config.vision_config._attn_implementation = PACKED
     model.model.visual.config._attn_implementation = PACKED

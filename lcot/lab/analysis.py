@@ -229,9 +229,12 @@ def teacher_stats(teacher_dir: str | Path, records: Sequence[Record], num_latent
 
 @torch.no_grad()
 def latent_outputs(model, processor, records: Sequence[Record], num_latents: int, thought_images: bool = False,
-                   batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
-    """(N, K, H) float32 outputs of the latent slots, computed as in training and generation."""
-    collate = Collator(processor, model.config, num_latents, thought_images=thought_images)
+                   batch_size: int = 16, feed: str = "continuous", visibility: str = "all",
+                   visual_cot: bool = False) -> torch.Tensor:
+    """(N, K, H) float32 outputs of the latent slots, computed as in training and generation (with thought images:
+    the mask of the teacher precompute, `visibility` and `visual_cot` as the model was trained)."""
+    collate = Collator(processor, model.config, num_latents, thought_images=thought_images, visibility=visibility,
+                       visual_cot=visual_cot and thought_images)
     return torch.cat([_run(model, to_device(collate(chunk), model.device), feed=feed)[1].float().cpu()
                       for _, chunk in _batches(records, batch_size)])
 
@@ -327,13 +330,13 @@ def grid_table(grid: dict[str, dict[int, float]], baseline: float | None = None,
 
 @torch.no_grad()
 def latent_inputs(model, processor, records: Sequence[Record], num_latents: int, thought_images: bool = False,
-                  batch_size: int = 16, feed: str = "continuous") -> torch.Tensor:
+                  batch_size: int = 16, feed: str = "continuous", visibility: str = "all") -> torch.Tensor:
     """(N, K, H): what each record feeds its own latent slots: [h(<abs_vis_token>), out_1 .. out_{K-1}]
     (with feed="pause": the <abs_vis_token_pad> embedding at every slot).
 
     The same recurrence as generation (`latent_hidden_states` on the collator's batch).
     """
-    collate = Collator(processor, model.config, num_latents, thought_images=thought_images)
+    collate = Collator(processor, model.config, num_latents, thought_images=thought_images, visibility=visibility)
     out = []
     for _, chunk in _batches(records, batch_size):
         b = to_device(collate(chunk), model.device)

@@ -78,9 +78,9 @@ class Setup:
         # than it saves, and the teacher precompute runs the eager step too
         common = dict(seed=0, logging_steps=max(1, steps // 10), save_steps=100_000, compile_step="off")
         if not self.real:  # 1M random parameters: a large learning rate, full fine-tuning, fp32
-            return dict(common, bsz=4, grad_accum_steps=1, lr=2e-3, warmup_ratio=0.05)
-        flags = dict(common, bsz=1, grad_accum_steps=8, lr=1e-4, warmup_ratio=0.03, lora=True, freeze_vision=True,
-                     gradient_checkpointing=True, latent_grad="truncated")
+            return dict(common, bsz=4, grad_accum_steps=1, learning_rate=2e-3, warmup_steps=0.05)
+        flags = dict(common, bsz=1, grad_accum_steps=8, learning_rate=1e-4, warmup_steps=0.03, lora=True,
+                     freeze_vision=True, gradient_checkpointing=True, latent_grad="truncated")
         return dict(flags, bf16=True) if self.device.startswith("cuda") else flags
 
     def load(self, path: str | Path | None = None):

@@ -19,7 +19,7 @@ from lcot.core.record import Record
 from lcot.errors import cli_errors
 from lcot.io import write_json
 from lcot.pipeline.data import read_records
-from lcot.pipeline.generate import Generation, ModelOptions, choose_ks, generate, trained_feed
+from lcot.pipeline.generate import Generation, ModelOptions, choose_ks, generate, trained_feed, trained_visibility
 
 BENEFIT_NEAR_ZERO = 0.05  # a thought-image benefit below this is reported as "near zero"
 
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = [False, True] if args.with_thought_images else [False]
     results = {("with thought images" if t else "without thought images"): evaluate(
         model, processor, records, ks, thought_images=t, batch_size=args.batch_size, difficulty=args.difficulty_field,
-        max_new_tokens=args.max_new_tokens, feed=trained_feed(args.model_name_or_path), visual_cot=visual_cot and t)
+        max_new_tokens=args.max_new_tokens, feed=trained_feed(args.model_name_or_path), visual_cot=visual_cot and t,
+        visibility=trained_visibility(args.model_name_or_path))
         for t in settings}
     rows = [[name, *[describe(r["accuracy"][k], [x["answer"] for x in r["predictions"][k]]) for k in ks]]
             for name, r in results.items()]

@@ -1,8 +1,8 @@
 """Generation: question (+ question images) in, `<abs_vis_token>` K latents `</abs_vis_token>\\n{answer}` out.
 
 Batched, with a KV cache, greedy by default. The latent steps are the same `latent_step` training
-and teacher precompute use, on a batch from the same collator, so the latents equal training's (on a
-GPU it is replayed as a CUDA graph on a static cache, decoding steps too: see lcot.core.graph).
+and teacher precompute use, on a batch from the same collator, so the latents equal training's (with lcot.fast's
+runner on a GPU it is replayed as a CUDA graph on a static cache, decoding steps too: see lcot.fast.graph).
 <abs_vis_token> and </abs_vis_token> are placed, not sampled (the model is trained to emit them), and
 the answer may not contain latent tokens: their logits are masked while decoding it.
 """
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from lcot import config
-from lcot.config import option
+from lcot.config import SpeedConfig, option
 from lcot.console import progress as bar
 from lcot.console import quiet_libraries
 from lcot.core.collate import Collator
-from lcot.core.latent import embed_inputs
+from lcot.core.latent import Passes, embed_inputs, passes_of
 from lcot.core.record import Record
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
@@ -83,28 +83,28 @@ class _Phases:
 @torch.no_grad()
 def generate_batch(model, processor, records: Sequence[Record], num_latents: int, max_new_tokens: int = 32,
                    question_images: bool = True, thought_images: bool = False, temperature: float = 0.0,
-                   latent_inputs: torch.Tensor | None = None, seed: int = 0, fast: str | bool | None = None,
-                   timings: dict | None = None, feed: str = "continuous", visual_cot: bool = False
-                   ) -> list[Generation]:
+                   latent_inputs: torch.Tensor | None = None, seed: int = 0, runner: Passes | None = None,
+                   timings: dict | None = None, feed: str = "continuous", visual_cot: bool = False,
+                   visibility: str = "all") -> list[Generation]:
     """One batch. `latent_inputs` (B, K, H), if given, replaces the fed-back latents (causal-use checks).
 
     feed: "continuous" (the method) or "pause" (the control: slots take the <abs_vis_token_pad> embedding);
-    visual_cot: with thought images, show them to the answer too (the visual-CoT upper bound).
+    visual_cot: with thought images, show them to the answer too (the visual-CoT upper bound); visibility: which
+    thought image each latent slot sees (lcot.core.mask; the model's own: `trained_setting`).
 
-    fast: the cache and steps (see lcot.core.graph): None = $LCOT_FAST or "auto" (static cache + CUDA graphs on
-    CUDA, latent and decoding steps alike; the dynamic cache on CPU). `timings`, if a dict, receives the
-    seconds of the phases (prefix_s, latents_s, decode_s) and their step counts.
+    runner: how the passes run (default: the model's; lcot.fast's replays latent and decoding steps alike as CUDA
+    graphs on a GPU). `timings`, if a dict, receives the seconds of the phases (prefix_s, latents_s, decode_s) and
+    their step counts.
     """
-    from lcot.core.graph import runner
-
+    passes = runner or passes_of(model)
     collate = Collator(processor, model.config, num_latents, thought_images=thought_images,
                        question_images=question_images, with_answer=False, reserve=max_new_tokens,
-                       visual_cot=visual_cot)
+                       visual_cot=visual_cot, visibility=visibility)
     b = to_device(collate(records), model.device)
     mask, pos, s = b["attention_mask_4d"], b["position_ids"], b["latent_start"]
     clock = _Phases(timings, model.device)
-    embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
-    steps = runner(model, len(records), b["input_ids"].shape[1], fast)
+    embeds = embed_inputs(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"], vision=passes.vision(model))
+    steps = passes.recurrence(model, len(records), b["input_ids"].shape[1])
     h = steps.forward(embeds[:, :s], mask, pos, slice(0, s))[:, -1:]
     clock("prefix")
     if latent_inputs is None and feed == "pause":
@@ -150,10 +150,11 @@ def generate(model, processor, records: Sequence[Record], num_latents: int, batc
 
 
 @dataclass
-class ModelOptions:
-    """How generate and evaluate load and run a model (their shared flags)."""
+class ModelOptions(SpeedConfig):
+    """How generate and evaluate load and run a model (their shared flags, the speed flags among them)."""
 
-    model_name_or_path: str = option(help="a local checkpoint folder (from lcot.main or a real Qwen2.5-VL)")
+    model_name_or_path: str = option(None, "a local checkpoint folder (from lcot.main or a real Qwen2.5-VL)",
+                                     required=True)
     device: str = option("cuda" if torch.cuda.is_available() else "cpu", "where the model runs")
     bf16: bool = option(False, "load the model in bfloat16")
     max_pixels: int | None = option(None, "image processor max_pixels (None: the model's)")
@@ -177,7 +178,7 @@ class ModelOptions:
         from lcot.pipeline.load import load
 
         return load(self.model_name_or_path, torch.bfloat16 if self.bf16 else torch.float32, self.device,
-                    max_pixels=self.max_pixels)
+                    max_pixels=self.max_pixels, speed=self)
 
 
 @dataclass
@@ -224,6 +225,13 @@ def trained_feed(model_path: str) -> str:
     from lcot.pipeline.runs import read_lcot_config
 
     return read_lcot_config(model_path).get("latent_feed", "continuous")
+
+
+def trained_visibility(model_path: str) -> str:
+    """Which thought image each latent slot saw in training (lcot.json; "all" for models that record none)."""
+    from lcot.pipeline.runs import read_lcot_config
+
+    return read_lcot_config(model_path).get("thought_visibility", "all")
 
 
 @cli_errors

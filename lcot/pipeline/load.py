@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from lcot.core.attention import use_step_attention
+from lcot.config import SpeedConfig
 from lcot.core.model import LatentQwen2_5_VL
 from lcot.core.tokens import TokenIds, add_latent_tokens
-from lcot.core.vision import use_packed_attention
 from lcot.errors import LcotInputError
 from lcot.pipeline.processor import LatentVLProcessor, load_processor
 
@@ -25,10 +24,11 @@ def check_model_folder(path: str | Path) -> Path:
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa", min_pixels: int | None = None, max_pixels: int | None = None,
-         ) -> tuple[LatentQwen2_5_VL, LatentVLProcessor]:
+         speed: SpeedConfig | None = None, **runner_options) -> tuple[LatentQwen2_5_VL, LatentVLProcessor]:
     """Model and processor from a local folder; the latent tokens are added when absent.
 
-    Nothing is fetched from a hub: a path that is not a local checkpoint folder is an input error.
+    Nothing is fetched from a hub: a path that is not a local checkpoint folder is an input error. The model is
+    given its runner (`attach_runner`) by `speed` (default: SpeedConfig(), lcot.fast's runner).
     """
     path = check_model_folder(path)
     try:
@@ -37,8 +37,6 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         raise LcotInputError(str(path), str(err).removeprefix(f"{path}: ")) from None
     model = LatentQwen2_5_VL.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                              local_files_only=True)
-    use_packed_attention(model)  # the vision tower's attention without a per-image loop (lcot.core.vision)
-    use_step_attention(model)  # single-token steps without repeat_kv's copies (lcot.core.attention)
     add_latent_tokens(processor.tokenizer, model)
     rows = model.get_input_embeddings().weight.shape[0]
     ids = TokenIds.from_tokenizer(processor.tokenizer)  # by string: any ids work if the model has their rows
@@ -47,4 +45,27 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         raise LcotInputError(str(path), f"the tokenizer's latent token ids {latent_ids} do not fit the model's "
                              f"{rows} embedding rows",
                              "save the model after resizing its embeddings (model.resize_token_embeddings)")
-    return model.to(device), processor
+    model = model.to(device)
+    attach_runner(model, speed, **runner_options)
+    return model, processor
+
+
+def attach_runner(model, speed: SpeedConfig | None = None, **options):
+    """Give `model` the runner `speed` asks for: lcot.fast.Runner (options: its compile, graph_pass, ...) unless
+    speed.fast is "off", where the model keeps the reference passes and lcot.fast is not even imported."""
+    speed = speed or SpeedConfig()
+    if speed.fast == "off":
+        model.lcot_runner = None
+        return None
+    from lcot.fast import Runner
+
+    return Runner(model, fast=speed.fast, compile_step=speed.compile_step, **options).attach()
+
+
+def compile_note(speed: SpeedConfig, device: torch.device | str) -> str | None:
+    """What a command prints before a run whose one-token step will be compiled (None: it will not be)."""
+    if speed.fast == "off":
+        return None
+    from lcot.fast.runner import COMPILE_NOTE, compiles_step
+
+    return COMPILE_NOTE if compiles_step(speed.fast, speed.compile_step, device) else None

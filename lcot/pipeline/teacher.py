@@ -12,6 +12,7 @@ load for training (unchecked, with a note); the precompute recomputes them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import sys
@@ -66,7 +67,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 LAYOUT_KEYS = ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size")
-_NOTED_OLD: set[Path] = set()  # teacher folders whose files predate `layout` (noted once per process)
+
+
+@functools.cache
+def _note_old_layout(folder: Path) -> None:
+    """Once per folder and process: its files predate `layout`."""
+    print(f"lcot: note: teacher files in {folder} do not record the image resolution they were computed "
+          "at (written before lcot recorded it): --max_pixels is not checked against them; re-run the "
+          "precompute to record it", file=sys.stderr)
 
 
 def processor_layout(processor) -> dict[str, int]:
@@ -89,11 +97,7 @@ def _check_layout(data: dict, layout: Mapping[str, int], need: bool, path: Path,
     if saved is None:
         if need:  # the precompute's resume check: unknown layout, so compute it again
             raise LcotInputError(where, "teacher file does not record its image layout (an older lcot wrote it)")
-        if path.parent not in _NOTED_OLD:
-            _NOTED_OLD.add(path.parent)
-            print(f"lcot: note: teacher files in {path.parent} do not record the image resolution they were computed "
-                  "at (written before lcot recorded it): --max_pixels is not checked against them; re-run the "
-                  "precompute to record it", file=sys.stderr)
+        _note_old_layout(path.parent)
         return
     for key, want in layout.items():
         have = saved.get(key)
@@ -111,13 +115,15 @@ def _check_layout(data: dict, layout: Mapping[str, int], need: bool, path: Path,
 
 def read_teacher(path: Path, record: Record, hidden_size: int | None = None, num_latents: int | None = None,
                  dtype: torch.dtype | None = None, fingerprint: str | None = None,
-                 layout: Mapping[str, int] | None = None, need_layout: bool = False) -> torch.Tensor:
+                 layout: Mapping[str, int] | None = None, need_layout: bool = False,
+                 visibility: str | None = None) -> torch.Tensor:
     """Load and check one teacher file against its record and the model; returns latents [k_max, H].
 
     fingerprint: require the file to come from exactly these weights (the precompute's resume check;
     training on it later uses other weights by design).
     layout: the values (processor settings, and `prefix_len` where comparable) the file's `layout` must
     match; a file without one passes with a one-time note, unless need_layout.
+    visibility: the --thought_visibility the file must have been computed with (files that record none: "all").
     """
     where = f"{path} (record {record.where})"
     hint = "re-run `python -m lcot.precompute_teacher_latents` for this JSONL and model"
@@ -144,19 +150,26 @@ def read_teacher(path: Path, record: Record, hidden_size: int | None = None, num
                              "precompute and train with the same precision (both with or both without --bf16)")
     if layout is not None:
         _check_layout(data, layout, need_layout, path, where)
+    have = data.get("thought_visibility", "all")
+    if visibility is not None and have != visibility:
+        raise LcotInputError(where, f"teacher latents were computed with --thought_visibility {have}, this run has "
+                             f"{visibility}", f"train with --thought_visibility {have}, or re-run `python -m "
+                             f"lcot.precompute_teacher_latents` with --thought_visibility {visibility}")
     return latents
 
 
 def is_complete(path: Path, record: Record, k_max: int, hidden_size: int, dtype: torch.dtype,
-                fingerprint: str | None = None, layout: Mapping[str, int] | None = None) -> bool:
+                fingerprint: str | None = None, layout: Mapping[str, int] | None = None,
+                visibility: str = "all", visual_cot: bool = False) -> bool:
     """A valid file for this record and model, computed with these processor settings (`layout`; a file
     without a recorded layout is computed again). prefix_len is not compared: it would cost encoding every
     kept record, and for the same record and images it follows from the processor settings."""
     try:
-        latents = read_teacher(path, record, hidden_size, k_max, dtype, fingerprint, layout, need_layout=True)
+        latents = read_teacher(path, record, hidden_size, k_max, dtype, fingerprint, layout, need_layout=True,
+                               visibility=visibility)
     except LcotInputError:
         return False
-    return latents.shape[0] == k_max
+    return latents.shape[0] == k_max and torch.load(path, weights_only=True).get("visual_cot", False) == visual_cot
 
 
 def shape_key(rec: Record) -> tuple:
@@ -174,7 +187,7 @@ def shape_key(rec: Record) -> tuple:
 
 def batches_by_shape(records: Sequence[Record], batch_size: int) -> list[list[Record]]:
     """Batches of records of similar shapes (sorted by shape_key): less padding per batch, and repeated prefix
-    lengths, whose CUDA graph then replays (lcot.core.graph)."""
+    lengths, whose CUDA graph then replays (lcot.fast.graph)."""
     ordered = sorted(records, key=shape_key)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
@@ -182,11 +195,14 @@ def batches_by_shape(records: Sequence[Record], batch_size: int) -> list[list[Re
 @torch.no_grad()
 def precompute(model, processor, records: Sequence[Record], out_dir: str | Path, k_max: int, batch_size: int = 1,
                model_name: str = "", rank: int = 0, world_size: int = 1, progress: bool = True,
-               feed: str = "continuous", num_workers: int = 0) -> dict[str, int]:
+               feed: str = "continuous", num_workers: int = 0, visibility: str = "all",
+               visual_cot: bool = False) -> dict[str, int]:
     """Write the teacher files of `records` (this process's share: every world_size-th record).
 
-    Same collator, mask and positions as stage2 (thought images visible, latent mode; `feed` as the model
-    was trained, see lcot.core.model.latent_hidden_states). Batches hold records of similar shapes
+    The collator, mask and positions the model was trained with: thought images visible, latent mode, `feed`
+    (see lcot.core.model.latent_hidden_states), the thought images' `visibility` and, for a visual-CoT
+    warm-up, `visual_cot` (its <abs_vis_token>, whose output is slot 1's input, sees the thought images). Both
+    are recorded in each file. Batches hold records of similar shapes
     (`batches_by_shape`); `num_workers` DataLoader processes build them while the model runs. Returns counts.
     """
     out_dir = Path(out_dir)
@@ -195,8 +211,10 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
     remove_partial_files(out_dir, {r.idx for r in mine})
     fingerprint, layout = weights_fingerprint(model), processor_layout(processor)
     todo = [r for r in mine
-            if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype, fingerprint, layout)]
-    collate = Collator(processor, model.config, k_max, thought_images=True)
+            if not is_complete(teacher_file(out_dir, r.idx), r, k_max, hidden, dtype, fingerprint, layout,
+                               visibility, visual_cot)]
+    collate = Collator(processor, model.config, k_max, thought_images=True, visibility=visibility,
+                       visual_cot=visual_cot)
     was_training = model.training
     model.eval()
     bar = progress_bar(total=len(todo), desc="teacher latents", unit="rec", disable=not progress)
@@ -211,7 +229,8 @@ def precompute(model, processor, records: Sequence[Record], out_dir: str | Path,
             save_torch(teacher_file(out_dir, rec.idx),
                        {"latents": lat.to(dtype).cpu().clone(), "k_max": k_max, "hidden_size": hidden,
                         "dtype": str(dtype), "model": model_name, "model_fingerprint": fingerprint,
-                        "record_digest": rec.digest, "idx": rec.idx, "layout": {**layout, "prefix_len": prefix}})
+                        "record_digest": rec.digest, "idx": rec.idx, "layout": {**layout, "prefix_len": prefix},
+                        "thought_visibility": visibility, "visual_cot": visual_cot})
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)

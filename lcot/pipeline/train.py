@@ -16,19 +16,16 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
-from lcot import config
 from lcot.console import quiet_libraries
-from lcot.core.adjoint import COMPILE_ENV as ADJOINT_COMPILE_ENV
 from lcot.core.collate import Collator
-from lcot.core.graph import COMPILE_NOTE, graph_parallel_pass, step_compile, step_compiles
-from lcot.core.latent import compile_parallel_pass
 from lcot.core.model import bptt_links
 from lcot.core.tokens import LATENT_END, LATENT_PAD, LATENT_START
 from lcot.errors import LcotInputError, check_output, cli_errors, writing
 from lcot.io import inside
 from lcot.pipeline.data import read_records
+from lcot.pipeline.load import compile_note
 from lcot.pipeline.runs import (
     check_unlocked,
     last_checkpoint,
@@ -46,9 +43,26 @@ from lcot.pipeline.trainer import (
     all_ranks_raise,
 )
 
+PROG = "python -m lcot.main"
 
-def parser() -> argparse.ArgumentParser:
-    return config.parser(TrainConfig, "python -m lcot.main", __doc__)
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default after its help."""
+
+
+def parser() -> HfArgumentParser:
+    """The flags of TrainConfig: transformers' TrainingArguments, the seed's spellings and lcot's own."""
+    return HfArgumentParser(TrainConfig, prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
+
+
+def parse(argv: list[str] | None) -> TrainConfig:
+    args, = parser().parse_args_into_dataclasses(argv)
+    return args
+
+
+def flag(name: str) -> str:
+    """A field's flag as the help shows it first (the seed's spelling where it has one)."""
+    return TrainConfig.FLAGS.get(name, f"--{name}")
 
 
 def check(args: TrainConfig) -> None:
@@ -75,13 +89,29 @@ def check(args: TrainConfig) -> None:
             if given and inside(given, out):
                 raise LcotInputError("--output_dir", f"--overwrite_output_dir would delete {out}, which holds "
                                      f"--{flag} {given}", "choose an --output_dir that holds none of the inputs")
-    if not 0 <= args.warmup_ratio < 1:
-        raise LcotInputError("--warmup_ratio", f"must be in [0, 1), got {args.warmup_ratio}",
-                             "it is the fraction of the optimizer steps spent warming up the learning rate")
+    if args.warmup_steps < 0:
+        raise LcotInputError("--warmup_steps", f"must be >= 0, got {args.warmup_steps}",
+                             "optimizer steps of learning-rate warm-up, or a fraction of them when below 1")
+    if args.fast == "off" and (args.compile or args.graph_pass):
+        raise LcotInputError("--compile" if args.compile else "--graph_pass", "needs lcot.fast (--fast off runs the "
+                             "reference passes only)", "drop the flag, or use --fast auto")
     least = 1 if args.stage in ("stage2", "stage3") else 0  # stage2 shows thought images only to latent slots
     if args.num_latents < least:
         raise LcotInputError("--latent_size", f"must be >= {least} for {args.stage}, got {args.num_latents}",
                              "0 (no latent slots, the answer right after the question) is for stage1 and vcot")
+    if args.teacher_forcing:
+        if not 0 < args.teacher_forcing <= 1:
+            raise LcotInputError("--teacher_forcing", f"must be in [0, 1], got {args.teacher_forcing}",
+                                 "e.g. --teacher_forcing 0.5")
+        if args.stage != "stage3" or not args.uses_teacher:
+            raise LcotInputError("--teacher_forcing", "feeds the teacher's latents in stage3 (with its "
+                                 f"--teacher_latent_dir and --align_weight > 0), not in {args.stage}")
+        if args.latent_grad != "truncated" and not args.latent_grad.startswith("bptt:"):
+            raise LcotInputError("--teacher_forcing", f"needs --latent_grad truncated or bptt:M, got "
+                                 f"{args.latent_grad}", "e.g. --latent_grad bptt:1 (the gradient crosses one "
+                                 "feedback link)")
+        if args.latent_feed != "continuous":
+            raise LcotInputError("--teacher_forcing", "needs --latent_feed continuous")
     if args.latent_curriculum and args.stage != "stage3":
         raise LcotInputError("--latent_curriculum", f"is a stage3 schedule (K sampled per step), not for {args.stage}",
                              "drop the flag, or train --stage stage3")
@@ -89,6 +119,7 @@ def check(args: TrainConfig) -> None:
         raise LcotInputError("--teacher_latent_dir", f"{args.stage} needs teacher latents",
                              "run `python -m lcot.precompute_teacher_latents` first and pass its --output_dir "
                              "(or train with --align_weight 0, without alignment)")
+    report_to(args.report_to)
     try:
         bptt_links(args.latent_grad)
     except ValueError as err:
@@ -108,7 +139,7 @@ def check(args: TrainConfig) -> None:
               "second backward through it, which a compiled pass does not allow); that pass runs uncompiled",
               file=sys.stderr)
     idle = chain_idle(args)
-    if args.compile_step in (True, "on") and idle:
+    if args.compile_step == "on" and idle:
         print(f"lcot: note: --compile_step has no effect here ({idle}); it compiles the latent chain without "
               "gradients of --latent_grad truncated, adjoint or bptt:M", file=sys.stderr)
     if args.gradient_checkpointing and args.latent_grad == "full":
@@ -142,10 +173,10 @@ def resume_point(args: TrainConfig) -> str | None:
                              "pass a checkpoint-N folder of an earlier run, or the flag alone for the last one in "
                              "--output_dir")
     saved = read_lcot_config(resume)
-    for f in config.resume_keys(TrainConfig):
-        if f.name in saved and saved[f.name] != getattr(args, f.name):
-            raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with {config.flag(f)} "
-                                 f"{saved[f.name]}, this run has {config.flag(f)} {getattr(args, f.name)}",
+    for name in TrainConfig.RESUME:
+        if name in saved and saved[name] != getattr(args, name):
+            raise LcotInputError("--resume_from_checkpoint", f"{resume} was trained with {flag(name)} "
+                                 f"{saved[name]}, this run has {flag(name)} {getattr(args, name)}",
                                  "resume with the same settings, or train into a new --output_dir")
     return resume
 
@@ -159,38 +190,18 @@ def apply_lora(model, args: TrainConfig):
     return get_peft_model(model, cfg)
 
 
-def report_to(value: str) -> list[str]:
+def report_to(value: str | list[str]) -> list[str]:
     """--report_to as Trainer's list; a tracker that is not installed stops here, not with a traceback."""
     from transformers.integrations import get_available_reporting_integrations
 
-    names = [t.strip() for t in value.split(",") if t.strip() not in ("", "none")]
+    given = value.split(",") if isinstance(value, str) else value
+    names = [t.strip() for t in given if t.strip() not in ("", "none")]
     missing = [n for n in names if n not in get_available_reporting_integrations()]
     if missing:
         raise LcotInputError("--report_to", f"{missing[0]} is not installed (or not a tracker transformers knows)",
                              f"pip install {missing[0]}, or --report_to none; installed: "
                              f"{', '.join(get_available_reporting_integrations()) or 'none'}")
     return names
-
-
-def training_args(args: TrainConfig, freeze_vision: bool) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.bsz,
-        gradient_accumulation_steps=args.grad_accum_steps, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        learning_rate=args.lr, lr_scheduler_type=("constant_with_warmup" if args.lr_scheduler == "constant" else
-                                                  args.lr_scheduler),
-        # transformers 5.17 reads a float in [0, 1) given as warmup_steps as a ratio (warmup_ratio is deprecated)
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_ratio, seed=args.seed,
-        data_seed=args.seed, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False,
-        report_to=report_to(args.report_to),
-        dataloader_num_workers=args.num_workers, dataloader_persistent_workers=args.num_workers > 0,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=not freeze_vision, save_only_model=False,
-        # no host-device sync inside a step: batches are copied from pinned memory without blocking, and
-        # LatentTrainer checks losses itself (at the optimizer step) instead of Trainer's per-batch NaN filter;
-        # on a CPU there is no copy, and Trainer would warn that non_blocking goes without pinned memory
-        accelerator_config={"non_blocking": torch.cuda.is_available()}, logging_nan_inf_filter=False)
 
 
 def chain_idle(args: TrainConfig) -> str | None:
@@ -224,6 +235,14 @@ def train(args: TrainConfig) -> Path:
         return _train(args)
 
 
+def stage_collator(args: TrainConfig, processor, model_config) -> Collator:
+    """The collator (and so the mask) of a stage; the teacher precompute builds the same one for the stage its
+    model was trained in (tests/test_pipeline.py compares them)."""
+    return Collator(processor, model_config, args.num_latents, thought_images=args.thought_images,
+                    question_images=args.stage != "stage1" or args.question_images, visual_cot=args.visual_cot,
+                    cache=args.preprocess, visibility=args.thought_visibility)
+
+
 def _train(args: TrainConfig) -> Path:
     from lcot.pipeline.load import load
 
@@ -233,11 +252,9 @@ def _train(args: TrainConfig) -> Path:
                            skip_missing_thought=args.skip_missing_thought)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, speed=args, compile=args.compile, graph_pass=args.graph_pass)
     hidden = model.config.text_config.hidden_size
-    collator = Collator(processor, model.config, args.num_latents, thought_images=args.thought_images,
-                        question_images=args.stage != "stage1" or args.question_images, visual_cot=args.visual_cot,
-                        cache=args.preprocess)
+    collator = stage_collator(args, processor, model.config)
     data_collator = TrainCollate(collator, args.teacher_latent_dir if args.uses_teacher else None, hidden, dtype,
                                  cache=args.preprocess)
     if not args.preprocess:  # with it, prepare() below reads and checks every teacher file once
@@ -245,23 +262,19 @@ def _train(args: TrainConfig) -> Path:
     freeze_vision = args.freeze_vision or args.stage == "stage1" and not args.question_images
     if freeze_vision:
         model.model.visual.requires_grad_(False)
+    args.ddp_find_unused_parameters = not freeze_vision
     model.config.use_cache = False
-    if args.compile:
-        compile_parallel_pass(model)
-    step_compile(model, args.compile_step)
-    if not chain_idle(args) and step_compiles(args.compile_step, "cuda" if torch.cuda.is_available() else "cpu") \
-            and process_state().is_main_process:
-        print(COMPILE_NOTE + (" The full gradient's pass over the slots (--latent_grad adjoint) is compiled too, "
-                              f"which takes minutes more ({ADJOINT_COMPILE_ENV}=0 skips that)."
-                              if args.latent_grad == "adjoint" else ""), file=sys.stderr)
-    if args.graph_pass:
-        graph_parallel_pass(model)
+    note = compile_note(args, "cuda" if torch.cuda.is_available() else "cpu") if not chain_idle(args) else None
+    if note and process_state().is_main_process:
+        print(note + (" The full gradient's pass over the slots (--latent_grad adjoint) is compiled too, which "
+                      "takes minutes more." if args.latent_grad == "adjoint" else ""), file=sys.stderr)
     if args.lora:
         model = apply_lora(model, args)
     if args.preprocess:
         data_collator.prepare(records)
-    teacher_mean = data_collator.teacher_mean(records) if args.uses_teacher and args.align == "centered" else None
-    info = {**config.saved(args), "base_model": str(args.model_name_or_path),
+    # the teacher's mean latent per position: centred alignment, and the centred per-position metrics of any stage
+    teacher_mean = data_collator.teacher_mean(records) if args.uses_teacher else None
+    info = {**{name: getattr(args, name) for name in TrainConfig.SAVED}, "base_model": str(args.model_name_or_path),
             "tokens": {"start": LATENT_START, "end": LATENT_END, "pad": LATENT_PAD}}
     if args.overwrite_output_dir and Path(args.output_dir).is_dir() and not args.resume_from_checkpoint:
         state = process_state()  # several processes: one removes the folder, the others wait for it
@@ -269,9 +282,8 @@ def _train(args: TrainConfig) -> Path:
             shutil.rmtree(args.output_dir)
         state.wait_for_everyone()
     trainer = LatentTrainer(
-        model=model, args=one_gpu_per_process(training_args(args, freeze_vision)), train_dataset=records,
-        data_collator=data_collator,
-        processing_class=processor, config=args, teacher_mean=teacher_mean, callbacks=[LcotConfigCallback(info)])
+        model=model, args=one_gpu_per_process(args), train_dataset=records, data_collator=data_collator,
+        processing_class=processor, teacher_mean=teacher_mean, callbacks=[LcotConfigCallback(info)])
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     # FSDP shards the weights: gathering the full state dict is collective, so every process takes part
@@ -309,15 +321,20 @@ def save_final(model, processor, out: Path, info: dict, state_dict: dict | None 
     write_lcot_config(out, info)
 
 
+SEED_NAMES = {"epochs": "num_train_epochs", "bsz": "per_device_train_batch_size",
+              "grad_accum_steps": "gradient_accumulation_steps", "latent_size": "num_latents"}
+
+
 def run_stage(**kwargs) -> Path:
-    """Python entry for notebooks: TrainConfig's fields as keyword arguments (the CLI's defaults); paths may
-    be Path objects."""
-    return train(TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}))
+    """Python entry for notebooks: TrainConfig's fields as keyword arguments (the CLI's defaults; the seed's names
+    epochs, bsz, grad_accum_steps and latent_size work too); paths may be Path objects."""
+    fields = {SEED_NAMES.get(k, k): str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+    return train(TrainConfig(**fields))
 
 
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
-    args = config.parse(TrainConfig, argv, "python -m lcot.main", __doc__)
+    args = parse(argv)
     quiet_libraries(args.verbose)
     try:
         out = train(args)

@@ -16,19 +16,20 @@ import random
 import shutil
 import sys
 from collections.abc import Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import align_special_tokens
 
-from lcot.config import option
+from lcot.config import SpeedConfig
 from lcot.console import progress, transformers_errors_only
 from lcot.core.collate import Collator, drop_latents
-from lcot.core.graph import COMPILE_SETTINGS
-from lcot.core.loss import ALIGNS, align_loss
+from lcot.core.loss import ALIGNS, align_loss, centred_cosines
+from lcot.core.mask import VISIBILITY
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
 from lcot.core.record import Record
 from lcot.errors import DISK_FULL, writing
@@ -45,107 +46,118 @@ class NonFiniteLossError(RuntimeError):
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 STAGES = ("stage1", "vcot", "stage2", "stage3")
+# per latent position, logged as NAME_per_position (latent_metrics.jsonl) and NAME_pos1..K (TensorBoard): the plain
+# cosine to the teacher; the centred cosine (the teacher's mean latent per position subtracted from both) to the
+# record's own teacher and to another record's. ccos - ccos_shuffled is what the latent holds of its own record.
+POSITION_METRICS = ("cos", "ccos", "ccos_shuffled")
+
+
+def _f(default, help: str, **meta):
+    """A field with HfArgumentParser's metadata (help, choices, aliases, required, nargs/const)."""
+    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
-class TrainConfig:
-    """One training stage: the flags of `python -m lcot.main` (the seed's spelling), what lcot.json records
-    (saved) and what a resumed run must share with its checkpoint (resume). Notebooks build it directly."""
+class TrainConfig(SpeedConfig, TrainingArguments):
+    """One training stage: transformers' TrainingArguments, the seed's flags (`--epochs`, `--bsz`, `--grad_accum_steps`
+    and `--latent_size` are the seed's spellings of fields below), lcot's method flags and the shared speed flags
+    (lcot.config.SpeedConfig). This object is the Trainer's `args`. `SAVED` lists what lcot.json records, `RESUME`
+    what a resumed run must share with its checkpoint. Notebooks build it directly (`lcot.pipeline.train.run_stage`)."""
 
-    stage: str = option(help="stage1: format warm-up without images; vcot: visual-CoT warm-up, question + thought "
-                        "images visible to every later token (the answer too), CE only (for models trained from "
-                        "scratch, see README); stage2: question + thought images, 4D mask, CE + align; stage3: no "
-                        "thought images, K sampled in 1..latent_size each step, CE + align",
-                        choices=STAGES, saved=True, resume=True)
-    model_name_or_path: str = option(help="local checkpoint folder (a real Qwen2.5-VL, the tiny model, or the "
-                                     "previous stage's output); never written to")
-    train_jsonl: str = option(help="training records (JSONL, see README)")
-    output_dir: str = option(help="where checkpoints and the final model go")
-    teacher_latent_dir: str | None = option(None, "teacher latents from lcot.precompute_teacher_latents (stage2, "
-                                            "stage3; not needed with --align_weight 0)", saved=True)
-    num_latents: int = option(32, "K latent slots (stage1, vcot, stage2; 0 = no latent slots, the answer right "
-                              "after the question) or Kmax (stage3)", flag="latent_size", saved=True, resume=True)
-    latent_feed: str = option("continuous", "continuous: each latent slot's input is the previous position's last "
-                              "hidden state (the method); pause: the control, every slot's input is one learned "
-                              "embedding and nothing is fed back", choices=FEEDS, saved=True, resume=True)
-    align_weight: float = option(1.0, "weight of the alignment loss (stage2, stage3)", saved=True)
-    align: str = option("cosine", "alignment: 1 - cosine along hidden, MSE, or centered: 1 - cosine after "
-                        "subtracting the teacher's mean latent per position (over the training records) from both; "
-                        "see lcot.core.loss.align_loss", choices=ALIGNS, saved=True, resume=True)
-    latent_grad: str = option("full", "full: backprop through the whole latent chain (a recurrence with "
-                              "gradients); adjoint: the same gradient (without dropout), computed from the "
-                              "truncated pass and K-1 vector-Jacobian products over the slots (much faster on GPU; "
-                              "works with --gradient_checkpointing); truncated: the chain runs without gradients, "
-                              "then one parallel pass with gradients (cheapest); bptt:M: truncated plus M more "
-                              "parallel passes, the gradient flows back through M feedback links (bptt:K = full)",
-                              saved=True, resume=True)
-    latent_curriculum: bool = option(False, "stage3 only: a curriculum over K after Coconut's stages; the "
-                                     "optimizer steps are cut into latent_size equal phases and phase c samples K "
-                                     "in 1..c (default: K in 1..latent_size from the first step)", saved=True,
-                                     resume=True)
-    question_images: bool = option(False, "stage1 only: include the question images (default: none)")
-    skip_missing_thought: bool = option(False, "stage2/stage3: skip records without thought images (they have no "
-                                        "teacher latents) and say how many, instead of stopping")
-    epochs: float = option(1.0, "passes over the training JSONL")
-    max_steps: int = option(-1, "optimizer steps; overrides --epochs when > 0")
-    bsz: int = option(1, "records per device per micro-batch (padded; K is shared in a batch)")
-    grad_accum_steps: int = option(8, "micro-batches per optimizer step")
-    lr: float = option(1e-5, "peak learning rate (AdamW)")
-    lr_scheduler: str = option("linear", "learning-rate schedule after the warm-up",
-                               choices=("linear", "cosine", "constant"))
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.03, "fraction of steps for LR warm-up")
-    seed: int = option(42, "seed of init, data order and stage3's K draws", saved=True, resume=True)
-    logging_steps: int = option(10, "log CE, alignment, cosine per position every N steps")
-    save_steps: int = option(500, "write a checkpoint every N optimizer steps")
-    save_total_limit: int = option(2, "keep only the newest N checkpoints")
-    bf16: bool = option(False, "load and train in bfloat16 (GPU)")
-    gradient_checkpointing: bool = option(False, "recompute activations (not with --latent_grad full)")
-    freeze_vision: bool = option(False, "freeze the vision tower (frozen anyway in stage1 without --question_images)")
-    lora: bool = option(False, "train LoRA adapters (peft) on the language model; merged at the end", saved=True,
-                        resume=True)
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_targets: str = option(LORA_TARGETS, "comma-separated module names in the language model")
-    max_pixels: int | None = option(None, "image processor max_pixels (None: the checkpoint's)")
-    preprocess: bool = option(False, "read and process every record's images (and teacher latents) once, before "
-                              "training, and keep them in memory (exact uint8 pixel codes): much faster for small "
-                              "images, memory-hungry for large datasets")
-    num_workers: int = option(0, "DataLoader worker processes that build batches")
-    compile: bool = option(False, "torch.compile the language model's passes without a KV cache (the pass with "
-                           "gradients; lcot.core.latent.compile_parallel_pass): fewer launches for small models, "
-                           "a one-off compile at the start")
-    compile_step: str = option("auto", "torch.compile the one-token latent step inside its CUDA graph "
-                               "(lcot.core.latent.compile_steps): on an H100 a 3B chain takes 0.18 s instead of "
-                               "0.26 s, and stage2/3 cost 1.3-1.5x a plain step at 3B and about 1.5x at 7B "
-                               "(benchmarks/RESULTS.md). auto: wherever the steps run as CUDA graphs (a GPU); off: "
-                               "the eager step, whose fp32 latents the compiled ones match to a few ulps a step; on: "
-                               "also on a static cache without graphs (LCOT_FAST=static). torch compiles at the first "
-                               "batch and again, for dynamic shapes, at the first new sequence length: about a "
-                               "minute each at 3B or 7B. Under it, --latent_grad adjoint's pass over the slots is "
-                               "compiled too (minutes more; 1.14x the plain step's memory at 3B; "
-                               "LCOT_ADJOINT_COMPILE=0 keeps it uncompiled). A compile that fails is dropped with a "
-                               "warning. LCOT_COMPILE_STEP=0 turns auto off",
-                               choices=COMPILE_SETTINGS, const="on")
-    graph_pass: bool = option(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) "
-                              "as CUDA graphs of its forward and backward, one per batch shape "
-                              "(lcot.core.graph.GraphedPass): for small models, whose step is bound by launching "
-                              "kernels; the same kernels as the eager pass; no effect on a CPU")
-    attn_implementation: str = option("sdpa", "attention kernel of the language model (the 4D mask works with both)",
-                                      choices=("sdpa", "eager"))
-    resume_from_checkpoint: str | None = option(None, "resume from a checkpoint folder, or from the last one in "
-                                                "--output_dir when given without a value", const="last")
-    overwrite_output_dir: bool = option(False, "allow a non-empty --output_dir (its content is replaced)")
-    save_final_checkpoint: bool = option(False, "also write checkpoint-N (with optimizer state) at the last step; "
-                                         "by default only the final model is written there, the --save_steps "
-                                         "checkpoints before it stay for resume")
-    report_to: str = option("none", "send the logged metrics (CE, alignment, cosine per position, K, ...) to "
-                            "experiment trackers through the Trainer: none, tensorboard (event files in "
-                            "OUTPUT_DIR/runs/, see `make tensorboard`), wandb, or several comma-separated")
-    verbose: bool = option(False, "print everything transformers prints (its dict of every log, its own bars); "
-                           "without it: a header, one bar and a loss line about every tenth of the run",
-                           aliases=("-v",))
+    SAVED: ClassVar[tuple[str, ...]] = ("stage", "teacher_latent_dir", "num_latents", "latent_feed", "align_weight",
+                                        "align", "latent_grad", "latent_curriculum", "seed", "lora",
+                                        "thought_visibility", "teacher_forcing")
+    RESUME: ClassVar[tuple[str, ...]] = ("stage", "num_latents", "latent_feed", "align", "latent_grad",
+                                         "latent_curriculum", "seed", "lora")
+    FLAGS: ClassVar[dict[str, str]] = {"num_latents": "--latent_size", "num_train_epochs": "--epochs",
+                                       "per_device_train_batch_size": "--bsz",
+                                       "gradient_accumulation_steps": "--grad_accum_steps"}
+
+    stage: str = _f(None, "stage1: format warm-up without images; vcot: visual-CoT warm-up, question + thought images "
+                    "visible to every later token (the answer too), CE only (for models trained from scratch); stage2: "
+                    "question + thought images, 4D mask, CE + align; stage3: no thought images, K sampled in "
+                    "1..latent_size each step, CE + align", choices=STAGES, required=True)
+    model_name_or_path: str = _f(None, "local checkpoint folder (a real Qwen2.5-VL, the tiny model, or the previous "
+                                 "stage's output); never written to", required=True)
+    train_jsonl: str = _f(None, "training records (JSONL, see README)", required=True)
+    output_dir: str = _f(None, "where checkpoints and the final model go", required=True)
+    teacher_latent_dir: str | None = _f(None, "teacher latents from lcot.precompute_teacher_latents (stage2, stage3; "
+                                        "not needed with --align_weight 0)")
+    num_latents: int = _f(32, "K latent slots (stage1, vcot, stage2; 0 = no latent slots, the answer right after the "
+                          "question) or Kmax (stage3)", aliases=["--latent_size"])
+    latent_feed: str = _f("continuous", "continuous: each latent slot's input is the previous position's last hidden "
+                          "state (the method); pause: the control, every slot's input is one learned embedding and "
+                          "nothing is fed back", choices=FEEDS)
+    thought_visibility: str = _f("all", "which thought image each latent slot sees (vcot, stage2; stage3 checks its "
+                                 "teacher's): all: every one; stepwise: slot j sees image j only (slots past the "
+                                 "last image: the last); cumulative: images 1..j", choices=VISIBILITY)
+    align_weight: float = _f(1.0, "weight of the alignment loss (stage2, stage3)")
+    align: str = _f("cosine", "alignment: 1 - cosine along hidden, MSE, or centered: 1 - cosine after subtracting the "
+                    "teacher's mean latent per position (over the training records) from both", choices=ALIGNS)
+    latent_grad: str = _f("full", "full: backprop through the whole latent chain (a recurrence with gradients); "
+                          "adjoint: the same gradient (without dropout), from the truncated pass and K-1 "
+                          "vector-Jacobian products over the slots (works with --gradient_checkpointing, not with "
+                          "FSDP); truncated: the chain runs without gradients, then one parallel pass with "
+                          "gradients; bptt:M: truncated plus M more parallel passes, the gradient flows back "
+                          "through M feedback links (bptt:K = full)")
+    latent_curriculum: bool = _f(False, "stage3 only: a curriculum over K after Coconut's stages; the optimizer steps "
+                                 "are cut into latent_size equal phases and phase c samples K in 1..c")
+    teacher_forcing: float = _f(0.0, "stage3: scheduled sampling; latent slot j (j >= 2) is fed the teacher's latent "
+                                "j-1 instead of its own previous output with this probability, annealed linearly to "
+                                "0 over the steps (needs --latent_grad truncated or bptt:M)")
+    question_images: bool = _f(False, "stage1 only: include the question images (otherwise stage1 sees no image)")
+    skip_missing_thought: bool = _f(False, "stage2/stage3: skip records without thought images (they have no teacher "
+                                    "latents) and say how many, instead of stopping")
+    freeze_vision: bool = _f(False, "freeze the vision tower (frozen anyway in stage1 without --question_images)")
+    lora: bool = _f(False, "train LoRA adapters (peft) on the language model; merged at the end")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_targets: str = _f(LORA_TARGETS, "comma-separated module names in the language model")
+    max_pixels: int | None = _f(None, "image processor max_pixels (None: the checkpoint's)")
+    preprocess: bool = _f(False, "read and process every record's images (and teacher latents) once, before "
+                          "training, and keep them in memory (exact uint8 pixel codes): faster for small images, "
+                          "memory-hungry for large datasets")
+    compile: bool = _f(False, "torch.compile the language model's passes without a KV cache (the pass with "
+                       "gradients): fewer launches for small models, a one-off compile at the start")
+    graph_pass: bool = _f(False, "run the pass with gradients (--latent_grad truncated or bptt:M, the pause feed) as "
+                          "CUDA graphs of its forward and backward, one per batch shape: for small models, whose "
+                          "step is bound by launching kernels; no effect on a CPU")
+    attn_implementation: str = _f("sdpa", "attention kernel of the language model (the 4D mask works with both)",
+                                  choices=("sdpa", "eager"))
+    overwrite_output_dir: bool = _f(False, "allow a non-empty --output_dir (its content is replaced)")
+    save_final_checkpoint: bool = _f(False, "also write checkpoint-N (with optimizer state) at the last step; by "
+                                     "default only the final model is written there, the --save_steps checkpoints "
+                                     "before it stay for resume")
+    verbose: bool = _f(False, "print everything transformers prints (its dict of every log, its own bars); without "
+                       "it: a header, one bar and a loss line about every tenth of the run", aliases=["-v"])
+    # TrainingArguments' own fields, with the seed's spelling or lcot's default
+    num_train_epochs: float = _f(1.0, "passes over the training JSONL", aliases=["--epochs"])
+    per_device_train_batch_size: int = _f(1, "records per device per micro-batch (padded; K is shared in a batch)",
+                                          aliases=["--bsz"])
+    gradient_accumulation_steps: int = _f(8, "micro-batches per optimizer step", aliases=["--grad_accum_steps"])
+    learning_rate: float = _f(1e-5, "peak learning rate (AdamW)")
+    warmup_steps: float = _f(0.03, "learning-rate warm-up: optimizer steps, or a fraction of them when below 1")
+    logging_steps: float = _f(10, "log CE, alignment and the per-position metrics every N optimizer steps")
+    save_total_limit: int | None = _f(2, "keep only the newest N checkpoints")
+    resume_from_checkpoint: str | None = _f(None, "resume from a checkpoint folder, or from the last one in "
+                                            "--output_dir when given without a value", nargs="?", const="last")
+    remove_unused_columns: bool = _f(False, "(lcot's batches are built by its collator: keep every column)")
+    logging_nan_inf_filter: bool = _f(False, "(lcot checks every loss itself, at the optimizer step)")
+
+    def __post_init__(self) -> None:
+        if self.data_seed is None:
+            self.data_seed = self.seed
+        if self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        self.dataloader_persistent_workers = self.dataloader_num_workers > 0
+        if not torch.cuda.is_available():
+            self.use_cpu = True
+        if self.accelerator_config is None:
+            # no host-device sync inside a step: batches are copied from pinned memory without blocking (on a CPU
+            # there is no copy, and Trainer would warn that non_blocking goes without pinned memory)
+            self.accelerator_config = {"non_blocking": torch.cuda.is_available()}
+        super().__post_init__()
 
     @property
     def thought_images(self) -> bool:
@@ -159,6 +171,17 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         return self.stage in ("stage2", "stage3") and self.align_weight > 0
+
+
+def teacher_forced(seed: int, step: int, total_steps: int, p: float, rows: int, k: int) -> torch.Tensor:
+    """(rows, k) bool: which latent slots take the teacher's previous latent at optimizer step `step` (each slot
+    j >= 2 with probability p * (1 - step / total_steps); slot 1's input, <abs_vis_token>'s output, never). A pure
+    function of its arguments, as sample_k is."""
+    gen = torch.Generator().manual_seed(random.Random(f"lcot-force:{seed}:{step}").getrandbits(63))
+    rate = p * max(0.0, 1.0 - step / max(total_steps, 1))
+    out = torch.rand(rows, k, generator=gen) < rate
+    out[:, 0] = False
+    return out
 
 
 def sample_k(seed: int, step: int, k_max: int, total_steps: int | None = None) -> int:
@@ -186,8 +209,9 @@ class TrainCollate:
     """
 
     def __init__(self, collator: Collator, teacher_dir: str | Path | None, hidden_size: int,
-                 dtype: torch.dtype | None = None, cache: bool = False) -> None:
+                 dtype: torch.dtype | None = None, cache: bool = False, visibility: str | None = None) -> None:
         self.collator, self.hidden, self.dtype = collator, hidden_size, dtype
+        self.visibility = visibility or collator.visibility  # the teacher files' (stage3 shows no thought images)
         self.teacher_dir = Path(teacher_dir) if teacher_dir else None
         self._teachers: dict[int, torch.Tensor] | None = {} if cache else None
         self.layout = processor_layout(collator.processor)
@@ -202,7 +226,7 @@ class TrainCollate:
         k = self.collator.num_latents
         layout = {**self.layout, "prefix_len": prefix_len} if prefix_len is not None else self.layout
         lat = read_teacher(teacher_file(self.teacher_dir, rec.idx), rec, self.hidden, k, self.dtype,
-                           layout=layout)[:k].clone()
+                           layout=layout, visibility=self.visibility)[:k].clone()
         if self._teachers is not None:
             self._teachers[rec.idx] = lat
             if prefix_len is not None:
@@ -242,11 +266,15 @@ class TrainCollate:
 
 
 class LatentTrainer(Trainer):
-    """Trainer whose loss is CE over labelled tokens + align_weight x (1 - cos) to the teacher."""
+    """Trainer whose loss is CE over labelled tokens + align_weight x alignment to the teacher; `args` is a
+    TrainConfig."""
 
-    def __init__(self, *args, config: TrainConfig, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
+    args: TrainConfig
+
+    def __init__(self, *args, teacher_mean: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.config, self.teacher_mean = config, teacher_mean
+        config = self.config = self.args
+        self.teacher_mean = teacher_mean
         if not config.save_final_checkpoint:
             self.add_callback(NoFinalCheckpoint)
         if not config.verbose:  # Trainer's bar, which prints every log as a raw dict, gives way to ours
@@ -255,7 +283,8 @@ class LatentTrainer(Trainer):
             records = len(self.train_dataset) if isinstance(self.train_dataset, Sized) else None
             self.add_callback(ConsoleCallback(config, records))
         self._sums: dict[str, float] = {}
-        self._cos_sum: torch.Tensor | None = None
+        self._pos_sum: dict[str, torch.Tensor] = {}  # per-position metrics summed since the last log
+        self._pos_n: dict[str, torch.Tensor] = {}
         self._count = 0
         self._pending: list[tuple[list[str], torch.Tensor, list[int], float]] = []  # metrics not read back yet
 
@@ -265,19 +294,28 @@ class LatentTrainer(Trainer):
         if cfg.stage == "stage3":
             total = self.state.max_steps if cfg.latent_curriculum else None
             inputs = drop_latents(inputs, sample_k(cfg.seed, self.state.global_step, cfg.num_latents, total))
+            if cfg.teacher_forcing > 0:
+                teacher, k = inputs["teacher"], inputs["num_latents"]
+                forced = teacher_forced(cfg.seed, self.state.global_step, self.state.max_steps, cfg.teacher_forcing,
+                                        len(records), k)
+                inputs = dict(inputs, forced=forced.to(teacher.device),
+                              forced_inputs=torch.cat([teacher[:, :1], teacher[:, :k - 1]], 1))  # slot j <- t_{j-1}
         out = model(**{k: inputs.get(k) for k in BATCH_KEYS}, labels=inputs["labels"], latent_mode=True,
                     grad=cfg.latent_grad, feed=cfg.latent_feed, return_logits=False)
         loss = out.loss
         metrics = {"ce": out.loss.detach()}
-        latents, cos = out.latent_hidden, None
+        latents, per_position = out.latent_hidden, []
         if latents.shape[1]:
             metrics["latent_norm"] = latents.detach().float().norm(dim=-1).mean()
         if cfg.uses_teacher and latents.shape[1]:
             align, cos = align_loss(latents, inputs["teacher"], cfg.align, self.teacher_mean)
             loss = loss + cfg.align_weight * align
             metrics.update(align=align.detach(), cos=cos.mean())
+            per_position = [cos]
+            if self.teacher_mean is not None:
+                per_position += centred_cosines(latents, inputs["teacher"], self.teacher_mean)
         values = torch.cat([torch.stack([v.float() for v in metrics.values()] + [loss.detach().float()]),
-                            cos.detach().float() if cos is not None else loss.new_zeros(0)])
+                            *[v.detach().float() for v in per_position]])
         # read back at the optimizer step (`_read_metrics`): a copy to the host here would stall the GPU
         self._pending.append((list(metrics), values, records, float(inputs["num_latents"])))
         return (loss, out) if return_outputs else loss
@@ -331,7 +369,7 @@ class LatentTrainer(Trainer):
             if not math.isfinite(row[n]):
                 raise self._non_finite([("loss", row[n], records, self._rank_of())])
             if len(row) > n + 1:
-                self._add_cos(row[n + 1:])
+                self._add_per_position(row[n + 1:], int(k))
             for key, x in zip([*keys, "k"], row[:n] + [k]):
                 self._sums[key] = self._sums.get(key, 0.0) + x
             self._count += 1
@@ -352,7 +390,7 @@ class LatentTrainer(Trainer):
                           for what, value, records, rank in bad)
         return NonFiniteLossError(
             f"{where} (record idx = 0-based position among the non-blank lines of the JSONL); {kept}. "
-            "Try a lower --lr, or check those records")
+            "Try a lower --learning_rate, or check those records")
 
     def _save_checkpoint(self, model, trial) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed when complete.
@@ -412,12 +450,16 @@ class LatentTrainer(Trainer):
         saved = type(model).from_pretrained(folder, dtype=model.dtype, local_files_only=True)
         model.load_state_dict(saved.state_dict(), strict=True)
 
-    def _add_cos(self, cos: list[float]) -> None:
-        """Per-position cosine summed over micro-batches; stage3's shorter K adds to the first K slots."""
-        if self._cos_sum is None:
-            self._cos_sum, self._cos_n = torch.zeros(self.config.num_latents), torch.zeros(self.config.num_latents)
-        self._cos_sum[: len(cos)] += torch.tensor(cos)
-        self._cos_n[: len(cos)] += 1
+    def _add_per_position(self, values: list[float], k: int) -> None:
+        """Per-position metrics (POSITION_METRICS, K values each) summed over micro-batches; stage3's shorter K
+        adds to the first K slots; NaN (a shuffled teacher in a batch of one) is left out."""
+        for name, at in zip(POSITION_METRICS, range(0, len(values), k)):
+            if name not in self._pos_sum:
+                self._pos_sum[name] = torch.zeros(self.config.num_latents)
+                self._pos_n[name] = torch.zeros(self.config.num_latents)
+            v = torch.tensor(values[at:at + k])
+            self._pos_sum[name][:k] += v.nan_to_num()
+            self._pos_n[name][:k] += ~v.isnan()
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._pending:
@@ -425,9 +467,9 @@ class LatentTrainer(Trainer):
         if self._count and "loss" in logs:
             logs.update({k: v / self._count for k, v in self._sums.items()})
             row = {"step": self.state.global_step, **logs}
-            if self._cos_sum is not None:
-                per_pos = (self._cos_sum / self._cos_n.clamp(min=1)).tolist()
-                row["cos_per_position"] = [v if n else None for v, n in zip(per_pos, self._cos_n.tolist())]
+            for name, total in self._pos_sum.items():
+                mean, n = (total / self._pos_n[name].clamp(min=1)).tolist(), self._pos_n[name].tolist()
+                row[f"{name}_per_position"] = [v if c else None for v, c in zip(mean, n)]
             if self.is_world_process_zero():
                 path = Path(self.args.output_dir) / METRICS_FILE
                 with open(path, "ab+") as f:
@@ -436,9 +478,10 @@ class LatentTrainer(Trainer):
                         f.seek(-1, os.SEEK_END)
                         torn = f.read(1) != b"\n"
                     f.write((("\n" if torn else "") + json.dumps(row) + "\n").encode())
-            if "cos_per_position" in row:  # scalars for Trainer's integrations (tensorboard, wandb): cos_pos1..K
-                logs.update({f"cos_pos{j + 1}": v for j, v in enumerate(row["cos_per_position"]) if v is not None})
-            self._sums, self._cos_sum, self._count = {}, None, 0
+            for name in self._pos_sum:  # scalars for Trainer's integrations (tensorboard, wandb): cos_pos1..K, ...
+                logs.update({f"{name}_pos{j + 1}": v for j, v in enumerate(row[f"{name}_per_position"])
+                             if v is not None})
+            self._sums, self._pos_sum, self._pos_n, self._count = {}, {}, {}, 0
         super().log(logs, *args, **kwargs)
 
 
