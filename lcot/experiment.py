@@ -97,6 +97,7 @@ class Plan:
     thought_visibility: str = "all"
     teacher_forcing: float = 0.5  # the forcing row's initial probability
     min_teacher_benefit: float = TEACHER_READS
+    criterion_every: int = 0  # the warm-up and stage2 stop at their criterion (checked every N steps; 0: off)
 
 
 @dataclass
@@ -144,7 +145,11 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
                         [f"{s}/{src}"]))
         return f"{s}/{name}"
 
-    warm = train("warmup", "vcot", "base", plan.warmup_steps, [], [])
+    lines = sum(1 for line in Path(plan.train_jsonl).read_text().splitlines() if line.strip())
+    held = str(max(1, min(100, lines // 5)))  # held out for the check: 100, or a fifth of a small JSONL
+    criterion = ["--criterion_every", str(plan.criterion_every), "--criterion_records", held] \
+        if plan.criterion_every else []
+    warm = train("warmup", "vcot", "base", plan.warmup_steps, criterion, [])
     warm_teacher = teacher("teacher", "warmup") if plan.protocol == "warmup-teacher" else None
     stage2s: dict[tuple, tuple[str, str | None]] = {}  # stage2 flags -> (stage2 folder, its teacher folder)
 
@@ -161,7 +166,7 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
             s2_flags, deps2, t = [*flags, "--align_weight", "0"], [warm], None
         if key not in stage2s:
             name2 = "stage2" if not stage2s else f"{row}_stage2"
-            train(name2, "stage2", "warmup", plan.stage2_steps, s2_flags, deps2)
+            train(name2, "stage2", "warmup", plan.stage2_steps, [*s2_flags, *criterion], deps2)
             if t is None:
                 t = "teacher" if name2 == "stage2" else f"{row}_teacher"
                 teacher(t, name2)
@@ -325,6 +330,7 @@ def measure(args) -> dict:
     common = dict(batch_size=args.batch_size, max_new_tokens=8, progress=False, feed=feed,
                   difficulty=args.difficulty_field, visibility=trained_visibility(args.model))
     out: dict = {"model": args.model, "stage": read_lcot_config(args.model).get("stage"), "feed": feed,
+                 "criterion": read_lcot_config(args.model).get("criterion"),
                  "n": len(test), "majority": majority_rate(test), "settings": {}}
     settings = {"without": dict(thought_images=False)}
     if args.thought_images:
@@ -394,18 +400,32 @@ def protocol_failures(plan: Plan, seeds: dict) -> dict[str, str]:
     """{seed: why} for the seeds whose teacher does not read its thought images (benefit below the plan's
     min_teacher_benefit): the warm-up under warmup-teacher, stage2 under stage2-teacher; their downstream rows
     teach nothing."""
-    teacher = "warmup" if plan.protocol == "warmup-teacher" else "stage2"
+    stages = ["warmup"] if plan.protocol == "warmup-teacher" else ["warmup", "stage2"]
+    names = {"warmup": "the warm-up", "stage2": "stage2 (the teacher)"}
     out = {}
     for seed, ms in seeds.items():
-        settings = ms.get(teacher, {}).get("settings", {})
-        if "with" not in settings:
-            continue
-        k = next(iter(settings["with"]))
-        with_, without = settings["with"][k]["accuracy"], settings["without"][k]["accuracy"]
-        if with_ - without < plan.min_teacher_benefit:
-            stage = "the warm-up" if teacher == "warmup" else "stage2 (the teacher)"
-            out[str(seed)] = (f"protocol failed at {stage}: {with_:.3f} with thought images, {without:.3f} without "
-                              f"(majority {ms[teacher].get('majority', float('nan')):.3f})")
+        for model in stages:
+            settings = ms.get(model, {}).get("settings", {})
+            if "with" not in settings:
+                continue
+            k = next(iter(settings["with"]))
+            with_, without = settings["with"][k]["accuracy"], settings["without"][k]["accuracy"]
+            if with_ - without < plan.min_teacher_benefit:
+                steps = (ms[model].get("criterion") or {}).get("steps")
+                out[str(seed)] = (f"protocol failed at {names[model]}: {with_:.3f} with thought images, "
+                                  f"{without:.3f} without (majority {ms[model].get('majority', float('nan')):.3f})"
+                                  + (f" after {steps} steps" if steps else ""))
+                break
+    return out
+
+
+def steps_used(seeds: dict) -> dict:
+    """{model: {seed: (steps run, step the criterion was met at or None)}} of the stages trained to a criterion."""
+    out: dict = {}
+    for seed, ms in seeds.items():
+        for model, m in ms.items():
+            if m.get("criterion"):
+                out.setdefault(model, {})[str(seed)] = [m["criterion"]["steps"], m["criterion"]["met_at"]]
     return out
 
 
@@ -464,7 +484,7 @@ def aggregate(plan: Plan, run: Path) -> dict:
     recipes = {f"gap_recovered_{m}": _gaps(plan, seeds, m) for m in RECIPES[1:]
                if any(m in ms for ms in seeds.values())}
     return {"rows": rows, "causal": causal_rows, "gap_recovered": _gaps(plan, seeds), **recipes,
-            "failed": failed,
+            "failed": failed, "steps_used": steps_used(every),
             "teacher_benefit": _benefits(every), "probe": _probes(seeds), "collapse": _collapse(seeds),
             "majority": max(majority) if majority else float("nan"),
             "eval_n": max((m.get("n", 0) for ms in every.values() for m in ms.values()), default=0)}
@@ -580,6 +600,11 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
     if len(failures) == len(plan.seeds):
         failures.insert(0, "**No seed's teacher reads its thought images: this run shows nothing about the latents.**")
     lines[4:4] = [x for f in failures for x in (f, "")]
+    for model, per in sorted(agg.get("steps_used", {}).items(), key=lambda kv: kv[0] != "warmup"):
+        cap = plan.warmup_steps if model == "warmup" else plan.stage2_steps
+        lines += [f"Steps used by {model} (trained to its criterion, cap {cap}): "
+                  + ", ".join(f"seed {s} {n} ({'met' if met else 'not met'})" for s, (n, met) in sorted(per.items()))
+                  + ".", ""]
     seeds = len(plan.seeds) - len(agg.get("failed", {}))
     for r in agg["rows"] + agg["causal"]:
         cells = [r["row"], _pm(r["overall"]), *[_pm(r["by_difficulty"].get(d, {})) for d in diffs],
@@ -697,8 +722,8 @@ class ExperimentConfig:
     model: str = option("tiny", "tiny or 8m (built from scratch with each seed), or a local checkpoint folder")
     seeds: int = option(3, "seeds 0..N-1")
     num_latents: int = option(4, "K (Kmax of stage3)", flag="latent_size")
-    warmup_steps: int = option(600, "optimizer steps of the visual-CoT warm-up")
-    stage2_steps: int = option(1500, "optimizer steps of stage2")
+    warmup_steps: int = option(3000, "optimizer steps of the visual-CoT warm-up (its cap with --criterion_every)")
+    stage2_steps: int = option(1500, "optimizer steps of stage2 (its cap with --criterion_every)")
     stage3_steps: int = option(1500, "optimizer steps of stage3 (no-latent: stage2 + stage3)")
     bsz: int = option(16, "records per optimizer step")
     lr: float = option(1e-3, "learning rate")
@@ -724,6 +749,9 @@ class ExperimentConfig:
                                      "(lcot.main --thought_visibility)", choices=("all", "stepwise", "cumulative"))
     teacher_forcing: float = option(0.5, "the forcing row: stage3's initial probability of feeding slot j the "
                                     "teacher's latent j-1 (annealed to 0)")
+    criterion_every: int = option(100, "the warm-up and stage2 check 100 held-out training records every N steps "
+                                  "and stop once accuracy with thought images >= 0.9 and the benefit >= 0.3 "
+                                  "(lcot.main --criterion_*); the step counts are then caps. 0: fixed step counts")
     min_teacher_benefit: float = option(TEACHER_READS, "a seed whose teacher's thought-image benefit (accuracy with "
                                         "minus without) is below this failed the protocol: its rows are reported "
                                         "apart, not averaged")
@@ -824,7 +852,7 @@ def _plan(args) -> Plan:
                 eval_records=args.eval_records,
                 probe_records=args.probe_records, bf16=args.bf16, extra=args.extra.split(),
                 thought_visibility=args.thought_visibility, teacher_forcing=args.teacher_forcing,
-                min_teacher_benefit=args.min_teacher_benefit)
+                min_teacher_benefit=args.min_teacher_benefit, criterion_every=args.criterion_every)
 
 
 def _device() -> str:

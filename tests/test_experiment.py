@@ -87,6 +87,23 @@ def test_a_seed_whose_teacher_reads_no_thought_image_is_a_failed_protocol(tmp_pa
     assert "No seed's teacher reads its thought images: this run shows nothing" in E.table_md(plan, agg, {})
 
 
+def test_a_warmup_that_reads_no_thought_image_fails_first_and_steps_used_are_reported(tmp_path):
+    plan, run = _plan(tmp_path, protocol="stage2-teacher"), tmp_path / "run"
+    for seed, (warm, met) in enumerate([(0.9, 300), (0.2, None)]):
+        crit = {"steps": met or 3000, "met_at": met}
+        _write(run, seed, "warmup", {"settings": {"with": {"2": _setting(warm, {})},
+                                                  "without": {"2": _setting(0.2, {})}}, "criterion": crit})
+        _write(run, seed, "stage2", {"settings": {"with": {"2": _setting(0.9, {})},
+                                                  "without": {"2": _setting(0.2, {})}}})
+    agg = E.aggregate(plan, run)
+    assert set(agg["failed"]) == {"1"}
+    assert agg["failed"]["1"].startswith("protocol failed at the warm-up: 0.200 with") and "after 3000 steps" in \
+        agg["failed"]["1"]
+    assert agg["steps_used"] == {"warmup": {"0": [300, 300], "1": [3000, None]}}
+    text = E.table_md(plan, agg, {})
+    assert "Steps used by warmup (trained to its criterion, cap 1): seed 0 300 (met), seed 1 3000 (not met)." in text
+
+
 def test_gap_is_undefined_without_a_gap():
     assert E._gap(0.31, 0.30, 0.5) is None
     assert E._gap(0.8, 0.4, 0.6) == pytest.approx(0.5)

@@ -99,6 +99,14 @@ def check(args: TrainConfig) -> None:
     if args.num_latents < least:
         raise LcotInputError("--latent_size", f"must be >= {least} for {args.stage}, got {args.num_latents}",
                              "0 (no latent slots, the answer right after the question) is for stage1 and vcot")
+    if args.criterion_every:
+        if args.criterion_every < 0 or args.criterion_records < 1:
+            raise LcotInputError("--criterion_every" if args.criterion_every < 0 else "--criterion_records",
+                                 "must be >= 1 (a check needs held-out records)", "e.g. --criterion_every 100 "
+                                 "--criterion_records 100")
+        if args.stage not in ("vcot", "stage2"):
+            raise LcotInputError("--criterion_every", f"checks the thought-image benefit of vcot or stage2, not of "
+                                 f"{args.stage}")
     if args.teacher_forcing:
         if not 0 < args.teacher_forcing <= 1:
             raise LcotInputError("--teacher_forcing", f"must be in [0, 1], got {args.teacher_forcing}",
@@ -250,6 +258,12 @@ def _train(args: TrainConfig) -> Path:
     # stage3 shows no thought images, but its teacher files exist only for records that have them
     records = read_records(args.train_jsonl, need_thought_images=args.uses_teacher or args.thought_images,
                            skip_missing_thought=args.skip_missing_thought)
+    held_out = []
+    if args.criterion_every:
+        if len(records) <= args.criterion_records:
+            raise LcotInputError("--criterion_records", f"{args.criterion_records} held out of {len(records)} "
+                                 f"records leaves none to train on", "hold out fewer records")
+        records, held_out = records[:-args.criterion_records], records[-args.criterion_records:]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model_name_or_path, dtype, attn_implementation=args.attn_implementation,
                             max_pixels=args.max_pixels, speed=args, compile=args.compile, graph_pass=args.graph_pass)
@@ -281,10 +295,19 @@ def _train(args: TrainConfig) -> Path:
         if state.is_main_process:
             shutil.rmtree(args.output_dir)
         state.wait_for_everyone()
+    callbacks = [LcotConfigCallback(info)]
+    if held_out:
+        from lcot.pipeline.criterion import CriterionStop
+
+        callbacks.append(CriterionStop(processor, held_out, args.num_latents, args.criterion_every,
+                                       args.criterion_accuracy, args.criterion_benefit, args.visual_cot,
+                                       args.thought_visibility, args.latent_feed))
     trainer = LatentTrainer(
         model=model, args=one_gpu_per_process(args), train_dataset=records, data_collator=data_collator,
-        processing_class=processor, teacher_mean=teacher_mean, callbacks=[LcotConfigCallback(info)])
+        processing_class=processor, teacher_mean=teacher_mean, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
+    if held_out:
+        info["criterion"] = callbacks[-1].summary(trainer.state.global_step)
     final = trainer.model.merge_and_unload() if args.lora else trainer.model
     # FSDP shards the weights: gathering the full state dict is collective, so every process takes part
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None

@@ -105,6 +105,11 @@ class TrainConfig(SpeedConfig, TrainingArguments):
     teacher_forcing: float = _f(0.0, "stage3: scheduled sampling; latent slot j (j >= 2) is fed the teacher's latent "
                                 "j-1 instead of its own previous output with this probability, annealed linearly to "
                                 "0 over the steps (needs --latent_grad truncated or bptt:M)")
+    criterion_every: int = _f(0, "vcot, stage2: check the model every N optimizer steps on held-out records and "
+                              "stop once the criterion is met (--max_steps is then the cap; 0: no check)")
+    criterion_records: int = _f(100, "the last N records of --train_jsonl, held out of training for the check")
+    criterion_accuracy: float = _f(0.9, "the check passes at this accuracy with thought images ...")
+    criterion_benefit: float = _f(0.3, "... and this thought-image benefit (accuracy with minus without)")
     question_images: bool = _f(False, "stage1 only: include the question images (otherwise stage1 sees no image)")
     skip_missing_thought: bool = _f(False, "stage2/stage3: skip records without thought images (they have no teacher "
                                     "latents) and say how many, instead of stopping")
