@@ -710,10 +710,12 @@ class ExperimentConfig:
     """The flags of `python -m lcot.experiment` (the Plan is what of them defines the results)."""
 
     name: str = option(help="results go to RESULTS_DIR/NAME, runs to RUN_DIR/NAME")
-    task: str | None = option(None, "generate the bundled task (lcot.toy.synthetic --task hops) instead of "
-                              "--train_jsonl/--eval_jsonl", choices=("hops",))
+    task: str | None = option(None, "generate a bundled task (lcot.toy.synthetic --task hops or moves) instead of "
+                              "--train_jsonl/--eval_jsonl", choices=("hops", "moves"))
     n: int = option(3000, "--task: records to generate (a fifth is the eval split)")
-    max_hops: int = option(4, "--task hops: hops in 1..max_hops")
+    max_hops: int = option(4, "--task: steps in 1..max_hops")
+    cols: int = option(4, "--task: grid columns")
+    rows: int = option(2, "--task: grid rows (cols x rows cells, at most 8)")
     train_jsonl: str | None = option(None, "training records (any JSONL in the format; thought images needed)")
     eval_jsonl: str | None = option(None, "evaluation records with ground truth")
     difficulty_field: str | None = option(None, "extra JSONL field to break accuracy down by (--task hops: hops)")
@@ -830,10 +832,12 @@ def _plan(args) -> Plan:
 
         folder = Path(args.run_dir) / args.name / "data"
         try:
-            data = generate(folder, n=args.n, seed=0, task=args.task, max_hops=args.max_hops)
+            data = generate(folder, n=args.n, seed=0, task=args.task, max_hops=args.max_hops, cols=args.cols,
+                            rows=args.rows)
         except FileExistsError:
             raise LcotInputError(str(folder), f"holds a dataset made with other settings than --n {args.n} "
-                                 f"--max_hops {args.max_hops}", "use another --name, or delete the run folder to "
+                                 f"--max_hops {args.max_hops} --cols {args.cols} --rows {args.rows}",
+                                 "use another --name, or delete the run folder to "
                                  "start over") from None
         except ValueError as err:  # e.g. --max_hops too large for the grid
             raise LcotInputError(f"--task {args.task}", str(err), "e.g. --max_hops 4") from None

@@ -1,7 +1,9 @@
-"""Deterministic synthetic datasets with visual thought steps: "count" (below) and "hops" (lcot.toy.hops).
+"""Deterministic synthetic datasets with visual thought steps: "count" (below), "hops" (lcot.toy.hops) and
+"moves" (lcot.toy.moves).
 
-`python -m lcot.toy.synthetic --task hops` writes the multi-hop pointer task, whose difficulty (the
-number of hops) is stored in each record's extra `hops` field.
+`python -m lcot.toy.synthetic --task hops` writes the multi-hop pointer task, `--task moves` the walk on a
+grid; both store their difficulty (the number of steps) in each record's extra `hops` field and the state
+after each step in `states`.
 
 The count task:
 
@@ -24,7 +26,7 @@ from lcot.config import option
 from lcot.console import progress
 from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import build_folder
-from lcot.toy import hops
+from lcot.toy import hops, moves
 
 FORMAT_VERSION = 1
 COLORS = {"red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 80, 220), "yellow": (235, 180, 10)}
@@ -177,10 +179,12 @@ def _count_record(root: Path, i: int, seed: int, image_size: int) -> dict:
             "thought_image_paths": [f"{stem}_t0.png", f"{stem}_t1.png"]}
 
 
-def _hops_record(root: Path, i: int, seed: int, cols: int, rows: int, max_hops: int) -> dict:
-    puzzle, stem = hops.make_puzzle(seed, i, cols, rows, max_hops), f"images/{i:06d}"
+def _hops_record(root: Path, i: int, seed: int, cols: int, rows: int, max_hops: int, task: str = "hops") -> dict:
+    module = hops if task == "hops" else moves
+    make = hops.make_puzzle if task == "hops" else moves.make_walk
+    puzzle, stem = make(seed, i, cols, rows, max_hops), f"images/{i:06d}"
     names = []
-    for stage, img in hops.images(puzzle).items():
+    for stage, img in module.images(puzzle).items():
         img.save(root / f"{stem}_{stage}.png", format="PNG", compress_level=6)
         names.append(f"{stem}_{stage}.png")
     return {"question": puzzle.question, "answer": puzzle.answer, "question_image_paths": names[:1],
@@ -221,12 +225,12 @@ def generate(output_dir: str | Path, n: int = 200, seed: int = 0, test_fraction:
     if task == "count":
         params["image_size"] = image_size
         record = partial(_count_record, seed=seed, image_size=image_size)
-    elif task == "hops":
-        hops.make_puzzle(seed, 0, cols, rows, max_hops)  # checks the parameters before anything is written
+    elif task in ("hops", "moves"):
+        (hops.make_puzzle if task == "hops" else moves.make_walk)(seed, 0, cols, rows, max_hops)  # checks first
         params.update(task=task, cols=cols, rows=rows, max_hops=max_hops)
-        record = partial(_hops_record, seed=seed, cols=cols, rows=rows, max_hops=max_hops)
+        record = partial(_hops_record, seed=seed, cols=cols, rows=rows, max_hops=max_hops, task=task)
     else:
-        raise ValueError(f"task must be 'count' or 'hops', got {task!r}")
+        raise ValueError(f"task must be 'count', 'hops' or 'moves', got {task!r}")
     if out.exists() and not overwrite:
         found = _manifest_params(out)
         if found == params:
@@ -251,11 +255,12 @@ class SyntheticConfig:
     """The flags of `python -m lcot.toy.synthetic`."""
 
     output_dir: str = option(help="folder to create (written atomically)")
-    task: str = option("count", "count: how many shapes of a colour and kind; hops: follow pointers on a grid "
-                       "(difficulty = hops, stored in the field 'hops')", choices=("count", "hops"))
-    cols: int = option(4, "hops: grid columns")
-    rows: int = option(2, "hops: grid rows (cols x rows nodes, at most 8)")
-    max_hops: int = option(4, "hops: hops are drawn uniformly in 1..max_hops")
+    task: str = option("count", "count: how many shapes of a colour and kind; hops: follow pointers on a grid; "
+                       "moves: a walk of arrow moves on a grid (for both, difficulty = steps, stored in the field "
+                       "'hops')", choices=("count", "hops", "moves"))
+    cols: int = option(4, "hops, moves: grid columns")
+    rows: int = option(2, "hops, moves: grid rows (cols x rows cells, at most 8)")
+    max_hops: int = option(4, "hops, moves: steps are drawn uniformly in 1..max_hops")
     n: int = option(200, "number of records")
     seed: int = option(0, "random seed")
     test_fraction: float = option(0.2, "share of records in test.jsonl")
@@ -267,25 +272,26 @@ def check(args: SyntheticConfig) -> None:
     """Refuse flags that cannot work before anything is written (one line each, with a hint)."""
     check_output("--output_dir", args.output_dir)
     least = {"--n": (args.n, 1, "records"), "--image_size": (args.image_size, 16, "pixels a side")}
-    if args.task == "hops":
+    if args.task in ("hops", "moves"):
         least.update({"--cols": (args.cols, 1, "grid columns"), "--rows": (args.rows, 1, "grid rows"),
                       "--max_hops": (args.max_hops, 1, "hops at most")})
     check_counts((flag, value, low, f"it is the number of {what}") for flag, (value, low, what) in least.items())
     if not 0.0 <= args.test_fraction <= 1.0:
         raise LcotInputError("--test_fraction", f"must be in [0, 1], got {args.test_fraction}",
                              "it is the share of records in test.jsonl, e.g. 0.2")
-    if args.task == "hops":
+    if args.task in ("hops", "moves"):
         try:
-            hops.make_puzzle(args.seed, 0, args.cols, args.rows, args.max_hops)
+            (hops.make_puzzle if args.task == "hops" else moves.make_walk)(args.seed, 0, args.cols, args.rows,
+                                                                            args.max_hops)
         except ValueError as err:
-            raise LcotInputError("--task hops", str(err), f"at most {len(hops.COLOURS)} nodes (--cols x --rows), "
-                                 "and --max_hops below the number of nodes") from None
+            raise LcotInputError(f"--task {args.task}", str(err), f"at most {len(hops.COLOURS)} cells (--cols x "
+                                 "--rows), and --max_hops below the number of cells (moves: at most --cols)") from None
 
 
 @cli_errors  # a full disk: one line, exit code 4 (lcot.errors)
 def main(argv: list[str] | None = None) -> None:
     prog = "python -m lcot.toy.synthetic"
-    about = "Generate a synthetic dataset (JSONL + PNGs): shape counting or the multi-hop pointer task."
+    about = "Generate a synthetic dataset (JSONL + PNGs): shape counting, the multi-hop pointer task or grid moves."
     args = config.parse(SyntheticConfig, argv, prog, about)
     check(args)
     try:
