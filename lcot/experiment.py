@@ -19,11 +19,13 @@ alignments), grad (the other --latent_grad), pause (K slots fed one learned embe
 back), nolatent (--stage stage1 --question_images --latent_size 0 for stage2 + stage3 steps), curriculum
 (the main row's stage2, then stage3 with --latent_curriculum: K's bound grows 1..Kmax in equal phases, after
 Coconut's stages), forcing (the main row's stage2, then stage3 with --teacher_forcing: slot j fed the teacher's
-latent j-1 with a probability annealed to 0). Rows whose stage2 would be identical share it. Every training job
-gets --thought_visibility.
+latent j-1 with a probability annealed to 0), states (the main row's stage2, then stage3 with
+--state_weight 1: latent j also learns the first token of the state after step j, from --state_field). Rows
+whose stage2 would be identical share it. Every training job gets --thought_visibility; the warm-up and stage2
+train to a criterion (--criterion_every), their step counts then being caps.
 
-A seed whose teacher does not read its thought images (benefit below TEACHER_READS) is reported as a failed
-protocol, and its rows are left out of the means.
+A seed whose warm-up or teacher does not read its thought images (benefit below --min_teacher_benefit) is
+reported as a failed protocol at that stage, and its rows are left out of the means.
 
 Every model is measured on the eval JSONL (`measure` below): the visual-CoT upper bound (warm-up model,
 answer sees the thought images), stage2 with and without thought images (the thought-image benefit),
@@ -58,10 +60,11 @@ from lcot.console import quiet_libraries
 from lcot.errors import LcotInputError, check_counts, check_output, cli_errors
 from lcot.io import write_json
 
-ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum", "forcing")
-DEFAULT_ROWS = ROWS[:-2]  # curriculum and forcing are opt-in (--rows), so earlier runs resume as they were
-RECIPES = ("stage3", "curriculum", "forcing")  # the rows whose model is a stage3 on the main stage2
-RECIPE_NAMES = {"stage3": "stage3", "curriculum": "curriculum stage3", "forcing": "teacher-forced stage3"}
+ROWS = ("align0", "mse", "cosine", "grad", "pause", "nolatent", "curriculum", "forcing", "states")
+DEFAULT_ROWS = ROWS[:-3]  # the recipes are opt-in (--rows), so earlier runs resume as they were
+RECIPES = ("stage3", "curriculum", "forcing", "states")  # the rows whose model is a stage3 on the main stage2
+RECIPE_NAMES = {"stage3": "stage3", "curriculum": "curriculum stage3", "forcing": "teacher-forced stage3",
+                "states": "state-supervised stage3"}
 TEACHER_READS = 0.1  # default --min_teacher_benefit: a seed whose teacher gains less failed the protocol
 PROTOCOLS = ("stage2-teacher", "warmup-teacher")
 CAUSAL = ("zero", "shuffle", "mean", "noise")
@@ -193,6 +196,9 @@ def jobs_for_seed(plan: Plan, seed: int, run: Path) -> list[Job]:
     if "forcing" in plan.rows:  # the main row's stage2; stage3 fed the teacher's latents (scheduled sampling)
         chain("forcing", ["--latent_grad", grad], align, stage3_flags=(
             "--teacher_forcing", str(plan.teacher_forcing), "--latent_grad", "truncated"))
+    if "states" in plan.rows and plan.state_field:  # per-step supervision of each latent slot
+        chain("states", ["--latent_grad", grad], align, stage3_flags=(
+            "--state_field", plan.state_field, "--state_weight", "1"))
     if "nolatent" in plan.rows:
         train("nolatent", "stage1", "warmup", plan.stage2_steps + plan.stage3_steps,
               ["--question_images", "--latent_size", "0"], [warm])
@@ -393,6 +399,7 @@ def _rows(plan: Plan) -> list[tuple[str, str, str, int]]:
              for row, label in ablations.items()]
     rows += [(f"recipe: stage3 with a curriculum over K (K={j})", "curriculum", "without", j) for j in range(1, k + 1)]
     rows += [(f"recipe: teacher-forced stage3 (K={j})", "forcing", "without", j) for j in range(1, k + 1)]
+    rows += [(f"recipe: state-supervised stage3 (K={j})", "states", "without", j) for j in range(1, k + 1)]
     return rows
 
 
@@ -714,8 +721,8 @@ class ExperimentConfig:
                               "--train_jsonl/--eval_jsonl", choices=("hops", "moves"))
     n: int = option(3000, "--task: records to generate (a fifth is the eval split)")
     max_hops: int = option(4, "--task: steps in 1..max_hops")
-    cols: int = option(4, "--task: grid columns")
-    rows: int = option(2, "--task: grid rows (cols x rows cells, at most 8)")
+    grid_cols: int = option(4, "--task: grid columns")
+    grid_rows: int = option(2, "--task: grid rows (columns x rows cells, at most 8)")
     train_jsonl: str | None = option(None, "training records (any JSONL in the format; thought images needed)")
     eval_jsonl: str | None = option(None, "evaluation records with ground truth")
     difficulty_field: str | None = option(None, "extra JSONL field to break accuracy down by (--task hops: hops)")
@@ -738,8 +745,9 @@ class ExperimentConfig:
     align: str = option("centered", "the main recipe's alignment", choices=("cosine", "mse", "centered"))
     rows: list[str] = option(list(DEFAULT_ROWS), "rows besides warm-up, stage2, teacher and stage3: align0 "
                              "(--align_weight 0), mse, cosine (the other alignments), grad (the other "
-                             "--latent_grad), pause (the control), nolatent (K=0); curriculum (stage3 with "
-                             "--latent_curriculum) only when named", choices=ROWS)
+                             "--latent_grad), pause (the control), nolatent (K=0); the recipes only when named: "
+                             "curriculum (--latent_curriculum), forcing (--teacher_forcing), states "
+                             "(--state_weight 1, needs --state_field)", choices=ROWS)
     eval_records: int = option(0, "evaluate on the first N eval records (0: all)")
     probe_records: int = option(1000, "training records the probe is fit on")
     bf16: bool = option(False, "train and evaluate in bfloat16")
@@ -832,11 +840,12 @@ def _plan(args) -> Plan:
 
         folder = Path(args.run_dir) / args.name / "data"
         try:
-            data = generate(folder, n=args.n, seed=0, task=args.task, max_hops=args.max_hops, cols=args.cols,
-                            rows=args.rows)
+            data = generate(folder, n=args.n, seed=0, task=args.task, max_hops=args.max_hops, cols=args.grid_cols,
+                            rows=args.grid_rows)
         except FileExistsError:
             raise LcotInputError(str(folder), f"holds a dataset made with other settings than --n {args.n} "
-                                 f"--max_hops {args.max_hops} --cols {args.cols} --rows {args.rows}",
+                                 f"--max_hops {args.max_hops} --grid_cols {args.grid_cols} --grid_rows "
+                                 f"{args.grid_rows}",
                                  "use another --name, or delete the run folder to "
                                  "start over") from None
         except ValueError as err:  # e.g. --max_hops too large for the grid

@@ -47,6 +47,14 @@ def centred_cosines(student: torch.Tensor, teacher: torch.Tensor, center: torch.
     return own, other
 
 
+def state_loss(lm_head: torch.nn.Module, latents: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-step supervision: CE of each latent slot's next-token logits (B, K, V) against the first token of the
+    state after its step, targets (B, >= K) (IGNORE where a record has no state)."""
+    logits = lm_head(latents).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets[:, :latents.shape[1]].to(logits.device).flatten(),
+                           ignore_index=IGNORE)
+
+
 def align_loss(student: torch.Tensor, teacher: torch.Tensor, kind: AlignKind = "cosine",
                center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Alignment of student latents to teacher[:, :K]; returns (loss, per-position cosine (K,), detached).

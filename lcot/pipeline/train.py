@@ -107,6 +107,12 @@ def check(args: TrainConfig) -> None:
         if args.stage not in ("vcot", "stage2"):
             raise LcotInputError("--criterion_every", f"checks the thought-image benefit of vcot or stage2, not of "
                                  f"{args.stage}")
+    if args.state_weight:
+        if not args.state_field:
+            raise LcotInputError("--state_weight", "needs --state_field, the JSONL field of the states after each "
+                                 "step", "e.g. --state_field states")
+        if args.stage not in ("stage2", "stage3"):
+            raise LcotInputError("--state_weight", f"supervises latent slots in stage2 or stage3, not in {args.stage}")
     if args.teacher_forcing:
         if not 0 < args.teacher_forcing <= 1:
             raise LcotInputError("--teacher_forcing", f"must be in [0, 1], got {args.teacher_forcing}",
@@ -258,6 +264,9 @@ def _train(args: TrainConfig) -> Path:
     # stage3 shows no thought images, but its teacher files exist only for records that have them
     records = read_records(args.train_jsonl, need_thought_images=args.uses_teacher or args.thought_images,
                            skip_missing_thought=args.skip_missing_thought)
+    if args.state_weight and not any(args.state_field in r.extra for r in records):
+        raise LcotInputError(str(args.train_jsonl), f"no record has the field {args.state_field!r} that "
+                             "--state_field names", "give the field of the states after each step, e.g. states")
     held_out = []
     if args.criterion_every:
         if len(records) <= args.criterion_records:
@@ -270,7 +279,7 @@ def _train(args: TrainConfig) -> Path:
     hidden = model.config.text_config.hidden_size
     collator = stage_collator(args, processor, model.config)
     data_collator = TrainCollate(collator, args.teacher_latent_dir if args.uses_teacher else None, hidden, dtype,
-                                 cache=args.preprocess)
+                                 cache=args.preprocess, state_field=args.state_field if args.state_weight else None)
     if not args.preprocess:  # with it, prepare() below reads and checks every teacher file once
         data_collator.check_teachers(records)  # fail before training, not at hour 20
     freeze_vision = args.freeze_vision or args.stage == "stage1" and not args.question_images

@@ -28,10 +28,11 @@ from transformers.trainer_utils import align_special_tokens
 from lcot.config import SpeedConfig
 from lcot.console import progress, transformers_errors_only
 from lcot.core.collate import Collator, drop_latents
-from lcot.core.loss import ALIGNS, align_loss, centred_cosines
+from lcot.core.loss import ALIGNS, align_loss, centred_cosines, state_loss
 from lcot.core.mask import VISIBILITY
 from lcot.core.model import BATCH_KEYS, FEEDS, LatentQwen2_5_VL
 from lcot.core.record import Record
+from lcot.core.tokens import IGNORE
 from lcot.errors import DISK_FULL, writing
 from lcot.pipeline.runs import METRICS_FILE, checkpoints, last_checkpoint, write_lcot_config
 from lcot.pipeline.teacher import prefix_lengths, processor_layout, read_teacher, teacher_file
@@ -66,7 +67,7 @@ class TrainConfig(SpeedConfig, TrainingArguments):
 
     SAVED: ClassVar[tuple[str, ...]] = ("stage", "teacher_latent_dir", "num_latents", "latent_feed", "align_weight",
                                         "align", "latent_grad", "latent_curriculum", "seed", "lora",
-                                        "thought_visibility", "teacher_forcing")
+                                        "thought_visibility", "teacher_forcing", "state_field", "state_weight")
     RESUME: ClassVar[tuple[str, ...]] = ("stage", "num_latents", "latent_feed", "align", "latent_grad",
                                          "latent_curriculum", "seed", "lora")
     FLAGS: ClassVar[dict[str, str]] = {"num_latents": "--latent_size", "num_train_epochs": "--epochs",
@@ -105,6 +106,10 @@ class TrainConfig(SpeedConfig, TrainingArguments):
     teacher_forcing: float = _f(0.0, "stage3: scheduled sampling; latent slot j (j >= 2) is fed the teacher's latent "
                                 "j-1 instead of its own previous output with this probability, annealed linearly to "
                                 "0 over the steps (needs --latent_grad truncated or bptt:M)")
+    state_field: str | None = _f(None, "stage2, stage3: the JSONL field listing the state after each step (e.g. "
+                                 "states); with --state_weight, latent slot j learns to predict state j's first "
+                                 "token (slots past the last step: the last state)")
+    state_weight: float = _f(0.0, "weight of that per-step CE (needs --state_field)")
     criterion_every: int = _f(0, "vcot, stage2: check the model every N optimizer steps on held-out records and "
                               "stop once the criterion is met (--max_steps is then the cap; 0: no check)")
     criterion_records: int = _f(100, "the last N records of --train_jsonl, held out of training for the check")
@@ -214,7 +219,9 @@ class TrainCollate:
     """
 
     def __init__(self, collator: Collator, teacher_dir: str | Path | None, hidden_size: int,
-                 dtype: torch.dtype | None = None, cache: bool = False, visibility: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, cache: bool = False, visibility: str | None = None,
+                 state_field: str | None = None) -> None:
+        self.state_field = state_field
         self.collator, self.hidden, self.dtype = collator, hidden_size, dtype
         self.visibility = visibility or collator.visibility  # the teacher files' (stage3 shows no thought images)
         self.teacher_dir = Path(teacher_dir) if teacher_dir else None
@@ -267,7 +274,17 @@ class TrainCollate:
         if self.teacher_dir is not None:
             prefixes = prefix_lengths(batch) if self.same_prefix else [None] * len(records)
             batch["teacher"] = torch.stack([self.teacher(r, n) for r, n in zip(records, prefixes)])
+        if self.state_field:
+            batch["state_targets"] = torch.tensor([self.state_targets(r) for r in records])
         return batch
+
+    def state_targets(self, rec: Record) -> list[int]:
+        """The first token of the state after each of the K steps (the last state past the last step)."""
+        states = rec.extra.get(self.state_field) or []
+        tok = self.collator.tokenizer
+        ids = [tok(str(s), add_special_tokens=False)["input_ids"][0] for s in states]
+        k = self.collator.num_latents
+        return (ids + ids[-1:] * k)[:k] if ids else [IGNORE] * k
 
 
 class LatentTrainer(Trainer):
@@ -319,6 +336,10 @@ class LatentTrainer(Trainer):
             per_position = [cos]
             if self.teacher_mean is not None:
                 per_position += centred_cosines(latents, inputs["teacher"], self.teacher_mean)
+        if cfg.state_weight and latents.shape[1]:
+            states = state_loss(self.accelerator.unwrap_model(model).lm_head, latents, inputs["state_targets"])
+            loss = loss + cfg.state_weight * states
+            metrics["state_ce"] = states.detach()
         values = torch.cat([torch.stack([v.float() for v in metrics.values()] + [loss.detach().float()]),
                             *[v.detach().float() for v in per_position]])
         # read back at the optimizer step (`_read_metrics`): a copy to the host here would stall the GPU
