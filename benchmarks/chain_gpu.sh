@@ -1,30 +1,37 @@
 #!/usr/bin/env bash
-# Step-wise thought visibility on one GPU (docs/results.md): the hops matrix with --thought_visibility stepwise
-# and cumulative side by side, each with the no-latent baseline and the teacher-forced stage3 row.
+# Step-wise thought visibility on one GPU (docs/results.md): three lcot.experiment matrices side by side on the
+# tiny model from scratch, 3 seeds, the stage2-teacher protocol, the warm-up and stage2 trained to their
+# criterion (caps below):
+#   hops_stepwise   hops task, --thought_visibility stepwise, rows nolatent, forcing (teacher-forced stage3) and
+#                   states (state-supervised stage3)
+#   moves_stepwise  the moves task, the same
+#   hops_all        hops task, --thought_visibility all (every slot sees every thought image), row nolatent
 #     PYTHONPATH=. bash benchmarks/chain_gpu.sh            # results under $OUT (default runs/chain)
-# Each experiment's table goes to results/hops_<visibility>/; $OUT/<visibility>.tgz holds its plan, measurements
-# and logs (aggregate elsewhere with `python -m lcot.experiment --name hops_<visibility> --run_dir <unpacked>/runs/experiments
-# --aggregate_only`). Running it again resumes: finished jobs are skipped.
+# Each matrix's table goes to results/NAME/; $OUT/NAME.tgz holds its plan, measurements and logs (aggregate
+# elsewhere with `python -m lcot.experiment --name NAME --run_dir <unpacked>/runs/experiments --aggregate_only`).
+# Running it again resumes: finished jobs are skipped.
 set -u -o pipefail
 OUT=${OUT:-runs/chain}
 LIMIT=${LIMIT:-540}
 PY=${PYTHON:-python}
-VISIBILITIES=${VISIBILITIES:-stepwise cumulative}
 export PYTHONPATH=${PYTHONPATH:-.} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; $PY -c "import torch, transformers; print('torch', \
 torch.__version__, 'transformers', transformers.__version__)"; nproc; } > "$OUT/env.txt" 2>&1
-for v in $VISIBILITIES; do
-    timeout "$LIMIT" $PY -m lcot.experiment --name "hops_$v" --thought_visibility "$v" --task hops --n 3000 \
-        --seeds 3 --model tiny --protocol stage2-teacher --align centered --latent_grad truncated --latent_size 4 \
-        --warmup_steps 300 --stage2_steps 1500 --stage3_steps 1500 --bsz 32 --lr 1e-3 --procs 12 \
-        --probe_records 1000 --rows nolatent forcing "$@" > "$OUT/$v.txt" 2>&1 &
-done
+COMMON="--n 3000 --seeds 3 --model tiny --protocol stage2-teacher --align centered --latent_grad truncated
+  --latent_size 4 --warmup_steps 1500 --stage2_steps 1500 --stage3_steps 1500 --bsz 32 --lr 1e-3 --procs 8
+  --probe_records 1000 --criterion_every 100"
+run() {  # NAME TASK VISIBILITY ROWS...
+    local name=$1 task=$2 vis=$3; shift 3
+    timeout "$LIMIT" $PY -m lcot.experiment --name "$name" --task "$task" --thought_visibility "$vis" $COMMON \
+        --rows "$@" > "$OUT/$name.txt" 2>&1
+    $PY -m lcot.experiment --name "$name" --aggregate_only >> "$OUT/$name.txt" 2>&1  # what finished, if cut short
+    R=runs/experiments/$name
+    tar czf "$OUT/$name.tgz" $R/plan.json $R/info.json $R/done $R/logs $R/s*/measure $R/s*/*/latent_metrics.jsonl \
+        $R/s*/*/lcot.json results/$name 2>/dev/null
+}
+run hops_stepwise hops stepwise nolatent forcing states &
+run moves_stepwise moves stepwise nolatent forcing states &
+run hops_all hops all nolatent &
 wait
-for v in $VISIBILITIES; do
-    R=runs/experiments/hops_$v
-    $PY -m lcot.experiment --name "hops_$v" --aggregate_only >> "$OUT/$v.txt" 2>&1  # what finished, if cut short
-    tar czf "$OUT/$v.tgz" $R/plan.json $R/info.json $R/done $R/logs $R/s*/measure $R/s*/*/latent_metrics.jsonl \
-        results/hops_$v 2>/dev/null
-    tail -3 "$OUT/$v.txt"
-done
+for f in "$OUT"/*.txt; do echo "== $f"; tail -4 "$f"; done
