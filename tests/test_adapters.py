@@ -1,8 +1,8 @@
-"""LoRA adapters cast once for the latent chain (lcot.core.adapters): nothing changes but the kernels.
+"""LoRA adapters cast once for the latent chain (lcot.fast.adapters): nothing changes but the kernels.
 
 On the CPU under a bf16 autocast, as the trainer runs a --bf16 --lora model on a GPU: peft's adapters are fp32,
-the base bf16; the chain with the casts kept (LCOT_CAST_ADAPTERS=1) must give the same bits as autocast's
-per-call casts (=0).
+the base bf16; the chain with the casts kept (a runner's cast_adapters=True) must give the same bits as
+autocast's per-call casts (cast_adapters=False).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcot.core.adapters import ENV, adapter_layers, adapter_weights, autocast_adapters, lora_layers, tuner_layers
 from lcot.core.model import latent_hidden_states
+from lcot.fast import Runner
+from lcot.fast.adapters import AdapterCasts, adapter_layers, adapter_weights, lora_layers, tuner_layers
 
 peft = pytest.importorskip("peft")
 
@@ -25,9 +26,9 @@ def lora_bf16(tiny_dir, records):
 
 
 def _latents(model, batch, monkeypatch, cast: str):
-    monkeypatch.setenv(ENV, cast)
+    runner = Runner(model, fast="static", cast_adapters=cast == "1")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        return latent_hidden_states(model.eval(), batch, grad="truncated", fast="static")
+        return latent_hidden_states(model.eval(), batch, grad="truncated", runner=runner)
 
 
 def test_adapters_are_fp32_and_change_the_output(lora_bf16, monkeypatch):
@@ -76,16 +77,15 @@ def test_kept_casts_give_the_bits_of_autocasts_casts(lora_bf16, monkeypatch):
         hook.remove()
     assert torch.equal(latents_cast, latents_auto) and torch.equal(hidden_cast, hidden_auto)
     # without autocast the fp32 adapters' products are fp32: other values (what the casts must not be)
-    monkeypatch.setenv(ENV, "1")
     with torch.no_grad():
-        plain = latent_hidden_states(model, batch, grad="truncated", fast="static")[1]
+        plain = latent_hidden_states(model, batch, grad="truncated", runner=Runner(model, fast="static"))[1]
     assert not torch.equal(plain, latents_auto)
 
 
-def _train_kwargs(batch) -> dict:
+def _train_kwargs(batch, runner) -> dict:
     keys = ("input_ids", "attention_mask_4d", "position_ids", "pixel_values", "image_grid_thw", "labels",
             "latent_start", "num_latents")
-    return {k: batch[k] for k in keys} | {"latent_mode": True, "grad": "truncated", "fast": "static",
+    return {k: batch[k] for k in keys} | {"latent_mode": True, "grad": "truncated", "runner": runner,
                                          "return_logits": False}
 
 
@@ -96,11 +96,10 @@ def test_training_step_unchanged(lora_bf16, monkeypatch):
     seen, hook = _chain_dtypes(model)
     results = []
     try:
-        for cast in ("1", "0"):
-            monkeypatch.setenv(ENV, cast)
+        for cast in (True, False):
             model.zero_grad(set_to_none=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(**_train_kwargs(batch))
+                out = model(**_train_kwargs(batch, Runner(model, fast="static", cast_adapters=cast)))
                 loss = out.loss + out.latent_hidden.float().mean()
             loss.backward()
             results.append((loss.detach(), [p.grad.clone() for p in adapter_weights(model)]))
@@ -121,7 +120,7 @@ def test_ddp_keeps_reducing_the_adapter_gradients(lora_bf16, tmp_path, monkeypat
     from torch.nn.parallel import DistributedDataParallel
 
     model, batch = lora_bf16
-    monkeypatch.setenv(ENV, "1")
+    runner = Runner(model, fast="static")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         ddp = DistributedDataParallel(model.train(), find_unused_parameters=False)
@@ -136,7 +135,7 @@ def test_ddp_keeps_reducing_the_adapter_gradients(lora_bf16, tmp_path, monkeypat
         ddp.register_comm_hook(None, count)
         for i in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = ddp(**_train_kwargs(batch))
+                out = ddp(**_train_kwargs(batch, runner))
             out.loss.backward()
             assert all(p.grad is not None for p in adapter_weights(model))
             # every iteration reduces all adapter gradients (with the parameters' data swapped: never, silently)
@@ -152,7 +151,7 @@ def test_weights_restored_casts_reused_and_off_where_it_does_not_apply(lora_bf16
     weights = adapter_weights(model)
     layers = [m for n, m in model.named_modules() if ".lora_A." in n or ".lora_B." in n]
     before = [p.detach().clone() for p in weights]
-    monkeypatch.setenv(ENV, "1")
+    autocast_adapters = AdapterCasts()
     seen = []
     for _ in range(2):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), autocast_adapters(model) as n:
@@ -173,39 +172,32 @@ def test_weights_restored_casts_reused_and_off_where_it_does_not_apply(lora_bf16
         assert n == 0
     with torch.autocast("cpu", dtype=torch.bfloat16), autocast_adapters(model) as n:  # gradients on
         assert n == 0
-    monkeypatch.setenv(ENV, "0")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), autocast_adapters(model) as n:
-        assert n == 0
+    assert Runner(model, cast_adapters=False).casts is None  # a runner without them never swaps a parameter
 
 
-def test_the_chains_graph_is_captured_once_across_training_steps(lora_bf16, monkeypatch):
+def test_the_chains_graph_is_captured_once_across_training_steps(lora_bf16):
     """The casts are the same parameter objects every chain, so the (fake, CPU) CUDA graph of the step stays valid:
     one FastLatents, one capture, over three training steps under autocast."""
-    from test_fast import fake_capture
-
-    from lcot.core import graph as fast
+    from test_fast import fake_runner
 
     model, batch = lora_bf16
-    monkeypatch.setenv(ENV, "1")
-    monkeypatch.setattr(fast, "capture_graph", fake_capture)
-    made, cls = [], fast.FastLatents
+    runner = fake_runner(model)
+    made, make = [], runner.fast_latents
 
-    def make(model, max_len, batch_size, graph=None):
-        fl = cls(model, max_len, batch_size, graph=False)
-        fl.graph = fl.prefix_graphs = True
-        made.append(fl)
+    def counted(*args, **kwargs):
+        fl = make(*args, **kwargs)
+        if fl not in made:
+            made.append(fl)
         return fl
 
-    monkeypatch.setattr(fast, "FastLatents", make)
-    fast.clear(model)  # (earlier tests' runners are kept per model)
+    runner.fast_latents = counted
     model.train()
     try:
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(**(_train_kwargs(batch) | {"fast": "graph"}))
+                out = model(**_train_kwargs(batch, runner))
             out.loss.backward()
             model.zero_grad(set_to_none=True)
     finally:
         model.eval()
-        fast.clear(model)
     assert len(made) == 1 and made[0].captures == 1

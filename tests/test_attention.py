@@ -1,4 +1,4 @@
-"""lcot.core.attention: single-token steps of grouped-query attention without repeat_kv's copies, the same values."""
+"""lcot.fast.attention: single-token steps of grouped-query attention without repeat_kv's copies, the same values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lcot.core import attention
+from lcot.fast import Runner, attention
 from lcot.core.collate import Collator
 from lcot.core.model import latent_hidden_states
 
@@ -65,17 +65,17 @@ def _graphs_of(fn, *args):
     return torch.compile(fn, backend=keep)(*args), graphs
 
 
-@pytest.mark.parametrize("env", ["steps", "sdpa"])
-def test_compiled_steps_take_flex_attention(env, monkeypatch):
-    """In a compiled step the grouped rows go to FlexAttention (LCOT_STEP_ATTENTION=sdpa: to sdpa), the same values."""
-    monkeypatch.setenv(attention.ENV, env)
+@pytest.mark.parametrize("flex", [True, False])
+def test_compiled_steps_take_flex_attention(flex):
+    """In a compiled step the grouped rows go to FlexAttention (flex=False, the runner's step_attention="sdpa": to
+    sdpa), the same values."""
     query, key, value, mask = _qkv(s=200)
     ref, _ = attention.step_sdpa(_module(), query, key, value, mask, scaling=0.25)
     with torch.no_grad():  # as the chain runs its steps
-        (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key, value,
-                                      mask)
+        (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25, flex=flex), query,
+                                      key, value, mask)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    assert any("flex_attention" in code for code in graphs) == (env == "steps")
+    assert any("flex_attention" in code for code in graphs) == flex
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))  # a float mask: sdpa's kernel
     with torch.no_grad():
         (out, _), graphs = _graphs_of(lambda *a: attention.step_sdpa(_module(), *a, scaling=0.25), query, key,
@@ -133,12 +133,12 @@ def test_loaded_models_use_it_and_the_latents_do_not_change(tiny_dir, records, m
     monkeypatch.setitem(AttentionInterface._global_mapping, attention.STEPS,
                         lambda *a, **k: total.append(1) or attention.step_sdpa(*a, **k))
     with torch.no_grad():
-        hidden, latents = latent_hidden_states(model.eval(), batch, fast="static")
+        hidden, latents = latent_hidden_states(model.eval(), batch, runner=Runner(model, fast="static"))
     layers = text.num_hidden_layers
     assert len(total) == 5 * layers and len(calls) == 2 * layers  # K=3 steps folded; prefix and suffix passes not
     text._attn_implementation = "sdpa"  # transformers' own path for every call
     with torch.no_grad():
-        ref_hidden, ref_latents = latent_hidden_states(model, batch, fast="static")
+        ref_hidden, ref_latents = latent_hidden_states(model, batch, runner=Runner(model, fast="static"))
     torch.testing.assert_close(latents, ref_latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
 
@@ -148,14 +148,13 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
 
     from lcot.pipeline.load import load
 
-    monkeypatch.setenv(attention.ENV, "stock")
-    assert load(tiny_dir)[0].config.text_config._attn_implementation == "sdpa"
-    monkeypatch.setenv(attention.ENV, "sdpa")
-    assert load(tiny_dir)[0].config.text_config._attn_implementation == attention.STEPS
-    monkeypatch.setenv(attention.ENV, "other")
-    with pytest.raises(ValueError, match="LCOT_STEP_ATTENTION"):
-        load(tiny_dir)
-    monkeypatch.delenv(attention.ENV)
+    assert load(tiny_dir, step_attention="stock")[0].config.text_config._attn_implementation == "sdpa"
+    assert load(tiny_dir, step_attention="sdpa")[0].config.text_config._attn_implementation == attention.STEPS_SDPA
+    from lcot.config import SpeedConfig
+
+    assert load(tiny_dir, speed=SpeedConfig(fast="off"))[0].config.text_config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="step_attention must be flex, sdpa or stock"):
+        load(tiny_dir, step_attention="other")
     model, _ = load(tiny_dir)
     model.save_pretrained(tmp_path / "saved")
     assert attention.STEPS not in (tmp_path / "saved" / "config.json").read_text()
@@ -163,7 +162,7 @@ def test_stock_keeps_transformers_path_and_checkpoints_load_in_the_stock_class(t
     assert stock.config.text_config._attn_implementation == "sdpa"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's GPU kernel")
+@pytest.mark.gpu  # FlexAttention's GPU kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,groups,s", [(16, 2, 1024), (28, 4, 1024), (16, 2, 1000)])  # 3B, 7B; a partial block
 @torch.no_grad()  # as the chain runs its steps (with gradients: sdpa, test_compiled_steps_with_gradients_keep_sdpa)

@@ -1,5 +1,6 @@
-"""lcot.core.skinny: the step's linear layers as one Triton kernel each, run here by Triton's CPU interpreter in
-fp32 against torch's and peft's layers; the layer swap, its fallbacks, and its place in the graphed step."""
+"""lcot.fast.skinny: the step's linear layers as one Triton kernel each, run here by Triton's CPU interpreter in
+fp32 against torch's and peft's layers; the kernel copy of the language model (the model's own layers untouched),
+its fallbacks, and its place in a runner's graphed step."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 peft = pytest.importorskip("peft")
 
-from lcot.core import graph as fast  # noqa: E402
-from lcot.core import skinny  # noqa: E402
 from lcot.core.model import latent_hidden_states  # noqa: E402
+from lcot.fast import Runner, skinny  # noqa: E402
 
 TOL = {"atol": 2e-5, "rtol": 1e-5}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,14 +25,13 @@ def interpreter(monkeypatch):
     """The kernel on the CPU: Triton's interpreter (conftest sets TRITON_INTERPRET=1 before triton's import)."""
     if not torch.cuda.is_available():
         assert skinny.interpreting()
-    monkeypatch.setenv(skinny.ENV, "cpu")
     monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", 0)  # the tiny model's layers are all small
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """Count the kernel's launches."""
-    from lcot.core import skinny_kernel
+    from lcot.fast import skinny_kernel
 
     count = {"n": 0}
     real = skinny_kernel.launch
@@ -63,7 +62,7 @@ def test_kernel_equals_torch_in_fp32(rows, n, k, r, bias, calls):
     torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU: the 7B projections")
+@pytest.mark.gpu  # the 7B projections
 @pytest.mark.parametrize("n,k", [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_the_7b_projections(n, k, dtype):
@@ -83,7 +82,7 @@ def test_kernel_on_the_7b_projections(n, k, dtype):
 
 
 def test_the_tile_height_is_the_row_limit():
-    from lcot.core import skinny_kernel
+    from lcot.fast import skinny_kernel
 
     assert skinny_kernel.BM == skinny.MAX_ROWS
 
@@ -123,9 +122,8 @@ def test_applies_only_without_gradients_to_few_rows_of_one_dtype(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear would cast: leave it the call
             assert not skinny.applies(torch.randn(2, 32), w)
     assert not skinny.applies(torch.randn(2, 32), w)  # gradients on
-    monkeypatch.setenv(skinny.ENV, "1")
-    with torch.no_grad():
-        assert not skinny.applies(torch.randn(2, 32), w)  # the default leaves the CPU alone
+    cpu = torch.device("cpu")
+    assert skinny.runs_on(cpu, interpret=True) and not skinny.runs_on(cpu)  # a runner's default leaves the CPU alone
 
 
 @pytest.fixture(scope="module")
@@ -145,41 +143,34 @@ def _step_layers(model):
 
 
 @cpu_only
-def test_products_swap_every_projection_and_put_them_back(lora32, calls):
+def test_the_kernel_copy_runs_every_projection_and_leaves_the_model_alone(lora32, calls):
     model, _ = lora32
+    lm = model.model.language_model
     lora, plain = _step_layers(model)
     layers = model.config.text_config.num_hidden_layers
     assert len(lora) == 4 * layers and len(plain) == 3 * layers  # q, v, gate, down adapted; k, o, up plain
+    classes = {id(m): type(m) for m in lm.modules()}
+    copy = skinny.step_copy(lm)
+    mirrored = dict(zip([id(m) for m in lm.modules()], copy.modules()))
     x = torch.randn(2, 1, model.config.text_config.hidden_size)
     with torch.no_grad():
         want = [m(x) for m in lora[:2] + plain[:2]]
-        with skinny.products(model) as on:
-            assert on
-            got = [m(x) for m in lora[:2] + plain[:2]]
-        assert calls["n"] == 4  # one kernel per layer, the adapter's expand product folded in
-        with pytest.raises(RuntimeError, match="inside"), skinny.products(model):
-            raise RuntimeError("inside")
+        assert calls["n"] == 0  # the model's own layers: torch's and peft's products
+        got = [mirrored[id(m)](x) for m in lora[:2] + plain[:2]]
+    assert calls["n"] == 4  # one kernel per layer, the adapter's expand product folded in
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL)
-    assert not any("forward" in m.__dict__ for m in model.modules())
-    assert skinny.step_forwards(model) is skinny.step_forwards(model)  # the same functions every time
-
-
-@cpu_only
-def test_products_restore_a_forward_set_on_the_instance(lora32, calls):
-    """A forward the instance already had (accelerate's hooks set one) is put back, also after nested blocks."""
-    model, _ = lora32
-    layer = _step_layers(model)[1][0]
-    hooked = layer.forward = lambda x: torch.nn.Linear.forward(layer, x) * 0 + 7
-    try:
-        with torch.no_grad(), skinny.products(model):
-            with skinny.products(model):
-                layer(torch.randn(2, layer.in_features))
-            assert calls["n"] == 1
-            assert layer.forward is not hooked
-        assert layer.forward is hooked
-    finally:
-        del layer.forward
+    assert {id(m): type(m) for m in lm.modules()} == classes and not any("forward" in m.__dict__ for m in lm.modules())
+    for m in lora[:2] + plain[:2]:  # the copy shares the tensors, so training updates reach it
+        twin = mirrored[id(m)]
+        assert twin is not m and type(twin).__name__.startswith("Skinny")
+        assert all(p is q for p, q in zip(m.parameters(), twin.parameters()))
+    assert len(list(copy.parameters())) == len(list(lm.parameters()))
+    key = skinny.copy_key(lm)  # the containers' flags are copies: a runner rebuilds the copy when they change
+    model.train()
+    assert skinny.copy_key(lm) != key
+    model.eval()
+    assert skinny.copy_key(lm) == key
 
 
 @cpu_only
@@ -193,12 +184,14 @@ def test_fp32_adapters_without_autocast_stay_with_peft(tiny_dir, records, calls,
     model, _ = lora_tiny(tiny_dir, records, torch.bfloat16, "q_proj")
     layer = _step_layers(model)[0][0]
     x = torch.randn(2, 1, layer.in_features, dtype=torch.bfloat16)
-    with torch.no_grad(), skinny.products(model):
-        layer(x)
+    twin = dict(zip(map(id, model.model.language_model.modules()),
+                    skinny.step_copy(model.model.language_model).modules()))[id(layer)]
+    with torch.no_grad():
+        twin(x)
         assert calls["n"] == 0
         for p in layer.lora_A.parameters():
             p.data = p.data.bfloat16()  # adapters in the model's dtype: the kernel
-        layer(x)
+        twin(x)
     assert calls["n"] == 1
 
 
@@ -208,10 +201,11 @@ def test_small_plain_weights_stay_with_cublas(lora32, calls, monkeypatch):
     lora, plain = _step_layers(model)
     monkeypatch.setattr(skinny, "PLAIN_MIN_OUTPUTS", plain[0].out_features + 1)
     x = torch.randn(2, 1, model.config.text_config.hidden_size)
-    with torch.no_grad(), skinny.products(model):
-        plain[0](x)
+    twin = _twins(model)
+    with torch.no_grad():
+        twin[id(plain[0])](x)
         assert calls["n"] == 0
-        lora[0](x)
+        twin[id(lora[0])](x)
         assert calls["n"] == 1  # an adapted layer of any size folds its adapter in
 
 
@@ -219,122 +213,100 @@ def test_small_plain_weights_stay_with_cublas(lora32, calls, monkeypatch):
 def test_lora_forward_falls_back_to_peft(lora32, calls):
     model, _ = lora32
     layer = _step_layers(model)[0][0]
+    twin = _twins(model)[id(layer)]
     x = torch.randn(2, 1, model.config.text_config.hidden_size)
     with torch.no_grad():
         want = layer(x)
         layer.enable_adapters(False)
         try:
             plain = layer(x)
-            with skinny.products(model):
-                torch.testing.assert_close(layer(x), plain, **TOL)  # adapters off: the base product alone
+            torch.testing.assert_close(twin(x), plain, **TOL)  # adapters off (seen by the copy): peft's forward
         finally:
             layer.enable_adapters(True)
-        assert calls["n"] == 1 and (want - plain).abs().max() > 1e-3
-        with skinny.products(model):
-            layer(torch.randn(20, model.config.text_config.hidden_size))  # too many rows: peft's forward
+        assert calls["n"] == 0 and (want - plain).abs().max() > 1e-3
+        torch.testing.assert_close(twin(x), want, **TOL)  # on again: the kernel, the adapter folded in
+        assert calls["n"] == 1
+        twin(torch.randn(20, model.config.text_config.hidden_size))  # too many rows: peft's forward
     assert calls["n"] == 1
 
 
+def _twins(model) -> dict:
+    """{id(layer): its kernel copy} over the language model's modules."""
+    lm = model.model.language_model
+    return dict(zip(map(id, lm.modules()), skinny.step_copy(lm).modules()))
+
+
 @cpu_only
-def test_graphed_steps_use_the_kernels_and_match_the_reference(lora32, monkeypatch, calls):
-    """The (fake, CPU) graphed chain captures its step with the kernels and gives the reference's latents;
-    LCOT_SKINNY=0 captures cuBLAS's products."""
-    from test_fast import fake_capture
+def test_graphed_steps_use_the_kernels_and_match_the_reference(lora32, calls):
+    """The (fake, CPU) graphed chain captures its step with the kernels and gives the reference's latents; a runner
+    with kernels=False captures torch's products."""
+    from test_fast import fake_runner
 
     model, batch = lora32
-    monkeypatch.setattr(fast, "capture_graph", fake_capture)
-    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
-    fast.clear(model)
     with torch.no_grad():
-        want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
-        got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        want = latent_hidden_states(model.eval(), batch, grad="truncated", runner=Runner(model, fast="off"))[1]
+        got = latent_hidden_states(model, batch, grad="truncated", runner=fake_runner(model, kernels="interpret"))[1]
         assert calls["n"] > 0
         torch.testing.assert_close(got, want, **TOL)
-        fast.clear(model)
-        monkeypatch.setenv(skinny.ENV, "0")
         before = calls["n"]
-        torch.testing.assert_close(latent_hidden_states(model, batch, grad="truncated", fast="graph")[1], want, **TOL)
+        plain = fake_runner(model, kernels=False)
+        torch.testing.assert_close(latent_hidden_states(model, batch, grad="truncated", runner=plain)[1], want, **TOL)
         assert calls["n"] == before
-    fast.clear(model)
 
 
 @cpu_only
-def test_a_failing_kernel_falls_back_to_cublas_with_a_warning(lora32, monkeypatch):
-    from test_fast import fake_capture
+def test_a_failing_kernel_falls_back_to_torch_with_a_warning(lora32, monkeypatch):
+    from test_fast import fake_runner
 
-    from lcot.core import skinny_kernel
+    from lcot.fast import skinny_kernel
 
     model, batch = lora32
-    monkeypatch.setattr(fast, "capture_graph", fake_capture)
-    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel today")
 
     monkeypatch.setattr(skinny_kernel, "launch", broken)
-    monkeypatch.setattr(skinny, "ERRORS", [])
-    fast.clear(model)
-    try:
-        with torch.no_grad():
-            want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
-            with pytest.warns(RuntimeWarning, match="skinny's kernels failed"):
-                got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
-        torch.testing.assert_close(got, want, **TOL)
-        assert model in skinny.FAILED and "no kernel today" in skinny.ERRORS[0]
-        assert not skinny.enabled(model)
-    finally:
-        skinny.FAILED.discard(model)
-        fast.clear(model)
+    runner = fake_runner(model, kernels="interpret")
+    with torch.no_grad():
+        want = latent_hidden_states(model.eval(), batch, grad="truncated", runner=Runner(model, fast="off"))[1]
+        with pytest.warns(RuntimeWarning, match="skinny's kernels failed"):
+            got = latent_hidden_states(model, batch, grad="truncated", runner=runner)[1]
+    torch.testing.assert_close(got, want, **TOL)
+    assert runner.kernels_failed and "no kernel today" in runner.kernel_errors[0]
+    assert not runner.kernels_active(model)
+    assert fake_runner(model, kernels="interpret").kernels_active(model)  # the failure is this runner's alone
 
 
 @cpu_only
-def test_a_failure_that_is_not_the_kernels_is_not_blamed_on_them(lora32, monkeypatch):
-    """A capture that fails with cuBLAS's products too: reported once as a failed capture, the kernels stay on."""
+def test_a_failure_that_is_not_the_kernels_is_not_blamed_on_them(lora32):
+    """A capture that fails with torch's products too: reported once as a failed capture, the kernels stay on."""
+    from test_fast import fake_runner
+
     model, batch = lora32
 
     def broken(step, rewind, device):
         raise RuntimeError("no graphs today")
 
-    monkeypatch.setattr(fast, "capture_graph", broken)
-    monkeypatch.setattr(fast.FastLatents, "__init__", _graph_on(fast.FastLatents.__init__))
-    monkeypatch.setattr(skinny, "ERRORS", [])
-    monkeypatch.setattr(fast, "CAPTURE_ERRORS", [])
-    fast.clear(model)
-    try:
-        with torch.no_grad():
-            want = latent_hidden_states(model.eval(), batch, grad="truncated", fast="off")[1]
-            with pytest.warns(RuntimeWarning, match="CUDA graph capture failed") as seen:
-                got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
-        torch.testing.assert_close(got, want, **TOL)
-        assert not any("skinny" in str(w.message) for w in seen)
-        assert skinny.ERRORS == [] and fast.CAPTURE_ERRORS == ["RuntimeError: no graphs today"]
-        assert skinny.enabled(model)
-    finally:
-        fast.clear(model)
+    runner = fake_runner(model, kernels="interpret")
+    runner.capture = broken
+    with torch.no_grad():
+        want = latent_hidden_states(model.eval(), batch, grad="truncated", runner=Runner(model, fast="off"))[1]
+        with pytest.warns(RuntimeWarning, match="CUDA graph capture failed") as seen:
+            got = latent_hidden_states(model, batch, grad="truncated", runner=runner)[1]
+    torch.testing.assert_close(got, want, **TOL)
+    assert not any("skinny" in str(w.message) for w in seen)
+    assert runner.kernel_errors == [] and runner.capture_errors == ["RuntimeError: no graphs today"]
+    assert runner.kernels_active(model)
 
 
 @cpu_only
-def test_graphs_know_whether_they_hold_the_kernels(lora32, monkeypatch):
+def test_graphs_know_whether_they_hold_the_kernels(lora32):
     model, _ = lora32
-    on = fast._forward_state(model)
-    monkeypatch.setenv(skinny.ENV, "0")
-    assert fast._forward_state(model) != on  # a graph captured with the kernels is not replayed without them
+    on, off = Runner(model, kernels="interpret"), Runner(model, kernels=False)
+    assert on.forward_state(model) != off.forward_state(model)  # a graph captured with the kernels is not replayed
 
 
-def _graph_on(init):
-    def make(self, model, max_len, batch_size, graph=None):
-        init(self, model, max_len, batch_size, graph=False)
-        self.graph = True  # graph the steps (with the fake capture); the prefix stays eager
-    return make
-
-
-def test_the_switch_is_checked(monkeypatch):
-    monkeypatch.setenv(skinny.ENV, "yes")
-    with pytest.raises(ValueError, match="LCOT_SKINNY must be 0, 1 or cpu"):
-        skinny.enabled()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.gpu  # CUDA graphs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_cuda_steps(tiny_dir, records, calls, monkeypatch, dtype):
     """On a GPU: the tiny model with LoRA, its chain captured in a real CUDA graph with the kernels, against
@@ -343,14 +315,11 @@ def test_graphed_cuda_steps(tiny_dir, records, calls, monkeypatch, dtype):
 
     model, batch = lora_tiny(tiny_dir, records, dtype, "q_proj|down_proj", "cuda")
     model.eval()
-    monkeypatch.setenv(skinny.ENV, "1")
     with torch.no_grad():
-        got = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
+        got = latent_hidden_states(model, batch, grad="truncated", runner=Runner(model, fast="graph"))[1]
         assert calls["n"] > 0
-        fast.clear(model)
-        monkeypatch.setenv(skinny.ENV, "0")
-        want = latent_hidden_states(model, batch, grad="truncated", fast="graph")[1]
-    fast.clear(model)
+        want = latent_hidden_states(model, batch, grad="truncated",
+                                    runner=Runner(model, fast="graph", kernels=False))[1]
     tol = TOL if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.05}
     torch.testing.assert_close(got[:, :1].float(), want[:, :1].float(), **tol)
     if dtype == torch.float32:

@@ -254,7 +254,7 @@ class Runner(Passes):
         lm = model.model.language_model
         if not self.kernels_active(model):
             return self._compiled_step
-        layers = (tuple(id(m) for m in skinny.step_layers(lm)), self._compiled_step is not None)
+        layers = (skinny.copy_key(lm), self._compiled_step is not None)
         if self._compiled_kernels is None or self._compiled_kernels[0] != layers:
             copy = skinny.step_copy(lm)
             self._compiled_kernels = (layers, torch.compile(copy) if self._compiled_step is not None else copy)

@@ -169,10 +169,11 @@ def _skinny_class(cls: type) -> type:
 
 
 def _swap(module: torch.nn.Module, cls: type) -> torch.nn.Module:
-    """A shallow copy of `module` of class `cls`: the same parameter, buffer, child and hook dicts (one set of
-    tensors); only the class, and so `forward`, differs."""
-    clone = copy.copy(module)
-    clone.__class__ = cls
+    """`module` as class `cls`: one object state (its very __dict__: parameters, buffers, children, hooks and
+    flags such as training or peft's adapter switches, set later included); only the class, and so `forward`,
+    differs."""
+    clone = cls.__new__(cls)
+    object.__setattr__(clone, "__dict__", module.__dict__)
     return clone
 
 
@@ -186,7 +187,9 @@ def step_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
 
 def step_copy(lm: torch.nn.Module) -> torch.nn.Module:
     """The language model's module tree again, sharing every tensor and hook with it, its step layers
-    (`step_layers`) replaced by their kernel copies. Rebuild it when the layers change (LoRA added or merged)."""
+    (`step_layers`) replaced by their kernel copies (which share the layers' whole state). The containers above
+    them are shallow copies: rebuild it when the layers change (LoRA added or merged) or a container's flags do
+    (`copy_key`)."""
     swapped = {id(m): m for m in step_layers(lm)}
 
     def mirror(module: torch.nn.Module) -> torch.nn.Module:
@@ -199,3 +202,8 @@ def step_copy(lm: torch.nn.Module) -> torch.nn.Module:
         return clone
 
     return mirror(lm)
+
+
+def copy_key(lm: torch.nn.Module) -> tuple:
+    """What a `step_copy` of `lm` depends on: its step layers, and every module's training flag."""
+    return tuple(id(m) for m in step_layers(lm)), tuple(m.training for m in lm.modules())
