@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lcot.fast import Runner, attention
 from lcot.core.collate import Collator
 from lcot.core.model import latent_hidden_states
+from lcot.fast import Runner, attention
 
 
 def _qkv(b=2, heads=8, groups=2, q=1, s=13, d=16, seed=0):
