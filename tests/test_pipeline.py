@@ -131,12 +131,9 @@ def test_stage3_loss_aligns_to_the_first_k_teacher_latents(chain, records, tmp_p
     model, processor = load(chain / "s2")
     model.eval()
     cfg = TrainConfig(stage="stage3", model_name_or_path=str(chain / "s2"), train_jsonl="-", output_dir=str(tmp_path),
-                      num_latents=KMAX, align_weight=0.7, seed=5)
+                      num_latents=KMAX, align_weight=0.7, seed=5, report_to="none")
     collate = TrainCollate(Collator(processor, model.config, KMAX, thought_images=False), chain / "teacher", 128)
-    from transformers import TrainingArguments
-
-    trainer = LatentTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
-                            config=cfg, data_collator=collate, train_dataset=records)
+    trainer = LatentTrainer(model=model, args=cfg, data_collator=collate, train_dataset=records)
     batch = collate(records[:2])
     k = sample_k(5, trainer.state.global_step, KMAX)
     with torch.no_grad():
@@ -342,14 +339,11 @@ def test_precompute_batches_records_of_one_shape_with_the_same_files(loaded, rec
 def test_metrics_are_read_back_once_per_optimizer_step(loaded, records, tmp_path):
     """compute_loss keeps its metrics on the device; the gradient-norm hook reads them all (and the norm, also a
     DTensor under FSDP2) in one copy."""
-    from transformers import TrainingArguments
-
     model, processor = loaded
     cfg = TrainConfig(stage="stage2", model_name_or_path="-", train_jsonl="-", output_dir=str(tmp_path),
-                      num_latents=2, align_weight=0.0, latent_grad="truncated")
+                      num_latents=2, align_weight=0.0, latent_grad="truncated", report_to="none")
     collate = TrainCollate(Collator(processor, model.config, 2, thought_images=True), None, 128)
-    trainer = LatentTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
-                            config=cfg, data_collator=collate, train_dataset=records)
+    trainer = LatentTrainer(model=model, args=cfg, data_collator=collate, train_dataset=records)
     with torch.no_grad():
         losses = [float(trainer.compute_loss(model, collate(records[i:i + 2]))) for i in (0, 2)]
     assert trainer._count == 0 and len(trainer._pending) == 2  # nothing read back yet
