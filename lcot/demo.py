@@ -27,6 +27,7 @@ from lcot.lab.analysis import accuracy_cell
 from lcot.lab.segments import display_segments
 from lcot.pipeline.data import read_records
 from lcot.pipeline.evaluate import benefit_line, evaluate, majority_rate, table
+from lcot.pipeline.generate import trained_visibility
 from lcot.pipeline.load import load
 from lcot.pipeline.runs import read_metrics
 from lcot.pipeline.train import run_stage
@@ -49,6 +50,8 @@ class DemoConfig:
     stage3_steps: int = option(400, "optimizer steps of stage3")
     bsz: int = option(16, "records per optimizer step")
     lr: float = option(1e-3, "learning rate")
+    thought_visibility: str = option("all", "which thought image each latent slot sees (lcot.main "
+                                     "--thought_visibility)", choices=("all", "stepwise", "cumulative"))
     verbose: bool = option(False, "print everything the libraries print (transformers' dict of every log, its "
                            "bars at each load and save)", aliases=("-v",))
 STAGES = ("warmup", "stage2", "stage3")
@@ -79,7 +82,8 @@ def measure(run: Path, stage: str, records, num_latents: int) -> dict:
     out = {}
     for thought in (False, True) if stage != "stage3" else (False,):
         res = evaluate(model.eval(), processor, records, [num_latents], thought_images=thought, visual_cot=thought and
-                       stage == "warmup", batch_size=32, max_new_tokens=6, progress=False)
+                       stage == "warmup", batch_size=32, max_new_tokens=6, progress=False,
+                       visibility=trained_visibility(str(run / stage)))
         out["with" if thought else "without"] = (res["accuracy"][num_latents],
                                                  [p["answer"] for p in res["predictions"][num_latents]])
     return out
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(train_jsonl=train, num_latents=args.num_latents, bsz=args.bsz, grad_accum_steps=1,
                   learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", logging_steps=10, save_steps=10_000,
                   seed=0, warmup_steps=0.03,
-                  latent_grad="truncated", preprocess=True, overwrite_output_dir=True, verbose=args.verbose)
+                  latent_grad="truncated", preprocess=True, overwrite_output_dir=True, verbose=args.verbose,
+                  thought_visibility=args.thought_visibility)
     run_stage(stage="vcot", model_name_or_path=tiny, output_dir=run / "warmup", max_steps=args.warmup_steps, **common)
     print(f"teacher latents · K={args.num_latents} · from {run / 'warmup'} -> {run / 'teacher'}", flush=True)
     precompute_main(["--model_name_or_path", str(run / "warmup"), "--train_jsonl", str(train),

@@ -184,6 +184,7 @@ def test_mask_rule_on_arbitrary_segment_sequences(segments):
 def reference_visibility(segments: list[int], steps: list[int], visibility: str, visual_cot: bool) -> list[list[bool]]:
     """Which thought image each latent slot (and thought image) sees, one element at a time."""
     n, last = len(segments), max([s for s, g in zip(steps, segments) if g == Seg.THOUGHT_IMAGE], default=0)
+    first = next((i for i, g in enumerate(segments) if g == Seg.LATENT), n)  # <abs_vis_token> is before it
     out = [[False] * n for _ in range(n)]
     for q in range(n):
         for k in range(n):
@@ -197,7 +198,7 @@ def reference_visibility(segments: list[int], steps: list[int], visibility: str,
                             "cumulative": steps[k] <= steps[q]}[visibility]
                     out[q][k] = want
                 else:
-                    out[q][k] = visual_cot
+                    out[q][k] = visual_cot and (visibility == "all" or q >= first)
     return out
 
 

@@ -42,15 +42,27 @@ def test_the_teacher_is_computed_under_the_mask_it_was_trained_with(warm, data_d
     trained = train.stage_collator(cfg, processor, model.config)(records)  # the warm-up's own batch and mask
     assert trained["attention_mask_4d"].any() and trained["num_latents"] == K
     other = train.stage_collator(train.parse([*cfg_argv(run), "--stage", "stage2"]), processor, model.config)(records)
-    assert not torch.equal(trained["attention_mask_4d"], other["attention_mask_4d"])  # the two masks do differ
+    assert not torch.equal(trained["attention_mask_4d"], other["attention_mask_4d"])  # the answer's rows differ
+    s, k = trained["latent_start"], K
+    rows = slice(0, s + k)  # ... but under stepwise not the rows up to the slots: <abs_vis_token> reads no image
+    assert torch.equal(trained["attention_mask_4d"][:, :, rows], other["attention_mask_4d"][:, :, rows])
     with torch.no_grad():
         _, want = latent_hidden_states(model.eval(), trained)
         _, stage2_mask = latent_hidden_states(model, other)
-    for rec, lat, alt in zip(records, want, stage2_mask):
+    torch.testing.assert_close(want, stage2_mask, atol=1e-6, rtol=1e-6)
+    for rec, lat in zip(records, want):
         data = torch.load(teacher_file(run / "teacher", rec.idx), weights_only=True)
         assert data["thought_visibility"] == "stepwise" and data["visual_cot"] is True
         torch.testing.assert_close(data["latents"], lat, atol=1e-5, rtol=1e-5)
-        assert (data["latents"] - alt).abs().max() > 1e-4  # the stage2 mask would give other latents
+    # under "all" the warm-up's <abs_vis_token> reads the thought images: the stage2 mask gives other latents,
+    # which is why the precompute uses the warm-up's own
+    from lcot.core.collate import Collator
+
+    vcot_all = Collator(processor, model.config, K, thought_images=True, visual_cot=True)(records)
+    stage2_all = Collator(processor, model.config, K, thought_images=True)(records)
+    with torch.no_grad():
+        a, b = latent_hidden_states(model, vcot_all)[1], latent_hidden_states(model, stage2_all)[1]
+    assert (a - b).abs().max() > 1e-4
 
 
 def cfg_argv(run) -> list[str]:

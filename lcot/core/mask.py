@@ -9,6 +9,8 @@ Which thought image a latent slot sees (`visibility`, from the collator's `steps
 latent slot j carries j, counted from 1): "all" (every one), "stepwise" (slot j sees image j only, slots past
 the last image the last one) or "cumulative" (images 1..j). A thought image's own tokens follow the same rule
 (under "stepwise" image t does not read images before it), so slot j's view holds nothing of a later step.
+With `visual_cot` and a visibility other than "all", the answer after the slots sees every thought image but
+`<abs_vis_token>`, whose output is slot 1's input, sees none: otherwise slot 1 would start from all of them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def build_mask(segments: torch.Tensor, visual_cot: bool = False, steps: torch.Te
             seen = ks == torch.minimum(qs, last)
         else:
             seen = ks <= qs
-        readers = (stepped & seen) | (visual_cot & ~stepped)
+        is_latent = segments == Seg.LATENT
+        first = torch.where(is_latent.any(1), is_latent.float().argmax(1), length)  # each row's first slot
+        after = (idx[None, :] >= first[:, None])[:, :, None]  # query rows from the slots on
+        readers = (stepped & seen) | (visual_cot & ~stepped & after)
     key_ok = (k != Seg.PAD) & ((k != Seg.THOUGHT_IMAGE) | readers)
     allowed = (causal & key_ok) | torch.eye(length, dtype=torch.bool, device=segments.device)
     return allowed[:, None]
