@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 { nvidia-smi -L; git rev-parse --short HEAD 2>/dev/null; $PY -c "import torch, transformers; print('torch', \
 torch.__version__, 'transformers', transformers.__version__)"; nproc; } > "$OUT/env.txt" 2>&1
 COMMON="--n 3000 --seeds 3 --model tiny --protocol stage2-teacher --align centered --latent_grad truncated
-  --latent_size 4 --warmup_steps 1500 --stage2_steps 1500 --stage3_steps 1500 --bsz 32 --lr 1e-3 --procs 8
+  --latent_size 4 --warmup_steps ${WARMUP_CAP:-2500} --stage2_steps 1500 --stage3_steps 1500 --bsz 32 --lr 1e-3 --procs 8
   --probe_records 1000 --criterion_every 100"
 run() {  # NAME TASK VISIBILITY ROWS...
     local name=$1 task=$2 vis=$3; shift 3
@@ -30,8 +30,14 @@ run() {  # NAME TASK VISIBILITY ROWS...
     tar czf "$OUT/$name.tgz" $R/plan.json $R/info.json $R/done $R/logs $R/s*/measure $R/s*/*/latent_metrics.jsonl \
         $R/s*/*/lcot.json results/$name 2>/dev/null
 }
-run hops_stepwise hops stepwise nolatent forcing states &
-run moves_stepwise moves stepwise nolatent forcing states &
-run hops_all hops all nolatent &
+ONLY=${ONLY:-hops_stepwise moves_stepwise hops_all}  # a subset: ONLY="hops_all" bash benchmarks/chain_gpu.sh
+for m in $ONLY; do
+    case $m in
+        hops_stepwise) run hops_stepwise hops stepwise nolatent forcing states & ;;
+        moves_stepwise) run moves_stepwise moves stepwise nolatent forcing states & ;;
+        hops_all) run hops_all hops all nolatent & ;;
+        *) echo "chain_gpu.sh: unknown matrix $m (hops_stepwise, moves_stepwise, hops_all)" >&2; exit 2 ;;
+    esac
+done
 wait
 for f in "$OUT"/*.txt; do echo "== $f"; tail -4 "$f"; done
