@@ -601,19 +601,24 @@ def table_md(plan: Plan, agg: dict, info: dict) -> str:
              f"{plan.latent_grad}, --align {plan.align}; protocol {plan.protocol} (the teacher is the "
              f"{'warm-up' if plan.protocol == 'warmup-teacher' else 'stage2'} model). "
              f"Device: {info.get('device', '?')}; wall time {info.get('wall_s', 0) / 60:.1f} min.",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             ""]
     failures = [f"**Seed {seed}: {why}.** Its rows are not averaged into the table below."
                 for seed, why in agg.get("failed", {}).items()]
     if len(failures) == len(plan.seeds):
-        failures.insert(0, "**No seed's teacher reads its thought images: this run shows nothing about the latents.**")
-    lines[4:4] = [x for f in failures for x in (f, "")]
+        failures.insert(0, "**No seed passed the protocol: this run shows nothing about the latents.**")
+    lines += [x for f in failures for x in (f, "")]
     for model, per in sorted(agg.get("steps_used", {}).items(), key=lambda kv: kv[0] != "warmup"):
         cap = plan.warmup_steps if model == "warmup" else plan.stage2_steps
         lines += [f"Steps used by {model} (trained to its criterion, cap {cap}): "
                   + ", ".join(f"seed {s} {n} ({'met' if met else 'not met'})" for s, (n, met) in sorted(per.items()))
                   + ".", ""]
     seeds = len(plan.seeds) - len(agg.get("failed", {}))
-    for r in agg["rows"] + agg["causal"]:
+    rows = agg["rows"] + agg["causal"]
+    if rows:
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    else:
+        lines.append("No rows: every seed failed the protocol, so there is nothing to average.")
+    for r in rows:
         cells = [r["row"], _pm(r["overall"]), *[_pm(r["by_difficulty"].get(d, {})) for d in diffs],
                  _notes(r, seeds, agg["majority"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -81,10 +81,14 @@ def test_a_seed_whose_teacher_reads_no_thought_image_is_a_failed_protocol(tmp_pa
     text = E.table_md(plan, agg, {"device": "test", "wall_s": 60})
     assert "**Seed 1: protocol failed at stage2 (the teacher)" in text and "not averaged" in text
     assert "shows nothing" not in text
+    table = text.splitlines().index("| row | overall | notes |")
+    assert all(line.startswith("|") for line in text.splitlines()[table:table + 4])  # nothing breaks the table
     _write(run, 0, "stage2", {"settings": {"with": {"2": _setting(0.35, {})}, "without": {"2": _setting(0.3, {})}}})
     agg = E.aggregate(plan, run)
     assert set(agg["failed"]) == {"0", "1"} and not agg["rows"]
-    assert "No seed's teacher reads its thought images: this run shows nothing" in E.table_md(plan, agg, {})
+    text = E.table_md(plan, agg, {})
+    assert "No seed passed the protocol: this run shows nothing" in text
+    assert "No rows: every seed failed the protocol" in text and "| row |" not in text
 
 
 def test_a_warmup_that_reads_no_thought_image_fails_first_and_steps_used_are_reported(tmp_path):
