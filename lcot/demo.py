@@ -59,9 +59,12 @@ STAGES = ("warmup", "stage2", "stage3")
 
 def figure_mask(model_dir: Path, jsonl: Path, num_latents: int, out: Path) -> Path:
     model, processor = load(model_dir)
-    batch = Collator(processor, model.config, num_latents, thought_images=True)(read_records(jsonl)[:1])
+    visibility = trained_visibility(str(model_dir))
+    batch = Collator(processor, model.config, num_latents, thought_images=True,
+                     visibility=visibility)(read_records(jsonl)[:1])
+    seen = "" if visibility == "all" else f" ({visibility})"
     ax = plots.plot_mask(batch["attention_mask_4d"][0, 0], display_segments(batch)[0],
-                         title=f"stage2 mask of record 0 (K={num_latents}): only latents see the thought images")
+                         title=f"stage2 mask of record 0 (K={num_latents}): only latents see the thought images{seen}")
     return plots.save(ax, out)
 
 
