@@ -7,6 +7,8 @@
 #   hops_all        hops task, --thought_visibility all (every slot sees every thought image), row nolatent
 #   hops_stepwise_wt, moves_stepwise_wt   as hops_stepwise and moves_stepwise with the warmup-teacher protocol
 #                   (the step-wise warm-up is the teacher of stage2 and stage3)
+#   hops_stepwise_k5  hops_stepwise_wt's state-supervised row with K = 5, one slot more than the most hops (the
+#                   last slot's output is fed to no position, so K = hops leaves the last step to the answer)
 #     PYTHONPATH=. bash benchmarks/chain_gpu.sh            # results under $OUT (default runs/chain)
 # Each matrix's table goes to results/NAME/; $OUT/NAME.tgz holds its plan, measurements and logs (aggregate
 # elsewhere with `python -m lcot.experiment --name NAME --run_dir <unpacked>/runs/experiments --aggregate_only`).
@@ -40,8 +42,9 @@ for m in $ONLY; do
         hops_all) run hops_all hops all stage2-teacher nolatent & ;;
         hops_stepwise_wt) run hops_stepwise_wt hops stepwise warmup-teacher nolatent forcing states & ;;
         moves_stepwise_wt) run moves_stepwise_wt moves stepwise warmup-teacher nolatent forcing states & ;;
+        hops_stepwise_k5) run hops_stepwise_k5 hops stepwise warmup-teacher nolatent states --latent_size 5 & ;;
         *) echo "chain_gpu.sh: unknown matrix $m (hops_stepwise, moves_stepwise, hops_all, hops_stepwise_wt," \
-                "moves_stepwise_wt)" >&2; exit 2 ;;
+                "moves_stepwise_wt, hops_stepwise_k5)" >&2; exit 2 ;;
     esac
 done
 wait
