@@ -57,11 +57,16 @@ class DemoConfig:
 STAGES = ("warmup", "stage2", "stage3")
 
 
-def figure_mask(model_dir: Path, jsonl: Path, num_latents: int, out: Path) -> Path:
+def mask_batch(model_dir: Path, jsonl: Path, num_latents: int) -> dict:
+    """A stage2 batch of the JSONL's first record under the model's trained thought visibility."""
     model, processor = load(model_dir)
+    return Collator(processor, model.config, num_latents, thought_images=True,
+                    visibility=trained_visibility(str(model_dir)))(read_records(jsonl)[:1])
+
+
+def figure_mask(model_dir: Path, jsonl: Path, num_latents: int, out: Path) -> Path:
+    batch = mask_batch(model_dir, jsonl, num_latents)
     visibility = trained_visibility(str(model_dir))
-    batch = Collator(processor, model.config, num_latents, thought_images=True,
-                     visibility=visibility)(read_records(jsonl)[:1])
     seen = "" if visibility == "all" else f" ({visibility})"
     ax = plots.plot_mask(batch["attention_mask_4d"][0, 0], display_segments(batch)[0],
                          title=f"stage2 mask of record 0 (K={num_latents}): only latents see the thought images{seen}")

@@ -161,3 +161,23 @@ def test_degenerate_results_are_announced_not_narrated(stem):
     assert "If accuracy and answers do not move, the answer ignores" not in prose  # said only of a non-constant model
     for number in re.findall(r"\b\d\.\d{3}\b", prose):  # every number quoted is one the README reports
         assert number in (ROOT / "README.md").read_text(), f"{stem} quotes {number}, which the README does not"
+
+
+def test_the_demo_mask_figure_draws_the_runs_thought_visibility(tmp_path, tiny_dir, data_dir):
+    """A step-wise run's figure shows latent slot 1 reading thought image 1 only; a run without lcot.json, all."""
+    from lcot import demo
+    from lcot.core.mask import Seg
+
+    run = tmp_path / "warmup"
+    shutil.copytree(tiny_dir, run)
+
+    def images_seen_by_slot_1() -> set[int]:
+        b = demo.mask_batch(run, data_dir / "train.jsonl", 2)
+        seg, steps, mask = b["segments"][0], b["steps"][0], b["attention_mask_4d"][0, 0]
+        slot = int((seg == Seg.LATENT).nonzero()[0])
+        thought = seg == Seg.THOUGHT_IMAGE
+        return set(steps[thought & mask[slot]].tolist())
+
+    assert images_seen_by_slot_1() == {1, 2}
+    (run / "lcot.json").write_text(json.dumps({"thought_visibility": "stepwise"}))
+    assert images_seen_by_slot_1() == {1}
